@@ -1,0 +1,3 @@
+from .config import CfgNode, get_cfg, method_node_name
+
+__all__ = ["CfgNode", "get_cfg", "method_node_name"]

@@ -1,0 +1,150 @@
+"""kd2's config schema: a yacs ``CfgNode`` with Detectron2's key names.
+
+``MODEL`` / ``INPUT`` / ``DATASETS`` / ``DATALOADER`` / ``SOLVER`` / ``TEST`` follow Detectron2.
+The ``KD`` section is backend-independent and shared with the Detectron2 integration.
+
+Backend notes (torchvision): ``MODEL.PIXEL_MEAN``/``PIXEL_STD`` are RGB in [0, 1] units (the
+torchvision convention), and ``INPUT.*`` sizes drive torchvision's ``GeneralizedRCNNTransform``.
+"""
+
+from fvcore.common.config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 2
+
+_C.MODEL = CN()
+_C.MODEL.BACKEND = "torchvision"
+# "FasterRCNN" | "RetinaNet" | "FCOS"; with KD.METHODS non-empty the KD subclass is used.
+_C.MODEL.META_ARCHITECTURE = "FasterRCNN"
+_C.MODEL.DEVICE = "cpu"
+# A local checkpoint path; nothing is ever downloaded.
+_C.MODEL.WEIGHTS = ""
+_C.MODEL.PIXEL_MEAN = [0.485, 0.456, 0.406]
+_C.MODEL.PIXEL_STD = [0.229, 0.224, 0.225]
+
+_C.MODEL.BACKBONE = CN()
+# resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v3_large
+_C.MODEL.BACKBONE.NAME = "resnet50"
+# Number of trainable backbone stages (torchvision's trainable_layers, 0..5).
+_C.MODEL.BACKBONE.TRAINABLE_LAYERS = 5
+# "BN" (trainable BatchNorm, for from-scratch training) or "FrozenBN".
+_C.MODEL.BACKBONE.NORM = "BN"
+# Width multiplier of the ResNet stem/stages (1.0 = the standard network); < 1 gives the small
+# CPU-friendly networks of the demo.
+_C.MODEL.BACKBONE.WIDTH = 1.0
+
+_C.MODEL.FPN = CN()
+_C.MODEL.FPN.OUT_CHANNELS = 256
+
+_C.MODEL.ANCHOR_GENERATOR = CN()
+# One list per FPN level; empty = the architecture's torchvision default.
+_C.MODEL.ANCHOR_GENERATOR.SIZES = []
+_C.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+
+_C.MODEL.RPN = CN()
+_C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000
+_C.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000
+_C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 2000
+_C.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+_C.MODEL.RPN.NMS_THRESH = 0.7
+_C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
+_C.MODEL.RPN.POSITIVE_FRACTION = 0.5
+
+_C.MODEL.ROI_HEADS = CN()
+_C.MODEL.ROI_HEADS.NUM_CLASSES = 80
+_C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
+_C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
+_C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05
+_C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
+_C.MODEL.ROI_BOX_HEAD = CN()
+_C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
+
+_C.MODEL.RETINANET = CN()
+_C.MODEL.RETINANET.NUM_CLASSES = 80
+_C.MODEL.RETINANET.SCORE_THRESH_TEST = 0.05
+_C.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
+_C.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
+
+_C.MODEL.FCOS = CN()
+_C.MODEL.FCOS.NUM_CLASSES = 80
+_C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
+_C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+_C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+
+_C.INPUT = CN()
+_C.INPUT.MIN_SIZE_TRAIN = (800,)
+_C.INPUT.MAX_SIZE_TRAIN = 1333
+_C.INPUT.MIN_SIZE_TEST = 800
+_C.INPUT.MAX_SIZE_TEST = 1333
+_C.INPUT.RANDOM_FLIP = "horizontal"  # "horizontal" | "none"
+
+_C.DATASETS = CN()
+_C.DATASETS.TRAIN = ()
+_C.DATASETS.TEST = ()
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 0
+
+_C.SOLVER = CN()
+_C.SOLVER.MAX_ITER = 40000
+_C.SOLVER.BASE_LR = 0.02
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.STEPS = (30000,)
+_C.SOLVER.WARMUP_FACTOR = 1.0 / 1000
+_C.SOLVER.WARMUP_ITERS = 1000
+_C.SOLVER.IMS_PER_BATCH = 16
+_C.SOLVER.CHECKPOINT_PERIOD = 5000
+_C.SOLVER.CLIP_GRADIENTS = CN({"ENABLED": False})
+_C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"  # "norm" | "value"
+_C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 10.0
+_C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+_C.SOLVER.AMP = CN({"ENABLED": False})
+
+_C.TEST = CN()
+# 0 = evaluate only at the end of training.
+_C.TEST.EVAL_PERIOD = 0
+_C.TEST.DETECTIONS_PER_IMAGE = 100
+
+_C.OUTPUT_DIR = "./output"
+_C.SEED = 0
+
+# ---------------------------------------------------------------------------------------------
+# Knowledge distillation (backend-independent; shared with the Detectron2 integration).
+# ---------------------------------------------------------------------------------------------
+_C.KD = CN()
+# Names registered in kd2.losses.KD_METHOD_REGISTRY, e.g. ["DeFeat", "Hinton"]. Empty = no KD.
+_C.KD.METHODS = []
+# KD losses are scaled by min(1, iter / WARMUP_ITERS); 0 disables the warm-up.
+_C.KD.WARMUP_ITERS = 0
+# Evaluate the teacher once before distillation starts and log/report its AP.
+_C.KD.EVAL_TEACHER = False
+_C.KD.TEACHER = CN()
+# The teacher's own config file (a kd2 yaml) and its trained weights (a local path).
+_C.KD.TEACHER.CONFIG = ""
+_C.KD.TEACHER.WEIGHTS = ""
+
+_C.KD.HINTON = CN()
+_C.KD.HINTON.WEIGHT = 1.0
+_C.KD.HINTON.TEMPERATURE = 2.0
+_C.KD.HINTON.HEAD = "auto"  # "auto" | "roi" | "dense"
+_C.KD.HINTON.CLASS_MEAN = False
+
+_C.KD.FITNET = CN()
+_C.KD.FITNET.WEIGHT = 1.0
+_C.KD.FITNET.ADAPTER_KERNEL = 3
+
+_C.KD.FGFI = CN()
+_C.KD.FGFI.WEIGHT = 0.01
+_C.KD.FGFI.PSI = 0.5
+_C.KD.FGFI.ADAPTER_KERNEL = 3
+
+_C.KD.DEFEAT = CN()
+_C.KD.DEFEAT.NECK_FG_WEIGHT = 3.0
+_C.KD.DEFEAT.NECK_BG_WEIGHT = 12.0
+_C.KD.DEFEAT.HEAD_POS_WEIGHT = 2.0
+_C.KD.DEFEAT.HEAD_NEG_WEIGHT = 2.0
+_C.KD.DEFEAT.T_POS = 1.0
+_C.KD.DEFEAT.T_NEG = 1.0
+_C.KD.DEFEAT.ADAPTER_KERNEL = 3

@@ -1,0 +1,310 @@
+"""A small name -> dataset registry in Detectron2's spirit.
+
+``DatasetCatalog`` maps a name to a function returning the dataset's records (see
+:mod:`kd2.data.coco`); results are cached per name. ``MetadataCatalog`` maps a name to a
+:class:`Metadata` (a ``dict`` with attribute access) holding at least, for COCO-format datasets,
+``json_file``, ``image_root``, ``evaluator_type="coco"`` and, once loaded, ``thing_classes``,
+``thing_dataset_id_to_contiguous_id`` and ``contiguous_id_to_dataset_id``.
+
+Builtin names (registered at import; paths resolved when first used, relative to the
+``DETECTRON2_DATASETS`` environment variable, default ``"datasets"``):
+
+* ``coco_2017_train`` / ``coco_2017_val``: ``$DETECTRON2_DATASETS/coco/{train2017,val2017}``
+  with ``coco/annotations/instances_{train,val}2017.json``;
+* ``synthetic_train`` / ``synthetic_val``: ``$DETECTRON2_DATASETS/kd2_synthetic/`` (see
+  :mod:`kd2.data.synthetic`), generated there with the default arguments on first use if absent.
+
+Explicit datasets: any name of the form ``"path/to/instances.json:path/to/image_dir"`` is
+registered automatically (as a COCO dataset under that very name) the first time it is used,
+so a config can point at files without any registration code. Relative paths are taken
+relative to the current directory at first use.
+
+Paths are resolved once per name and cached; after changing ``DETECTRON2_DATASETS`` call
+``DatasetCatalog.clear_cache()``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import shutil
+import threading
+from typing import Any, Callable, Dict, List, Tuple
+
+from kd2.data.coco import load_coco_json
+
+__all__ = [
+    "DatasetCatalog",
+    "MetadataCatalog",
+    "Metadata",
+    "register_coco_instances",
+    "datasets_root",
+    "SYNTHETIC_GENERATOR_KWARGS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Keyword arguments passed to :func:`generate_synthetic_dataset` when the builtin synthetic
+#: datasets are generated on first use (empty = the generator's defaults).
+SYNTHETIC_GENERATOR_KWARGS: Dict[str, Any] = {}
+
+_EXPLICIT_RE = re.compile(r"^(?P<json>.+?\.json):(?P<images>.+)$")
+
+
+def datasets_root() -> str:
+    """``$DETECTRON2_DATASETS`` (default ``"datasets"``), expanded, read at call time."""
+    return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+
+
+def _unknown_name_error(kind: str, name: str, registered: List[str]) -> KeyError:
+    close = difflib.get_close_matches(name, registered, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return KeyError(
+        f"{kind} '{name}' is not registered.{hint} Registered datasets: {sorted(registered)}. "
+        "Register it with DatasetCatalog.register(name, fn) or register_coco_instances(name, "
+        "json_file, image_root), or use a 'path/to/instances.json:path/to/image_dir' name."
+    )
+
+
+class Metadata(dict):
+    """Dataset metadata: a ``dict`` whose keys can also be read as attributes."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(
+                f"Metadata has no field '{key}'; available: {sorted(self.keys())}"
+            ) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+
+class _DatasetCatalog:
+    """Registry ``name -> fn() -> list[dict]`` with per-name caching."""
+
+    def __init__(self) -> None:
+        self._fns: Dict[str, Callable[[], List[Dict[str, Any]]]] = {}
+        self._cache: Dict[str, List[Dict[str, Any]]] = {}
+        self._lock = threading.RLock()
+
+    def register(self, name: str, fn: Callable[[], List[Dict[str, Any]]]) -> None:
+        """Register ``fn`` (no arguments, returns records) under ``name`` (must be new)."""
+        if not callable(fn):
+            raise TypeError(f"DatasetCatalog.register('{name}', fn): fn must be callable")
+        with self._lock:
+            if name in self._fns:
+                raise ValueError(
+                    f"Dataset '{name}' is already registered; call DatasetCatalog.remove('{name}')"
+                    " first to replace it."
+                )
+            self._fns[name] = fn
+
+    def get(self, name: str) -> List[Dict[str, Any]]:
+        """The records of dataset ``name`` (loaded once, then cached).
+
+        The list and its dicts are fresh shallow copies; the numpy arrays inside are shared and
+        must not be modified in place.
+
+        Raises:
+            KeyError: ``name`` is unknown (lists the registered names and the closest one).
+        """
+        with self._lock:
+            _maybe_register_explicit(name)
+            if name not in self._fns:
+                raise _unknown_name_error("Dataset", name, list(self._fns))
+            if name not in self._cache:
+                records = self._fns[name]()
+                if not isinstance(records, list):
+                    raise TypeError(
+                        f"The function registered for dataset '{name}' returned "
+                        f"{type(records).__name__}; it must return a list of dicts."
+                    )
+                self._cache[name] = records
+            return [dict(r) for r in self._cache[name]]
+
+    def list(self) -> List[str]:
+        """Registered names."""
+        return list(self._fns)
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (and drop its cache and metadata)."""
+        with self._lock:
+            self._fns.pop(name)
+            self._cache.pop(name, None)
+            MetadataCatalog._remove(name)
+
+    def clear_cache(self) -> None:
+        """Forget loaded records and lazily filled metadata (e.g. after changing
+        ``DETECTRON2_DATASETS``)."""
+        with self._lock:
+            self._cache.clear()
+            MetadataCatalog._reset_lazy()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fns
+
+
+class _MetadataCatalog:
+    """Registry ``name -> Metadata``."""
+
+    def __init__(self) -> None:
+        self._metas: Dict[str, Metadata] = {}
+        # names whose metadata is completed by loading the dataset -> their static fields
+        self._lazy: Dict[str, Dict[str, Any]] = {}
+        self._filled: set = set()
+
+    def get(self, name: str) -> Metadata:
+        """The metadata of ``name``.
+
+        For COCO-format datasets the class fields are filled by loading the dataset (once).
+
+        Raises:
+            KeyError: ``name`` is neither registered as a dataset nor has metadata.
+        """
+        with DatasetCatalog._lock:
+            _maybe_register_explicit(name)
+            if name in self._lazy and name not in self._filled:
+                DatasetCatalog.get(name)  # its loader fills the metadata
+            if name in self._metas:
+                return self._metas[name]
+            if name in DatasetCatalog:
+                return self._metas.setdefault(name, Metadata())
+            raise _unknown_name_error("Dataset (metadata)", name, DatasetCatalog.list())
+
+    def list(self) -> List[str]:
+        """Names that have metadata."""
+        return list(self._metas)
+
+    # ---- internal helpers used by the loaders below
+    def _set_lazy(self, name: str, static: Dict[str, Any]) -> None:
+        self._lazy[name] = dict(static)
+        self._metas[name] = Metadata(static)
+
+    def _fill(self, name: str, fields: Dict[str, Any]) -> None:
+        self._metas.setdefault(name, Metadata()).update(fields)
+        self._filled.add(name)
+
+    def _remove(self, name: str) -> None:
+        self._metas.pop(name, None)
+        self._lazy.pop(name, None)
+        self._filled.discard(name)
+
+    def _reset_lazy(self) -> None:
+        for name, static in self._lazy.items():
+            self._metas[name] = Metadata(static)
+        self._filled.clear()
+
+
+DatasetCatalog = _DatasetCatalog()
+MetadataCatalog = _MetadataCatalog()
+
+
+def _register_lazy_coco(name: str, paths: Callable[[], Tuple[str, str]], static: Dict) -> None:
+    """Register a COCO dataset whose ``(json_file, image_root)`` are computed at load time."""
+
+    def load() -> List[Dict[str, Any]]:
+        json_file, image_root = paths()
+        records, meta = load_coco_json(json_file, image_root, name)
+        MetadataCatalog._fill(name, {**meta, "evaluator_type": "coco"})
+        return records
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog._set_lazy(name, static)
+
+
+def register_coco_instances(name: str, json_file: str, image_root: str) -> None:
+    """Register a COCO instances JSON + image directory under ``name``.
+
+    The file is read on the first ``DatasetCatalog.get(name)`` or ``MetadataCatalog.get(name)``.
+    """
+    json_file = os.path.abspath(os.path.expanduser(json_file))
+    image_root = os.path.abspath(os.path.expanduser(image_root))
+    _register_lazy_coco(
+        name,
+        lambda: (json_file, image_root),
+        {"json_file": json_file, "image_root": image_root, "evaluator_type": "coco"},
+    )
+
+
+def _maybe_register_explicit(name: str) -> None:
+    """Auto-register ``"path/to/instances.json:path/to/image_dir"`` names."""
+    if not isinstance(name, str) or name in DatasetCatalog:
+        return
+    m = _EXPLICIT_RE.match(name)
+    if m:
+        register_coco_instances(name, m.group("json"), m.group("images"))
+
+
+# --------------------------------------------------------------------------------------------
+# builtins
+# --------------------------------------------------------------------------------------------
+
+
+def _coco_paths(split: str) -> Callable[[], Tuple[str, str]]:
+    def paths() -> Tuple[str, str]:
+        root = os.path.abspath(os.path.join(datasets_root(), "coco"))
+        json_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(
+                f"Builtin dataset 'coco_2017_{split}' expects {json_file}, which does not exist. "
+                "Set DETECTRON2_DATASETS to the directory that contains coco/ (currently "
+                f"DETECTRON2_DATASETS={os.environ.get('DETECTRON2_DATASETS', '<unset>')!r}, "
+                f"resolved from {os.getcwd()})."
+            )
+        return json_file, os.path.join(root, f"{split}2017")
+
+    return paths
+
+
+def _ensure_synthetic(root: str) -> None:
+    """Generate the synthetic dataset at ``root`` unless complete; safe across processes."""
+    from kd2.data.synthetic import generate_synthetic_dataset, synthetic_dataset_exists
+
+    if synthetic_dataset_exists(root):
+        return
+    logger.warning(
+        "Synthetic dataset not found at %s; generating it now (arguments: %s) ...",
+        root,
+        SYNTHETIC_GENERATOR_KWARGS or "defaults",
+    )
+    if os.path.exists(root):  # a partial/interrupted generation: redo it in place
+        generate_synthetic_dataset(root, overwrite=True, **SYNTHETIC_GENERATOR_KWARGS)
+        return
+    parent = os.path.dirname(root) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(root)}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_synthetic_dataset(tmp, overwrite=True, **SYNTHETIC_GENERATOR_KWARGS)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not synthetic_dataset_exists(root):
+            raise
+
+
+def _synthetic_paths(split: str) -> Callable[[], Tuple[str, str]]:
+    def paths() -> Tuple[str, str]:
+        root = os.path.abspath(os.path.join(datasets_root(), "kd2_synthetic"))
+        _ensure_synthetic(root)
+        return (
+            os.path.join(root, "annotations", f"instances_{split}.json"),
+            os.path.join(root, split),
+        )
+
+    return paths
+
+
+def _register_builtins() -> None:
+    for split in ("train", "val"):
+        _register_lazy_coco(f"coco_2017_{split}", _coco_paths(split), {"evaluator_type": "coco"})
+        _register_lazy_coco(
+            f"synthetic_{split}", _synthetic_paths(split), {"evaluator_type": "coco"}
+        )
+
+
+_register_builtins()

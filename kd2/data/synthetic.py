@@ -1,0 +1,631 @@
+"""Deterministic synthetic detection dataset ("ambiguous shapes") in COCO format.
+
+The generator draws small RGB scenes of coloured, textured shapes on cluttered backgrounds. It is
+meant to be learnable on a CPU within minutes by a small detector at 128 px, yet to contain the
+"ambiguous instances" that knowledge-distillation papers care about, so that a weak detector
+clearly lags a stronger one:
+
+* **confusable classes** - classes differ by shape *and* colour/texture, but some pairs share one
+  of the two (red circle / red-orange ellipse / red rounded square; blue striped triangle / blue
+  striped diamond; green ring / green dotted hexagon);
+* **strong scale variation** - object size is log-uniform between ~6 px and 60 % of the image;
+* **occlusion** - later objects are drawn over earlier ones (every annotated object keeps at
+  least 40 % of its in-image pixels visible);
+* **truncation** - objects may be cut by the image border (at least ~40 % stays inside);
+* **blur** on some objects and some whole images, and Gaussian pixel noise everywhere;
+* **clutter** - low-frequency coloured backgrounds, lines, stripes and *distractor* blobs
+  (irregular blobs, bars, crosses, arcs, half discs) that are not objects;
+* 1-8 objects per image, and a few images without any object (empty annotation list).
+
+Annotation conventions (COCO): ``bbox`` is ``[x, y, w, h]`` in absolute pixels (pixel-edge
+coordinates, so a one-pixel object at column 3 spans ``x=3, w=1``). As in COCO, the box is the
+tight box around the full extent of the instance's *visible* pixels (all visible fragments of an
+occluded instance; only the in-image part of a truncated one), and ``area`` is the number of
+visible pixels (what COCO's segmentation area measures); ``iscrowd`` is always 0. Occlusion is
+kept moderate: every visible box stays at least 3 px wide and high.
+Category ids are deliberately non-contiguous (1, 2, 3, 5, 7, 9, 11, 13).
+
+Determinism: image ``i`` of a split is drawn from ``numpy.random.default_rng((seed, split, i))``
+only, so the same arguments give byte-identical JSON and pixel-identical images, and val images
+do not depend on ``num_train``. Exactly one in every 30 images (indices ``1, 31, 61, ...``) is
+empty, so even a tiny split of 2 images has one empty image.
+
+Command line::
+
+    python -m kd2.data.synthetic --out datasets/kd2_synthetic [--num-train 600] [--num-val 200]
+        [--image-size 128] [--num-classes 6] [--seed 0] [--format png] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "SYNTHETIC_CLASSES",
+    "generate_synthetic_dataset",
+    "synthetic_dataset_exists",
+    "render_synthetic_image",
+]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_VERSION = "1"
+_EMPTY_EVERY = 30  # image i is empty iff i % _EMPTY_EVERY == 1
+_SPLIT_CODES = {"train": 0, "val": 1}
+_SUBPIXEL_BITS = 4  # cv2 drawing precision: coordinates are multiplied by 2**4
+_MIN_VISIBLE_FRACTION = 0.4  # of an object's in-image pixels, after occlusion
+_MIN_INSIDE_FRACTION = 0.4  # of an object's full area, after truncation
+
+
+@dataclass(frozen=True)
+class _ClassSpec:
+    """One object class: a shape, a hue range (OpenCV HSV, 0..179) and a surface texture."""
+
+    dataset_id: int
+    name: str
+    shape: str
+    hue: Tuple[int, int]
+    texture: str
+
+
+#: The class table, in the order classes are taken for ``num_classes < 8``.
+SYNTHETIC_CLASSES: Tuple[_ClassSpec, ...] = (
+    _ClassSpec(1, "red_circle", "circle", (0, 9), "solid"),
+    _ClassSpec(2, "orange_ellipse", "ellipse", (6, 18), "solid"),
+    _ClassSpec(3, "red_rounded_square", "rounded_square", (0, 9), "gradient"),
+    _ClassSpec(5, "blue_triangle", "triangle", (100, 114), "stripes"),
+    _ClassSpec(7, "blue_diamond", "diamond", (106, 122), "stripes"),
+    _ClassSpec(9, "green_ring", "ring", (52, 70), "solid"),
+    _ClassSpec(11, "yellow_star", "star", (22, 32), "solid"),
+    _ClassSpec(13, "green_hexagon", "hexagon", (58, 78), "dots"),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate ``(P, 2)`` points around the origin by ``angle`` radians."""
+    c, s = math.cos(angle), math.sin(angle)
+    return points @ np.array([[c, s], [-s, c]], dtype=np.float64)
+
+
+def _regular_polygon(n: int, radius: float, phase: float = 0.0) -> np.ndarray:
+    """``(n, 2)`` vertices of a regular polygon centred at the origin."""
+    t = phase + np.arange(n, dtype=np.float64) * (2.0 * math.pi / n)
+    return np.stack([np.cos(t), np.sin(t)], axis=1) * radius
+
+
+def _ellipse(rx: float, ry: float, n: int = 48) -> np.ndarray:
+    t = np.arange(n, dtype=np.float64) * (2.0 * math.pi / n)
+    return np.stack([np.cos(t) * rx, np.sin(t) * ry], axis=1)
+
+
+def _rounded_square(half: float, corner: float, n_per_corner: int = 8) -> np.ndarray:
+    """Square of half side ``half`` whose corners are quarter circles of radius ``corner``."""
+    pts = []
+    centres = [(1, 1), (-1, 1), (-1, -1), (1, -1)]
+    for k, (sx, sy) in enumerate(centres):
+        cx, cy = sx * (half - corner), sy * (half - corner)
+        t = np.linspace(k * math.pi / 2, (k + 1) * math.pi / 2, n_per_corner)
+        pts.append(np.stack([cx + corner * np.cos(t), cy + corner * np.sin(t)], axis=1))
+    return np.concatenate(pts, axis=0)
+
+
+def _star(r_outer: float, r_inner: float, phase: float) -> np.ndarray:
+    t = phase + np.arange(10, dtype=np.float64) * (math.pi / 5)
+    r = np.where(np.arange(10) % 2 == 0, r_outer, r_inner)
+    return np.stack([np.cos(t) * r, np.sin(t) * r], axis=1)
+
+
+def _shape_polygons(
+    shape: str, size: float, rng: np.random.Generator
+) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Polygons (origin-centred, pixels) to fill and to cut out for a shape of extent ``size``.
+
+    Returns ``(fill, holes)``: lists of ``(P, 2)`` float arrays. ``size`` is the approximate
+    diameter of the shape.
+    """
+    r = size / 2.0
+    holes: List[np.ndarray] = []
+    if shape == "circle":
+        fill = [_ellipse(r, r)]
+    elif shape == "ellipse":
+        aspect = rng.uniform(0.55, 0.8)
+        fill = [_rotate(_ellipse(r, r * aspect), rng.uniform(0, math.pi))]
+    elif shape == "rounded_square":
+        half = r * 0.9
+        poly = _rounded_square(half, half * rng.uniform(0.2, 0.45))
+        fill = [_rotate(poly, rng.uniform(-0.5, 0.5))]
+    elif shape == "triangle":
+        fill = [_regular_polygon(3, r, -math.pi / 2 + rng.uniform(-0.35, 0.35))]
+    elif shape == "diamond":
+        poly = _regular_polygon(4, r, rng.uniform(-0.3, 0.3)) * np.array([1.0, rng.uniform(0.8, 1)])
+        fill = [poly]
+    elif shape == "ring":
+        fill = [_ellipse(r, r)]
+        inner = r * rng.uniform(0.45, 0.6)
+        holes = [_ellipse(inner, inner)]
+    elif shape == "star":
+        fill = [_star(r, r * rng.uniform(0.4, 0.55), rng.uniform(0, 2 * math.pi))]
+    elif shape == "hexagon":
+        fill = [_regular_polygon(6, r, rng.uniform(0, math.pi / 3))]
+    else:  # pragma: no cover - guarded by the class table
+        raise ValueError(f"unknown shape {shape!r}")
+    return fill, holes
+
+
+def _draw_mask(
+    canvas_size: int, fill: Sequence[np.ndarray], holes: Sequence[np.ndarray], centre: np.ndarray
+) -> np.ndarray:
+    """Anti-aliased uint8 mask (0/255) of ``fill - holes`` translated to ``centre``.
+
+    ``centre`` is in canvas pixel coordinates where pixel ``(i, j)`` covers ``[j, j+1)`` in x;
+    cv2 draws pixel centres at integer coordinates, hence the ``- 0.5`` shift.
+    """
+    mask = np.zeros((canvas_size, canvas_size), dtype=np.uint8)
+    scale = float(1 << _SUBPIXEL_BITS)
+
+    def to_cv(p: np.ndarray) -> np.ndarray:
+        return np.round((p + centre - 0.5) * scale).astype(np.int32).reshape(-1, 1, 2)
+
+    cv2.fillPoly(mask, [to_cv(p) for p in fill], 255, cv2.LINE_AA, _SUBPIXEL_BITS)
+    if holes:
+        cv2.fillPoly(mask, [to_cv(p) for p in holes], 0, cv2.LINE_AA, _SUBPIXEL_BITS)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# colours and textures
+# --------------------------------------------------------------------------------------------
+
+
+def _hsv_to_bgr(h: float, s: float, v: float) -> np.ndarray:
+    """One OpenCV-HSV colour (h in 0..179, s/v in 0..255) as a float32 BGR triple."""
+    hsv = np.array([[[h % 180, s, v]]], dtype=np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
+
+
+def _texture_layer(
+    spec: _ClassSpec, size: float, centre: np.ndarray, s: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``(s, s, 3)`` float32 BGR colour layer of one object (only read where its mask is)."""
+    lo, hi = spec.hue
+    base = _hsv_to_bgr(rng.uniform(lo, hi), rng.uniform(150, 255), rng.uniform(150, 255))
+    ys, xs = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    layer = np.empty((s, s, 3), dtype=np.float32)
+    layer[:] = base
+    if spec.texture == "stripes":
+        period = rng.uniform(3.0, 6.0)
+        theta = rng.uniform(0, math.pi)
+        phase = (xs * math.cos(theta) + ys * math.sin(theta)) / period
+        dark = (np.floor(phase) % 2 == 0)[..., None]
+        layer = np.where(dark, layer * 0.5, layer)
+    elif spec.texture == "dots":
+        period = rng.uniform(3.5, 6.0)
+        fx = (xs - centre[0]) / period
+        fy = (ys - centre[1]) / period
+        d = np.hypot(fx - np.round(fx), fy - np.round(fy))
+        layer = np.where((d < 0.28)[..., None], layer * 0.45, layer)
+    elif spec.texture == "gradient":
+        d = np.hypot(xs - centre[0], ys - centre[1]) / max(size / 2.0, 1.0)
+        layer = layer * np.clip(1.15 - 0.55 * d, 0.45, 1.15)[..., None]
+    # per-object illumination
+    return np.clip(layer * rng.uniform(0.85, 1.1), 0, 255)
+
+
+def _background(s: int, rng: np.random.Generator) -> np.ndarray:
+    """Cluttered, mostly desaturated ``(s, s, 3)`` float32 background."""
+    g = int(rng.integers(3, 8))
+    low = rng.uniform(40, 220, size=(g, g, 3)).astype(np.float32)
+    img = cv2.resize(low, (s, s), interpolation=cv2.INTER_CUBIC)
+    gray = img.mean(axis=2, keepdims=True)
+    img = gray + (img - gray) * rng.uniform(0.2, 0.6)
+    if rng.random() < 0.5:  # faint periodic pattern
+        ys, xs = np.mgrid[0:s, 0:s].astype(np.float32)
+        theta = rng.uniform(0, math.pi)
+        period = rng.uniform(4, 16)
+        wave = np.sin((xs * math.cos(theta) + ys * math.sin(theta)) * (2 * math.pi / period))
+        img = img + (wave * rng.uniform(4, 14))[..., None]
+    for _ in range(int(rng.integers(3, 12))):  # lines
+        p1 = tuple(int(v) for v in rng.integers(-s // 4, s + s // 4, size=2))
+        p2 = tuple(int(v) for v in rng.integers(-s // 4, s + s // 4, size=2))
+        col = tuple(float(v) for v in rng.uniform(30, 230, size=3))
+        cv2.line(img, p1, p2, col, int(rng.integers(1, 3)), cv2.LINE_AA)
+    return img
+
+
+def _draw_distractors(img: np.ndarray, rng: np.random.Generator) -> None:
+    """Paint 0-6 non-object blobs (irregular blobs, bars, crosses, arcs, half discs) in place."""
+    s = img.shape[0]
+    for _ in range(int(rng.integers(0, 7))):
+        kind = int(rng.integers(0, 5))
+        size = math.exp(rng.uniform(math.log(5), math.log(0.35 * s)))
+        centre = rng.uniform(0, s, size=2)
+        r = size / 2
+        holes: List[np.ndarray] = []
+        if kind == 0:  # irregular blob
+            n = int(rng.integers(5, 10))
+            t = np.sort(rng.uniform(0, 2 * math.pi, size=n))
+            rad = r * rng.uniform(0.35, 1.0, size=n)
+            fill = [np.stack([np.cos(t) * rad, np.sin(t) * rad], axis=1)]
+        elif kind == 1:  # elongated bar
+            w = r * rng.uniform(0.12, 0.3)
+            fill = [_rotate(np.array([[-r, -w], [r, -w], [r, w], [-r, w]]), rng.uniform(0, 3.2))]
+        elif kind == 2:  # cross
+            w = r * rng.uniform(0.15, 0.3)
+            a = rng.uniform(0, math.pi)
+            bar = np.array([[-r, -w], [r, -w], [r, w], [-r, w]])
+            fill = [_rotate(bar, a), _rotate(bar, a + math.pi / 2)]
+        elif kind == 3:  # open arc (partial ring): confusable with the ring class
+            t0 = rng.uniform(0, 2 * math.pi)
+            t = t0 + np.linspace(0, rng.uniform(0.8, 1.4) * math.pi, 24)
+            ri = r * rng.uniform(0.5, 0.7)
+            outer = np.stack([np.cos(t) * r, np.sin(t) * r], axis=1)
+            inner = np.stack([np.cos(t[::-1]) * ri, np.sin(t[::-1]) * ri], axis=1)
+            fill = [np.concatenate([outer, inner], axis=0)]
+        else:  # half disc: confusable with the circle class
+            t = rng.uniform(0, 2 * math.pi) + np.linspace(0, math.pi, 24)
+            fill = [np.stack([np.cos(t) * r, np.sin(t) * r], axis=1)]
+        mask = _draw_mask(s, fill, holes, centre).astype(np.float32)[..., None] / 255.0
+        if rng.random() < 0.5:  # saturated, possibly object-like hue
+            col = _hsv_to_bgr(rng.uniform(0, 180), rng.uniform(120, 255), rng.uniform(120, 255))
+        else:
+            col = rng.uniform(20, 235, size=3).astype(np.float32)
+        img *= 1.0 - mask
+        img += mask * col
+
+
+# --------------------------------------------------------------------------------------------
+# one image
+# --------------------------------------------------------------------------------------------
+
+
+def _tight_box(binary: np.ndarray) -> Tuple[int, int, int, int]:
+    """Pixel-edge XYXY box ``(x0, y0, x1, y1)`` of a boolean ``(H, W)`` mask (zeros if empty)."""
+    rows = np.flatnonzero(binary.any(axis=1))
+    cols = np.flatnonzero(binary.any(axis=0))
+    if len(rows) == 0:
+        return 0, 0, 0, 0
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _box_ok(box: Tuple[int, int, int, int]) -> bool:
+    return box[2] - box[0] >= 3 and box[3] - box[1] >= 3
+
+
+def render_synthetic_image(
+    rng: np.random.Generator, image_size: int, classes: Sequence[_ClassSpec], empty: bool
+) -> Tuple[np.ndarray, List[Dict[str, object]]]:
+    """Render one scene.
+
+    Args:
+        rng: the image's own random generator (all randomness comes from it).
+        image_size: side ``S`` of the square image.
+        classes: the class specs objects are drawn from.
+        empty: draw no object (background and distractors only).
+
+    Returns:
+        ``(image, objects)``: ``image`` is ``(S, S, 3)`` uint8 **BGR**; ``objects`` is a list of
+        ``{"category_id": int, "bbox": [x, y, w, h], "area": float}`` in drawing order.
+    """
+    s = int(image_size)
+    pad = s // 2 + 2
+    canvas = s + 2 * pad
+    img = _background(s, rng)
+    _draw_distractors(img, rng)
+
+    num_objects = 0 if empty else int(rng.integers(1, 9))
+    placed: List[Dict[str, object]] = []  # each: spec, visible mask, in-image pixel count
+    min_size, max_size = 6.0, 0.6 * s
+    for _ in range(num_objects):
+        spec = classes[int(rng.integers(0, len(classes)))]
+        size = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
+        fill, holes = _shape_polygons(spec.shape, size, rng)
+        accepted = None
+        for _attempt in range(12):
+            margin = 0.25 * size
+            centre = rng.uniform(-margin, s + margin, size=2)
+            full = _draw_mask(canvas, fill, holes, centre + pad)
+            full_area = int(np.count_nonzero(full >= 128))
+            alpha_u8 = full[pad : pad + s, pad : pad + s]
+            binary = alpha_u8 >= 128
+            inside = int(np.count_nonzero(binary))
+            if full_area == 0 or inside < _MIN_INSIDE_FRACTION * full_area or inside < 4:
+                continue
+            if not _box_ok(_tight_box(binary)):
+                continue
+            ok = True
+            for p in placed:
+                vis = p["visible"] & ~binary
+                if np.count_nonzero(vis) < _MIN_VISIBLE_FRACTION * p["inside"] or not _box_ok(
+                    _tight_box(vis)
+                ):
+                    ok = False
+                    break
+            if ok:
+                accepted = (centre, alpha_u8, binary, inside)
+                break
+        if accepted is None:
+            continue
+        centre, alpha_u8, binary, inside = accepted
+        layer = _texture_layer(spec, size, centre, s, rng)
+        alpha = alpha_u8.astype(np.float32) / 255.0
+        if rng.random() < 0.15:  # per-object blur (motion/defocus stand-in)
+            sigma = rng.uniform(0.7, 1.8)
+            alpha = cv2.GaussianBlur(alpha, (0, 0), sigma)
+            layer = cv2.GaussianBlur(layer, (0, 0), sigma)
+        img *= 1.0 - alpha[..., None]
+        img += alpha[..., None] * layer
+        for p in placed:
+            p["visible"] = p["visible"] & ~binary
+        placed.append({"spec": spec, "visible": binary.copy(), "inside": inside})
+
+    if rng.random() < 0.12:  # whole-image blur
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.2))
+    img += rng.normal(0.0, rng.uniform(2.0, 10.0), size=img.shape).astype(np.float32)
+    image = np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+    objects: List[Dict[str, object]] = []
+    for p in placed:
+        x0, y0, x1, y1 = _tight_box(p["visible"])
+        objects.append(
+            {
+                "category_id": p["spec"].dataset_id,
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "area": float(max(int(np.count_nonzero(p["visible"])), 1)),
+            }
+        )
+    return image, objects
+
+
+# --------------------------------------------------------------------------------------------
+# dataset
+# --------------------------------------------------------------------------------------------
+
+
+def _split_paths(root: str) -> Dict[str, str]:
+    ann = os.path.join(root, "annotations")
+    return {
+        "root": root,
+        "train_json": os.path.join(ann, "instances_train.json"),
+        "val_json": os.path.join(ann, "instances_val.json"),
+        "train_image_root": os.path.join(root, "train"),
+        "val_image_root": os.path.join(root, "val"),
+    }
+
+
+def synthetic_dataset_exists(root: str) -> bool:
+    """Whether ``root`` holds a complete generated dataset (both JSON files are written last)."""
+    paths = _split_paths(os.path.abspath(root))
+    return os.path.isfile(paths["train_json"]) and os.path.isfile(paths["val_json"])
+
+
+def _remove_previous(paths: Dict[str, str]) -> None:
+    """Delete files a previous generation wrote (only those: images and the two JSONs)."""
+    for key in ("train_json", "val_json"):
+        if os.path.isfile(paths[key]):
+            os.remove(paths[key])
+    for key in ("train_image_root", "val_image_root"):
+        d = paths[key]
+        if os.path.isdir(d):
+            for f in os.listdir(d):
+                if f.endswith((".png", ".jpg")):
+                    os.remove(os.path.join(d, f))
+
+
+def _generate_split(
+    split: str,
+    num_images: int,
+    image_dir: str,
+    *,
+    image_size: int,
+    classes: Sequence[_ClassSpec],
+    seed: int,
+    image_format: str,
+) -> Tuple[List[dict], List[dict]]:
+    os.makedirs(image_dir, exist_ok=True)
+    images: List[dict] = []
+    annotations: List[dict] = []
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 3] if image_format == "png" else []
+    if image_format == "jpg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95]
+    for i in range(num_images):
+        rng = np.random.default_rng([int(seed), _SPLIT_CODES[split], i])
+        image, objects = render_synthetic_image(
+            rng, image_size, classes, empty=(i % _EMPTY_EVERY == 1)
+        )
+        image_id = i + 1
+        file_name = f"{image_id:06d}.{image_format}"
+        if not cv2.imwrite(os.path.join(image_dir, file_name), image, params):
+            raise OSError(f"cv2 could not write {os.path.join(image_dir, file_name)}")
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "width": image_size,
+                "height": image_size,
+                "license": 1,
+            }
+        )
+        for obj in objects:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": obj["category_id"],
+                    "bbox": obj["bbox"],
+                    "area": obj["area"],
+                    "iscrowd": 0,
+                }
+            )
+    return images, annotations
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write ``data`` compactly and deterministically; atomic via a temporary file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def generate_synthetic_dataset(
+    root: str,
+    *,
+    num_train: int = 600,
+    num_val: int = 200,
+    image_size: int = 128,
+    num_classes: int = 6,
+    seed: int = 0,
+    overwrite: bool = False,
+    image_format: str = "png",
+) -> Dict[str, str]:
+    """Generate the synthetic dataset under ``root``.
+
+    Layout::
+
+        root/train/000001.png ...          root/val/000001.png ...
+        root/annotations/instances_train.json
+        root/annotations/instances_val.json
+
+    Args:
+        root: output directory (created if needed).
+        num_train, num_val: number of images per split (``>= 0``).
+        image_size: side of the square images in pixels (``>= 32``).
+        num_classes: number of classes, 1..8 (the first ``num_classes`` rows of
+            :data:`SYNTHETIC_CLASSES`; their ids are non-contiguous).
+        seed: base random seed; same arguments give byte-identical outputs.
+        overwrite: regenerate when a dataset already exists at ``root`` (only the files this
+            generator writes are deleted). Without it an existing dataset raises.
+        image_format: ``"png"`` (lossless, default) or ``"jpg"``.
+
+    Returns:
+        ``{"root", "train_json", "val_json", "train_image_root", "val_image_root"}`` (absolute).
+
+    Raises:
+        FileExistsError: a dataset (or a partial one) is already at ``root`` and not
+            ``overwrite``.
+        ValueError: an argument is out of range.
+    """
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"num_train/num_val must be >= 0, got {num_train}/{num_val}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32, got {image_size}")
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    paths = _split_paths(os.path.abspath(root))
+    existing = [p for p in (paths["train_json"], paths["val_json"]) if os.path.exists(p)] + [
+        d
+        for d in (paths["train_image_root"], paths["val_image_root"])
+        if os.path.isdir(d) and os.listdir(d)
+    ]
+    if existing:
+        if not overwrite:
+            raise FileExistsError(
+                f"A synthetic dataset already exists at {paths['root']} (found {existing[0]}). "
+                "Pass overwrite=True (--overwrite) to regenerate it, or choose another root."
+            )
+        _remove_previous(paths)
+
+    classes = SYNTHETIC_CLASSES[:num_classes]
+    os.makedirs(os.path.dirname(paths["train_json"]), exist_ok=True)
+    t0 = time.perf_counter()
+    for split, n in (("train", num_train), ("val", num_val)):
+        images, annotations = _generate_split(
+            split,
+            n,
+            paths[f"{split}_image_root"],
+            image_size=image_size,
+            classes=classes,
+            seed=seed,
+            image_format=image_format,
+        )
+        data = {
+            "info": {
+                "description": "kd2 synthetic ambiguous-shapes detection dataset",
+                "version": _FORMAT_VERSION,
+                "year": 2024,
+                "contributor": "kd2.data.synthetic",
+                "date_created": "",
+                "split": split,
+                "generator_args": {
+                    "num_images": n,
+                    "image_size": image_size,
+                    "num_classes": num_classes,
+                    "seed": seed,
+                    "image_format": image_format,
+                },
+            },
+            "licenses": [{"id": 1, "name": "CC0 1.0 (synthetic data)", "url": ""}],
+            "images": images,
+            "annotations": annotations,
+            "categories": [
+                {"id": c.dataset_id, "name": c.name, "supercategory": "shape"} for c in classes
+            ],
+        }
+        _write_json(paths[f"{split}_json"], data)
+    logger.info(
+        "Generated synthetic dataset at %s (%d train / %d val images) in %.1fs",
+        paths["root"],
+        num_train,
+        num_val,
+        time.perf_counter() - t0,
+    )
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; see the module docstring."""
+    p = argparse.ArgumentParser(
+        prog="python -m kd2.data.synthetic",
+        description="Generate kd2's deterministic synthetic detection dataset (COCO format).",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-train", type=int, default=600)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--num-classes", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("png", "jpg"), default="png", dest="image_format")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        paths = generate_synthetic_dataset(
+            args.out,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            image_size=args.image_size,
+            num_classes=args.num_classes,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            image_format=args.image_format,
+        )
+    except (FileExistsError, ValueError) as e:
+        p.error(str(e))
+    print(
+        f"Wrote {args.num_train} train / {args.num_val} val images in "
+        f"{time.perf_counter() - t0:.1f}s:"
+    )
+    for k, v in paths.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

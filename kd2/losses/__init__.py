@@ -1,0 +1,36 @@
+"""Distillation losses, written once against :mod:`kd2.structures`.
+
+Each module holds plain functions on tensors (shapes in their docstrings) plus one registered
+:class:`KDMethod` that reads the student and teacher records. Nothing here imports Detectron2 or
+torchvision. Importing this package registers every method in :data:`KD_METHOD_REGISTRY`.
+"""
+
+from .base import KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod
+from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
+from .fgfi import FGFI, fgfi_imitation_mask, fgfi_loss
+from .fitnet import FitNet, fitnet_loss
+from .hinton import Hinton, binary_kl_div_with_logits, hinton_dense_loss, hinton_roi_loss
+from .utils import assign_fpn_levels, box_iou, masked_squared_error, softmax_kl_div
+
+__all__ = [
+    "FGFI",
+    "KD_METHOD_REGISTRY",
+    "TEACHER_PARTS",
+    "DeFeat",
+    "FitNet",
+    "Hinton",
+    "KDMethod",
+    "assign_fpn_levels",
+    "binary_kl_div_with_logits",
+    "box_iou",
+    "defeat_gt_masks",
+    "defeat_head_loss",
+    "defeat_neck_loss",
+    "fgfi_imitation_mask",
+    "fgfi_loss",
+    "fitnet_loss",
+    "hinton_dense_loss",
+    "hinton_roi_loss",
+    "masked_squared_error",
+    "softmax_kl_div",
+]

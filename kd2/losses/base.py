@@ -1,0 +1,64 @@
+"""The interface every distillation method implements, and its registry.
+
+A method is an ``nn.Module`` (it may own trainable adapter layers) whose ``forward`` reads two
+:class:`~kd2.structures.StepRecord` objects — the student's (with gradients) and the teacher's
+(computed under ``torch.no_grad()``) — and returns a dict of scalar losses named
+``loss_kd_<something>``, already multiplied by their configured weights. Methods never see a
+framework object: only the record.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, Mapping
+
+from fvcore.common.registry import Registry
+from torch import Tensor, nn
+
+from kd2.structures import StepRecord
+
+__all__ = ["KD_METHOD_REGISTRY", "KDMethod", "TEACHER_PARTS"]
+
+KD_METHOD_REGISTRY = Registry("KD_METHOD")
+KD_METHOD_REGISTRY.__doc__ = (
+    """Distillation methods, keyed by the name used in ``cfg.KD.METHODS``."""
+)
+
+#: The parts of the teacher a method may ask for. ``features`` = FPN maps, ``dense`` = the
+#: one-stage head, ``rpn`` = the RPN head, ``roi`` = the ROI head run on the student's sampled
+#: proposals.
+TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi"})
+
+
+class KDMethod(nn.Module):
+    """Base class of a distillation method.
+
+    Subclasses set :attr:`teacher_parts` (what they read from the teacher record), implement
+    :meth:`forward`, and build themselves in :meth:`from_config` from their own config node
+    (``cfg.KD.<NAME>``) plus the geometry of the two detectors.
+    """
+
+    #: Teacher parts this method reads; the teacher runs only the union over methods.
+    teacher_parts: FrozenSet[str] = frozenset({"features"})
+
+    @classmethod
+    def from_config(
+        cls,
+        node,
+        *,
+        student_channels: Mapping[int, int],
+        teacher_channels: Mapping[int, int],
+        num_classes: int,
+        arch: str,
+    ) -> KDMethod:
+        """Build from ``cfg.KD.<NAME>``.
+
+        Args:
+            node: the method's ``CfgNode``.
+            student_channels / teacher_channels: FPN channels keyed by stride.
+            num_classes: ``K``, identical for teacher and student.
+            arch: ``"two_stage"`` or ``"one_stage"``.
+        """
+        raise NotImplementedError
+
+    def forward(self, student: StepRecord, teacher: StepRecord) -> Dict[str, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,184 @@
+"""Small tensor helpers shared by several distillation losses.
+
+Everything here is a pure function of its tensor arguments (no hidden state); shapes are given in
+each docstring. Boxes are XYXY in input pixels, feature maps are ``(N, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd2.modeling.adapters import FeatureAdapter
+
+__all__ = [
+    "adapt_features",
+    "assign_fpn_levels",
+    "box_iou",
+    "cfg_get",
+    "masked_squared_error",
+    "shared_strides",
+    "softmax_kl_div",
+    "zero_like_loss",
+]
+
+
+def cfg_get(node: object, key: str, default):
+    """``node.<key>`` if present, else ``default``; works for a ``CfgNode`` or any object."""
+    if node is None:
+        return default
+    return getattr(node, key, default)
+
+
+def zero_like_loss(*tensors: Tensor) -> Tensor:
+    """A scalar fp32 ``0`` attached to the autograd graph of ``tensors`` (when they have one).
+
+    Used where a loss has nothing to average over (no GT, no positive ROI), so that the caller
+    still gets a finite value that back-propagates zeros instead of ``nan`` or a detached
+    constant. ``tensors`` must be non-empty; each may have any shape (including empty).
+    """
+    out = tensors[0].float().sum() * 0.0
+    for t in tensors[1:]:
+        out = out + t.float().sum() * 0.0
+    return out
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU of two sets of XYXY boxes (areas ``(x2 - x1) * (y2 - y1)``, no ``+1``).
+
+    Args:
+        boxes1: ``(P, 4)``.
+        boxes2: ``(G, 4)``.
+
+    Returns:
+        ``(P, G)`` IoU in fp32; ``0`` where the union is empty (degenerate boxes).
+    """
+    b1 = boxes1.float()
+    b2 = boxes2.float()
+    area1 = (b1[:, 2] - b1[:, 0]).clamp(min=0) * (b1[:, 3] - b1[:, 1]).clamp(min=0)
+    area2 = (b2[:, 2] - b2[:, 0]).clamp(min=0) * (b2[:, 3] - b2[:, 1]).clamp(min=0)
+    lt = torch.maximum(b1[:, None, :2], b2[None, :, :2])  # (P, G, 2)
+    rb = torch.minimum(b1[:, None, 2:], b2[None, :, 2:])  # (P, G, 2)
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, None] + area2[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def assign_fpn_levels(
+    boxes: Tensor, num_levels: int, finest_scale: float = 56.0, plus_one: bool = True
+) -> Tensor:
+    """mmdet's box -> FPN level rule, as used by DeFeat and Global-Knowledge KD.
+
+    ``level = clamp(floor(log2(scale / finest_scale + 1e-6)), 0, num_levels - 1)`` with
+    ``scale = sqrt((w + 1) * (h + 1))`` (``plus_one=True``, the DeFeat/GK variant) or
+    ``sqrt(w * h)`` (``plus_one=False``, mmdet's ``SingleRoIExtractor``). Level ``0`` is the
+    finest level the caller has (e.g. P2 for Faster R-CNN, P3 for RetinaNet). With the default
+    56 px: ``scale < 112`` -> 0, ``[112, 224)`` -> 1, ``[224, 448)`` -> 2, ``[448, 896)`` -> 3,
+    ``>= 896`` -> 4.
+
+    Args:
+        boxes: ``(G, 4)`` XYXY.
+        num_levels: number of available levels (``>= 1``).
+
+    Returns:
+        ``(G,)`` int64 level indices in ``[0, num_levels - 1]``.
+    """
+    b = boxes.double()  # fp64 so that exact boundaries (scale == 112, ...) are not perturbed
+    extra = 1.0 if plus_one else 0.0
+    w = (b[:, 2] - b[:, 0] + extra).clamp(min=0)
+    h = (b[:, 3] - b[:, 1] + extra).clamp(min=0)
+    scale = torch.sqrt(w * h)
+    lvl = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    return lvl.clamp(min=0, max=num_levels - 1).long()
+
+
+def softmax_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per-row ``T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``, summed over classes, in fp32.
+
+    Args:
+        student_logits: ``(M, C)``.
+        teacher_logits: ``(M, C)`` (treated as a constant: detached).
+
+    Returns:
+        ``(M,)`` non-negative KL per row.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    return kl * (t * t)
+
+
+def masked_squared_error(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """``Σ_{n,c,h,w} mask[n,h,w] · (pred − target)²`` in fp32 (mask broadcast over channels).
+
+    Args:
+        pred: ``(N, C, H, W)`` (e.g. adapted student features).
+        target: ``(N, C, H, W)`` (teacher features; detached).
+        mask: ``(N, H, W)`` bool or float weights.
+
+    Returns:
+        Scalar sum. The caller chooses the normaliser.
+    """
+    diff = (pred.float() - target.detach().float()).pow(2)
+    return (diff * mask.to(diff.dtype)[:, None]).sum()
+
+
+def adapt_features(
+    adapter: FeatureAdapter,
+    student_features: dict[int, Tensor],
+    teacher_features: dict[int, Tensor],
+    strides: Sequence[int],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Run the per-stride adapter on the student maps and pair them with the teacher maps.
+
+    Args:
+        adapter: maps ``(N, C_s, H, W)`` to ``(N, C_t, H, W)`` per stride.
+        student_features / teacher_features: ``{stride: (N, C, H, W)}``.
+        strides: the strides to use (must be adapter strides present in both dicts).
+
+    Returns:
+        ``(adapted_student, teacher)`` lists, each ``(N, C_t, H_l, W_l)`` per stride, in fp32;
+        the teacher maps are detached.
+    """
+    adapted, targets = [], []
+    for s in strides:
+        if s not in student_features or s not in teacher_features:
+            raise KeyError(
+                f"stride {s} missing from the student {sorted(student_features)} or teacher "
+                f"{sorted(teacher_features)} features"
+            )
+        a = adapter.convs[str(s)](student_features[s]).float()
+        t = teacher_features[s].detach().float()
+        if a.shape != t.shape:
+            raise ValueError(
+                f"stride {s}: adapted student map {tuple(a.shape)} does not match the teacher map "
+                f"{tuple(t.shape)}"
+            )
+        adapted.append(a)
+        targets.append(t)
+    return adapted, targets
+
+
+def shared_strides(
+    adapter: FeatureAdapter,
+    student_features: dict[int, Tensor],
+    teacher_features: dict[int, Tensor],
+) -> list[int]:
+    """Adapter strides present in both feature dicts, finest first; raises if there are none."""
+    strides = [s for s in adapter.strides if s in student_features and s in teacher_features]
+    if not strides:
+        raise ValueError(
+            f"no stride of the adapter {adapter.strides} is present in both the student "
+            f"{sorted(student_features)} and teacher {sorted(teacher_features)} features"
+        )
+    return strides

@@ -1,0 +1,142 @@
+"""The canonical per-step record of a detector's training forward.
+
+Every backend (torchvision, Detectron2) fills the same record, and every loss in
+:mod:`kd2.losses` reads only this record. The conventions are Detectron2's:
+
+* foreground classes are contiguous ``0..K-1``;
+* softmax (ROI) heads carry the background in the **last** column ``K``;
+* sigmoid (dense) heads have no background channel;
+* dense labels: ``-1`` = ignore, ``0..K-1`` = foreground, ``K`` = background;
+* boxes are XYXY in pixels of the padded network input (``images``);
+* FPN levels are keyed by their stride (``int``), finest first;
+* within one level, dense predictions are ordered location-major (y, x) with the
+  anchor index fastest, exactly like the anchors.
+
+Shapes use ``N`` images, ``R_l = H_l * W_l * A`` dense predictions at level ``l``,
+``M`` sampled ROIs over the whole batch, ``C`` feature channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["DenseOutputs", "RoiOutputs", "StepRecord"]
+
+
+@dataclass
+class DenseOutputs:
+    """Outputs of a dense head (RetinaNet, FCOS) or of an RPN (``num_classes == 1``).
+
+    Attributes:
+        cls_logits: per level, ``(N, R_l, K)`` raw sigmoid logits.
+        box_deltas: per level, ``(N, R_l, 4)`` raw regression outputs (box-coder space).
+        anchors: per level, ``(R_l, 4)`` XYXY anchors, shared by every image.
+        strides: per level, the stride in input pixels.
+        num_anchors_per_loc: ``A``; ``R_l == H_l * W_l * A``.
+        num_classes: ``K`` (1 for an RPN's objectness).
+        centerness: per level ``(N, R_l, 1)`` logits (FCOS), else ``None``.
+        labels: ``(N, sum_l R_l)`` canonical assignment (``-1`` ignore, ``K`` background), or
+            ``None`` when the record belongs to a teacher (teachers reuse the student's).
+        matched_gt_boxes: ``(N, sum_l R_l, 4)`` GT box matched to each prediction
+            (meaningful where ``labels`` is foreground), or ``None``.
+        box_coder: an object with ``decode_single(deltas, anchors)`` / ``encode_single``,
+            used to turn ``box_deltas`` into boxes.
+        grid_sizes: per level ``(H_l, W_l)``.
+    """
+
+    cls_logits: List[Tensor]
+    box_deltas: List[Tensor]
+    anchors: List[Tensor]
+    strides: List[int]
+    num_anchors_per_loc: int
+    num_classes: int
+    grid_sizes: List[Tuple[int, int]]
+    centerness: List[Tensor] | None = None
+    labels: Tensor | None = None
+    matched_gt_boxes: Tensor | None = None
+    box_coder: object | None = None
+
+    def level_maps(self, tensors: List[Tensor]) -> List[Tensor]:
+        """Reshape per-level ``(N, R_l, D)`` tensors into maps ``(N, A * D, H_l, W_l)``.
+
+        The channel index of the result is ``a * D + d``, as in the raw head output.
+        """
+        out = []
+        a = self.num_anchors_per_loc
+        for t, (h, w) in zip(tensors, self.grid_sizes):
+            n, _, d = t.shape
+            out.append(t.reshape(n, h, w, a * d).permute(0, 3, 1, 2))
+        return out
+
+    def split_per_level(self, flat: Tensor) -> List[Tensor]:
+        """Split a ``(N, sum_l R_l, ...)`` tensor (e.g. ``labels``) into per-level pieces."""
+        return list(torch.split(flat, [t.shape[1] for t in self.cls_logits], dim=1))
+
+
+@dataclass
+class RoiOutputs:
+    """Second-stage outputs on the **student's** sampled proposals.
+
+    Attributes:
+        proposals: per image ``(M_i, 4)`` sampled proposal boxes (detached); ``M = sum M_i``.
+        labels: per image ``(M_i,)`` canonical classes, ``K`` = background.
+        matched_gt_boxes: per image ``(M_i, 4)``.
+        roi_features: ``(M, C, P, P)`` pooled ROI features (``P = 7`` usually).
+        box_head_features: ``(M, D)`` box-head output.
+        cls_logits: ``(M, K + 1)`` softmax logits, background last.
+        box_deltas: ``(M, K, 4)`` class-specific deltas (no background slot).
+    """
+
+    proposals: List[Tensor]
+    labels: List[Tensor]
+    matched_gt_boxes: List[Tensor]
+    roi_features: Tensor
+    box_head_features: Tensor
+    cls_logits: Tensor
+    box_deltas: Tensor
+
+    @property
+    def cat_labels(self) -> Tensor:
+        """``(M,)`` labels of all images concatenated."""
+        return torch.cat(self.labels)
+
+
+@dataclass
+class StepRecord:
+    """Everything a distillation loss may read about one forward of one detector.
+
+    Attributes:
+        images: ``(N, 3, Hp, Wp)`` normalised, padded batch fed to the backbone.
+        image_sizes: per image ``(h, w)`` of the valid (unpadded) region.
+        gt_boxes: per image ``(G_i, 4)`` XYXY in input pixels.
+        gt_labels: per image ``(G_i,)`` canonical classes ``0..K-1``.
+        features: FPN maps keyed by stride, each ``(N, C, H_l, W_l)``.
+        num_classes: ``K``.
+        dense: one-stage head outputs (RetinaNet, FCOS).
+        rpn: RPN outputs of a two-stage detector (``num_classes == 1``).
+        roi: ROI-head outputs of a two-stage detector.
+    """
+
+    images: Tensor
+    image_sizes: List[Tuple[int, int]]
+    gt_boxes: List[Tensor]
+    gt_labels: List[Tensor]
+    features: Dict[int, Tensor]
+    num_classes: int
+    dense: DenseOutputs | None = None
+    rpn: DenseOutputs | None = None
+    roi: RoiOutputs | None = None
+    extras: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def strides(self) -> List[int]:
+        return sorted(self.features)
+
+    @property
+    def anchor_head(self) -> DenseOutputs | None:
+        """The dense head whose anchors define "locations": the one-stage head, else the RPN."""
+        return self.dense if self.dense is not None else self.rpn

@@ -1,0 +1,15 @@
+"""kd2's torchvision backend: detectors, KD meta-architectures and their record."""
+
+from .build import build_detector, build_plain_detector, build_teacher, label_offset
+from .meta_arch import KD_ARCHITECTURES, KDFCOS, KDFasterRCNN, KDRetinaNet
+
+__all__ = [
+    "build_detector",
+    "build_plain_detector",
+    "build_teacher",
+    "label_offset",
+    "KD_ARCHITECTURES",
+    "KDFasterRCNN",
+    "KDRetinaNet",
+    "KDFCOS",
+]

@@ -1,0 +1,327 @@
+"""Build torchvision detectors (and their KD subclasses) from a kd2 config.
+
+Plain models are exactly torchvision's ``FasterRCNN`` / ``RetinaNet`` / ``FCOS`` classes, so a
+student checkpoint written by kd2 loads into a plain torchvision model of the same architecture.
+Weights are never downloaded: ``weights=None`` everywhere, and ``MODEL.WEIGHTS`` /
+``KD.TEACHER.WEIGHTS`` are local paths.
+
+Class conventions: kd2's data gives contiguous labels ``0..K-1``. torchvision's Faster R-CNN
+reserves class 0 for the background, so it is built with ``K + 1`` classes and trained on
+``label + 1`` (:func:`label_offset`); RetinaNet and FCOS have no background channel and are
+built with ``K`` classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import (
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "build_detector",
+    "build_teacher",
+    "label_offset",
+    "load_checkpoint_state",
+    "num_classes_of",
+]
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("FasterRCNN", "RetinaNet", "FCOS")
+_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def num_classes_of(cfg) -> int:
+    """``K``, the number of foreground classes of the configured architecture."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "FasterRCNN":
+        return cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if arch == "RetinaNet":
+        return cfg.MODEL.RETINANET.NUM_CLASSES
+    if arch == "FCOS":
+        return cfg.MODEL.FCOS.NUM_CLASSES
+    raise ValueError(
+        f"MODEL.META_ARCHITECTURE={arch!r} is not a torchvision architecture kd2 supports; "
+        f"use one of {ARCHITECTURES}"
+    )
+
+
+def label_offset(model: nn.Module) -> int:
+    """1 for Faster R-CNN (background is class 0 in torchvision), else 0."""
+    return 1 if isinstance(model, FasterRCNN) else 0
+
+
+def _build_backbone(cfg, arch: str) -> nn.Module:
+    name = cfg.MODEL.BACKBONE.NAME
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    trainable = cfg.MODEL.BACKBONE.TRAINABLE_LAYERS
+    norm_name = cfg.MODEL.BACKBONE.NORM
+    if norm_name not in ("BN", "FrozenBN"):
+        raise ValueError(f"MODEL.BACKBONE.NORM must be 'BN' or 'FrozenBN', got {norm_name!r}")
+    norm_layer = FrozenBatchNorm2d if norm_name == "FrozenBN" else nn.BatchNorm2d
+    two_stage = arch == "FasterRCNN"
+
+    if name in _RESNETS:
+        body = getattr(resnet, name)(weights=None, norm_layer=norm_layer)
+        if not 0 <= trainable <= 5:
+            raise ValueError(f"MODEL.BACKBONE.TRAINABLE_LAYERS must be in [0, 5], got {trainable}")
+        layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable]
+        if trainable == 5:
+            layers_to_train.append("bn1")
+        for pname, p in body.named_parameters():
+            if all(not pname.startswith(layer) for layer in layers_to_train):
+                p.requires_grad_(False)
+        returned = [1, 2, 3, 4] if two_stage else [2, 3, 4]
+        return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned)}
+        stage_channels = body.inplanes // 8  # channels of layer1's output
+        in_channels_list = [stage_channels * 2 ** (k - 1) for k in returned]
+        extra = LastLevelMaxPool() if two_stage else LastLevelP6P7(out_channels, out_channels)
+        return BackboneWithFPN(
+            body, return_layers, in_channels_list, out_channels, extra_blocks=extra
+        )
+    if name == "mobilenet_v3_large":
+        body = mobilenet_v3_large(weights=None, norm_layer=norm_layer)
+        extra = LastLevelMaxPool() if two_stage else LastLevelP6P7(out_channels, out_channels)
+        # torchvision's default taps are two stride-32 maps; kd2 keys levels by stride, so tap
+        # the first block of the stride-4/8/16 stages and the last layer (stride 32).
+        num_stages = 6
+        returned = [1, 2, 3, 5] if two_stage else [2, 3, 5]
+        backbone = _mobilenet_extractor(
+            body,
+            True,
+            min(trainable, num_stages),
+            returned_layers=returned,
+            extra_blocks=extra,
+        )
+        if out_channels != backbone.out_channels:  # torchvision fixes the FPN width at 256
+            in_list = [blk[0].in_channels for blk in backbone.fpn.inner_blocks]
+            backbone.fpn = FeaturePyramidNetwork(in_list, out_channels, extra_blocks=extra)
+            backbone.out_channels = out_channels
+        return backbone
+    raise ValueError(
+        f"MODEL.BACKBONE.NAME={name!r} is not supported; use one of "
+        f"{list(_RESNETS) + ['mobilenet_v3_large']}"
+    )
+
+
+def _anchor_generator(cfg, arch: str) -> AnchorGenerator | None:
+    sizes: List[List[int]] = cfg.MODEL.ANCHOR_GENERATOR.SIZES
+    if not sizes:
+        return None
+    ratios = cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS
+    if arch == "FCOS":
+        if any(len(level) != 1 for level in sizes):
+            raise ValueError(
+                "FCOS places one point per location: MODEL.ANCHOR_GENERATOR.SIZES needs exactly "
+                f"one size per level (the level's stride), got {sizes}"
+            )
+        ratios = [[1.0]]
+    if len(ratios) == 1:
+        ratios = ratios * len(sizes)
+    if len(ratios) != len(sizes):
+        raise ValueError(
+            f"MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS has {len(ratios)} entries but SIZES has "
+            f"{len(sizes)}; give one list of ratios per level, or a single list for all levels"
+        )
+    return AnchorGenerator(tuple(tuple(s) for s in sizes), tuple(tuple(r) for r in ratios))
+
+
+def detector_kwargs(cfg) -> Dict[str, object]:
+    """The keyword arguments of the torchvision constructor for ``cfg`` (backbone included)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    k = num_classes_of(cfg)
+    common = dict(
+        backbone=_build_backbone(cfg, arch),
+        min_size=tuple(cfg.INPUT.MIN_SIZE_TRAIN),
+        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
+        image_mean=list(cfg.MODEL.PIXEL_MEAN),
+        image_std=list(cfg.MODEL.PIXEL_STD),
+    )
+    anchors = _anchor_generator(cfg, arch)
+    if arch == "FasterRCNN":
+        r, h = cfg.MODEL.RPN, cfg.MODEL.ROI_HEADS
+        kw = dict(
+            num_classes=k + 1,
+            rpn_pre_nms_top_n_train=r.PRE_NMS_TOPK_TRAIN,
+            rpn_pre_nms_top_n_test=r.PRE_NMS_TOPK_TEST,
+            rpn_post_nms_top_n_train=r.POST_NMS_TOPK_TRAIN,
+            rpn_post_nms_top_n_test=r.POST_NMS_TOPK_TEST,
+            rpn_nms_thresh=r.NMS_THRESH,
+            rpn_batch_size_per_image=r.BATCH_SIZE_PER_IMAGE,
+            rpn_positive_fraction=r.POSITIVE_FRACTION,
+            box_batch_size_per_image=h.BATCH_SIZE_PER_IMAGE,
+            box_positive_fraction=h.POSITIVE_FRACTION,
+            box_score_thresh=h.SCORE_THRESH_TEST,
+            box_nms_thresh=h.NMS_THRESH_TEST,
+            box_detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+        )
+        if anchors is not None:
+            kw["rpn_anchor_generator"] = anchors
+        if cfg.MODEL.ROI_BOX_HEAD.FC_DIM != 1024:
+            from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+            d = cfg.MODEL.ROI_BOX_HEAD.FC_DIM
+            kw["box_head"] = TwoMLPHead(cfg.MODEL.FPN.OUT_CHANNELS * 7 * 7, d)
+            kw["box_predictor"] = FastRCNNPredictor(d, k + 1)
+            kw["num_classes"] = None  # torchvision takes the class count from the predictor
+    elif arch == "RetinaNet":
+        r = cfg.MODEL.RETINANET
+        kw = dict(
+            num_classes=k,
+            score_thresh=r.SCORE_THRESH_TEST,
+            nms_thresh=r.NMS_THRESH_TEST,
+            detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+            topk_candidates=r.TOPK_CANDIDATES_TEST,
+        )
+        if anchors is not None:
+            kw["anchor_generator"] = anchors
+    else:  # FCOS
+        f = cfg.MODEL.FCOS
+        kw = dict(
+            num_classes=k,
+            score_thresh=f.SCORE_THRESH_TEST,
+            nms_thresh=f.NMS_THRESH_TEST,
+            detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+            center_sampling_radius=f.CENTER_SAMPLING_RADIUS,
+        )
+        if anchors is not None:
+            kw["anchor_generator"] = anchors
+    kw.update(common)
+    return kw
+
+
+def _switch_input_size(transform: nn.Module, args) -> None:
+    size = transform.kd2_train_size if transform.training else transform.kd2_test_size
+    transform.min_size, transform.max_size = size
+
+
+def _set_test_size(model: nn.Module, cfg) -> None:
+    """Use ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST`` in eval mode, Detectron2-style.
+
+    torchvision resizes to ``min_size[-1]`` in eval mode; a pre-hook on the transform swaps the
+    sizes with the mode, so the model itself stays a plain torchvision class.
+    """
+    model.transform.kd2_train_size = (tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN)
+    model.transform.kd2_test_size = ((cfg.INPUT.MIN_SIZE_TEST,), cfg.INPUT.MAX_SIZE_TEST)
+    model.transform.register_forward_pre_hook(_switch_input_size)
+
+
+def _plain_class(arch: str):
+    return {"FasterRCNN": FasterRCNN, "RetinaNet": RetinaNet, "FCOS": FCOS}[arch]
+
+
+def load_checkpoint_state(path: str, what: str) -> Dict[str, torch.Tensor]:
+    """Read a model state dict from a kd2 checkpoint (``{"model": ...}``) or a bare state dict."""
+    if not path:
+        raise FileNotFoundError(f"{what}: no weights file given")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{what}: weights file {path!r} does not exist. kd2 never downloads weights; "
+            "pass the path of a local checkpoint (e.g. OUTPUT_DIR/model_final.pth of the run "
+            "that trained it)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{what}: cannot read weights file {path!r} ({type(e).__name__}: {e})"
+        ) from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what}: {path!r} is not a model checkpoint (no tensor state dict)")
+    return state
+
+
+def load_weights_strict(model: nn.Module, path: str, what: str, config_file: str = "") -> None:
+    """Load ``path`` into ``model``; any missing/unexpected/mis-shaped key is a clear error."""
+    state = load_checkpoint_state(path, what)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches, e.g. {mismatched[:3]}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+        src = f" built from {config_file!r}" if config_file else ""
+        raise ValueError(
+            f"{what}: checkpoint {path!r} does not match the model{src}: "
+            + "; ".join(parts)
+            + ". Check that the config describes the network the checkpoint was trained with "
+            "(backbone, FPN channels, number of classes, anchors)."
+        )
+    model.load_state_dict(state)
+
+
+def build_plain_detector(cfg) -> nn.Module:
+    """The plain torchvision detector described by ``cfg`` (no KD), on ``MODEL.DEVICE``."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    num_classes_of(cfg)  # validates the architecture name
+    model = _plain_class(arch)(**detector_kwargs(cfg))
+    _set_test_size(model, cfg)
+    return model.to(cfg.MODEL.DEVICE)
+
+
+def build_teacher(cfg) -> nn.Module:
+    """Build the frozen teacher from ``KD.TEACHER.CONFIG`` and load ``KD.TEACHER.WEIGHTS``."""
+    from kd2.config import get_cfg
+
+    tpath = cfg.KD.TEACHER.CONFIG
+    if not tpath:
+        raise ValueError(
+            "KD.METHODS is set but KD.TEACHER.CONFIG is empty: give the teacher's own config file"
+        )
+    if not os.path.isfile(tpath):
+        raise FileNotFoundError(f"KD.TEACHER.CONFIG: teacher config {tpath!r} does not exist")
+    tcfg = get_cfg()
+    tcfg.merge_from_file(tpath)
+    if tcfg.KD.METHODS:
+        raise ValueError(f"the teacher config {tpath!r} has KD.METHODS set; a teacher has no KD")
+    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    if num_classes_of(tcfg) != num_classes_of(cfg):
+        raise ValueError(
+            f"teacher and student disagree on the number of classes: teacher ({tpath}) has "
+            f"{num_classes_of(tcfg)}, student has {num_classes_of(cfg)}. Distillation needs "
+            "the same label space; fix the NUM_CLASSES of one of the configs"
+        )
+    teacher = build_plain_detector(tcfg)
+    load_weights_strict(teacher, cfg.KD.TEACHER.WEIGHTS, "KD.TEACHER.WEIGHTS", tpath)
+    teacher.eval().requires_grad_(False)
+    teacher.kd2_cfg = tcfg
+    return teacher
+
+
+def build_detector(cfg) -> nn.Module:
+    """Plain detector when ``KD.METHODS`` is empty, else its KD subclass holding the teacher."""
+    if not cfg.KD.METHODS:
+        return build_plain_detector(cfg)
+    from .meta_arch import KD_ARCHITECTURES
+
+    arch = cfg.MODEL.META_ARCHITECTURE
+    num_classes_of(cfg)
+    teacher = build_teacher(cfg)
+    model = KD_ARCHITECTURES[arch](cfg=cfg, teacher=teacher, **detector_kwargs(cfg))
+    _set_test_size(model, cfg)
+    return model.to(cfg.MODEL.DEVICE)

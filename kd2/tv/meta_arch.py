@@ -1,0 +1,289 @@
+"""Distillation meta-architectures on torchvision detectors.
+
+``KDFasterRCNN``, ``KDRetinaNet`` and ``KDFCOS`` subclass torchvision's classes: in eval mode
+they are the plain student; in train mode they return torchvision's detection losses plus the
+configured ``loss_kd_*`` terms.
+
+The teacher lives **outside** the module tree: it is not in ``state_dict()``, ``parameters()``,
+the optimizer or DDP, ``.train()`` never switches it out of eval mode, and ``.to()`` moves it
+along. It runs under ``torch.no_grad()`` on the student's transformed input tensors (the student
+transforms once; torchvision's random train-time resize would otherwise give the two networks
+different inputs), and only the parts the configured methods read (features, dense head, RPN
+head, ROI head on the student's sampled proposals) are run — never its losses or its sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, FrozenSet, List
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+
+from kd2.config import method_node_name
+from kd2.losses import KD_METHOD_REGISTRY
+from kd2.structures import RoiOutputs, StepRecord
+
+from . import record as R
+
+__all__ = ["KDFasterRCNN", "KDRetinaNet", "KDFCOS", "KD_ARCHITECTURES"]
+
+logger = logging.getLogger(__name__)
+
+
+class _KDMixin:
+    """Teacher handling and the KD training forward shared by the three architectures."""
+
+    #: ``"two_stage"`` or ``"one_stage"``
+    arch_kind: str = "one_stage"
+
+    def _init_kd(self, cfg, teacher: nn.Module) -> None:
+        object.__setattr__(self, "_teacher", teacher)  # deliberately not a submodule
+        self.num_classes_kd = _num_classes(self)
+        teacher_k = _num_classes(teacher)
+        if teacher_k != self.num_classes_kd:
+            raise ValueError(
+                f"teacher has {teacher_k} classes but the student has {self.num_classes_kd}"
+            )
+        self.kd_warmup_iters = cfg.KD.WARMUP_ITERS
+        self.kd_iteration = 0
+        self._teacher_mean_std = (
+            torch.tensor(teacher.transform.image_mean).view(1, 3, 1, 1),
+            torch.tensor(teacher.transform.image_std).view(1, 3, 1, 1),
+        )
+        self.kd_strides, s_channels = R.model_strides(self)
+        self.kd_teacher_strides, t_channels = R.model_strides(teacher)
+        s_ch = dict(zip(self.kd_strides, s_channels))
+        t_ch = dict(zip(self.kd_teacher_strides, t_channels))
+        methods = {}
+        for name in cfg.KD.METHODS:
+            node = getattr(cfg.KD, method_node_name(name), None)
+            methods[name] = KD_METHOD_REGISTRY.get(name).from_config(
+                node,
+                student_channels=s_ch,
+                teacher_channels=t_ch,
+                num_classes=self.num_classes_kd,
+                arch=self.arch_kind,
+            )
+        self.kd_methods = nn.ModuleDict(methods)
+        self.teacher_parts: FrozenSet[str] = frozenset().union(
+            *(m.teacher_parts for m in methods.values())
+        )
+        if "roi" in self.teacher_parts and not isinstance(teacher, FasterRCNN):
+            raise ValueError("a method needs the teacher's ROI head, but the teacher has none")
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._teacher.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def student_state_dict(self) -> Dict[str, Tensor]:
+        """The student alone: loads into a plain torchvision model of the same architecture."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("kd_methods.")}
+
+    def kd_warmup_factor(self) -> float:
+        if self.kd_warmup_iters <= 0:
+            return 1.0
+        return min(1.0, self.kd_iteration / self.kd_warmup_iters)
+
+    def forward(self, images, targets=None):
+        if not self.training:
+            return super().forward(images)
+        if targets is None:
+            raise ValueError("in training mode, targets must be given")
+        student, losses = self.student_step(images, targets)
+        with torch.no_grad():
+            teacher = self.teacher_step(student)
+        factor = self.kd_warmup_factor()
+        for method in self.kd_methods.values():
+            for name, value in method(student, teacher).items():
+                losses[name] = value * factor
+        return losses
+
+    # -- helpers used by the subclasses ---------------------------------------------------
+    def _transform(self, images, targets):
+        for t in targets:
+            if t["boxes"].numel() and not torch.all(t["boxes"][:, 2:] > t["boxes"][:, :2]):
+                raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in target {t}")
+        return self.transform(images, targets)
+
+    def _teacher_input(self, images: Tensor) -> Tensor:
+        """Student-normalised tensor -> teacher-normalised (identity when they agree)."""
+        s_mean = torch.tensor(self.transform.image_mean, device=images.device).view(1, 3, 1, 1)
+        s_std = torch.tensor(self.transform.image_std, device=images.device).view(1, 3, 1, 1)
+        t_mean, t_std = (x.to(images.device) for x in self._teacher_mean_std)
+        if torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std):
+            return images
+        return (images * s_std + s_mean - t_mean) / t_std
+
+    def _base_record(self, images, targets, features, label_shift: int) -> StepRecord:
+        return StepRecord(
+            images=images.tensors,
+            image_sizes=[tuple(s) for s in images.image_sizes],
+            gt_boxes=[t["boxes"] for t in targets],
+            gt_labels=[t["labels"] - label_shift for t in targets],
+            features=R.features_by_stride(features, self.kd_strides),
+            num_classes=self.num_classes_kd,
+        )
+
+    def _teacher_features(self, student: StepRecord):
+        t = self._teacher
+        feats = t.backbone(self._teacher_input(student.images))
+        return feats, R.features_by_stride(feats, self.kd_teacher_strides)
+
+
+class KDFasterRCNN(_KDMixin, FasterRCNN):
+    """torchvision ``FasterRCNN`` student with a frozen teacher.
+
+    Record: ``features``, ``rpn`` (objectness as a 1-class dense head, with the RPN's anchor
+    labels), and ``roi`` on the 512-per-image sampled proposals. Detection loss keys are
+    torchvision's (``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``,
+    ``loss_box_reg``).
+    """
+
+    arch_kind = "two_stage"
+
+    def __init__(self, *, cfg, teacher: nn.Module, backbone: nn.Module, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self._init_kd(cfg, teacher)
+
+    def student_step(self, images, targets):
+        images, targets = self._transform(images, targets)
+        feats = self.backbone(images.tensors)
+        rec = self._base_record(images, targets, feats, label_shift=1)
+        rec.rpn, proposals, losses = R.run_rpn(self.rpn, images, feats, rec.strides, targets)
+        props, tv_labels, matched, reg_targets = R.sample_rois(self.roi_heads, proposals, targets)
+        pooled, head, logits, deltas = R.run_roi_head(
+            self.roi_heads, feats, props, images.image_sizes
+        )
+        losses.update(R.frcnn_losses(logits, deltas, tv_labels, reg_targets))
+        rec.roi = RoiOutputs(
+            proposals=props,
+            labels=R.canonical_roi_labels(tv_labels, self.num_classes_kd),
+            matched_gt_boxes=matched,
+            roi_features=pooled,
+            box_head_features=head,
+            cls_logits=R.canonical_roi_logits(logits),
+            box_deltas=R.canonical_roi_deltas(deltas),
+        )
+        return rec, losses
+
+    def teacher_step(self, student: StepRecord) -> StepRecord:
+        parts, t = self.teacher_parts, self._teacher
+        rec = _teacher_record(student)
+        if not parts:
+            return rec
+        feats, rec.features = self._teacher_features(student)
+        if "rpn" in parts:
+            images = _image_list(student)
+            rec.rpn, _, _ = R.run_rpn(t.rpn, images, feats, sorted(rec.features), None, False)
+        if "roi" in parts:
+            pooled, head, logits, deltas = R.run_roi_head(
+                t.roi_heads, feats, student.roi.proposals, student.image_sizes
+            )
+            rec.roi = RoiOutputs(
+                proposals=student.roi.proposals,
+                labels=student.roi.labels,
+                matched_gt_boxes=student.roi.matched_gt_boxes,
+                roi_features=pooled,
+                box_head_features=head,
+                cls_logits=R.canonical_roi_logits(logits),
+                box_deltas=R.canonical_roi_deltas(deltas),
+            )
+        return rec
+
+
+class _KDDense(_KDMixin):
+    """Shared student/teacher steps of the one-stage architectures."""
+
+    def _match(self, targets, anchors, counts) -> List[Tensor]:
+        raise NotImplementedError
+
+    def student_step(self, images, targets):
+        images, targets = self._transform(images, targets)
+        feats = self.backbone(images.tensors)
+        rec = self._base_record(images, targets, feats, label_shift=0)
+        maps = list(feats.values())
+        rec.dense, head_outputs, anchors = R.run_dense_head(self, images, maps, rec.strides)
+        counts = [t.shape[1] for t in rec.dense.cls_logits]
+        matched = self._match(targets, anchors, counts)
+        losses = self.head.compute_loss(targets, head_outputs, anchors, matched)
+        rec.dense.labels, rec.dense.matched_gt_boxes = R.dense_labels_from_matches(
+            matched, targets, self.num_classes_kd
+        )
+        return rec, losses
+
+    def teacher_step(self, student: StepRecord) -> StepRecord:
+        rec = _teacher_record(student)
+        if not self.teacher_parts:
+            return rec
+        feats, rec.features = self._teacher_features(student)
+        if "dense" in self.teacher_parts:
+            t = self._teacher
+            rec.dense, _, _ = R.run_dense_head(
+                t, _image_list(student), list(feats.values()), sorted(rec.features)
+            )
+        return rec
+
+
+class KDRetinaNet(_KDDense, RetinaNet):
+    """torchvision ``RetinaNet`` student with a frozen teacher (record: ``features``,
+    ``dense`` with anchors and the IoU-matcher assignment)."""
+
+    def __init__(self, *, cfg, teacher: nn.Module, backbone: nn.Module, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self._init_kd(cfg, teacher)
+
+    def _match(self, targets, anchors, counts):
+        return R.match_retinanet(self, targets, anchors)
+
+
+class KDFCOS(_KDDense, FCOS):
+    """torchvision ``FCOS`` student with a frozen teacher (record: ``features``, ``dense`` with
+    ``centerness`` and the centre-sampling assignment). Box outputs are post-ReLU distances."""
+
+    def __init__(self, *, cfg, teacher: nn.Module, backbone: nn.Module, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self._init_kd(cfg, teacher)
+
+    def _match(self, targets, anchors, counts):
+        return R.match_fcos(self, targets, anchors, counts)
+
+
+KD_ARCHITECTURES = {"FasterRCNN": KDFasterRCNN, "RetinaNet": KDRetinaNet, "FCOS": KDFCOS}
+
+
+# -- module-level helpers -----------------------------------------------------------------
+
+
+def _num_classes(model: nn.Module) -> int:
+    if isinstance(model, FasterRCNN):
+        return model.roi_heads.box_predictor.cls_score.out_features - 1
+    return model.head.classification_head.num_classes
+
+
+def _teacher_record(student: StepRecord) -> StepRecord:
+    return StepRecord(
+        images=student.images,
+        image_sizes=student.image_sizes,
+        gt_boxes=student.gt_boxes,
+        gt_labels=student.gt_labels,
+        features={},
+        num_classes=student.num_classes,
+    )
+
+
+def _image_list(record: StepRecord):
+    from torchvision.models.detection.image_list import ImageList
+
+    return ImageList(record.images, [tuple(s) for s in record.image_sizes])

@@ -1,0 +1,80 @@
+"""Tiny detectors and batches shared by the backend and engine tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from kd2.config import get_cfg
+from kd2.tv.build import build_plain_detector
+
+NUM_CLASSES = 3
+
+
+def shared_coco() -> Path:
+    """The real mini COCO in ``../shared/datasets/coco`` (override: ``KD2_SHARED_COCO``)."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "coco"
+    return Path(os.environ.get("KD2_SHARED_COCO", default))
+
+
+def tiny_cfg(arch: str = "RetinaNet", backbone: str = "resnet18", channels: int = 32):
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = arch
+    cfg.MODEL.BACKBONE.NAME = backbone
+    cfg.MODEL.FPN.OUT_CHANNELS = channels
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.FCOS.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 200
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.INPUT.MIN_SIZE_TRAIN = (96,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 128
+    cfg.INPUT.MIN_SIZE_TEST = 96
+    cfg.INPUT.MAX_SIZE_TEST = 128
+    if arch == "FasterRCNN":
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
+    else:
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+    return cfg
+
+
+def save_teacher(tmp_path, arch: str = "RetinaNet", backbone: str = "resnet34", channels=64):
+    """Write a (randomly initialised) teacher config + checkpoint; returns (cfg, yaml, pth)."""
+    tcfg = tiny_cfg(arch, backbone, channels)
+    torch.manual_seed(123)
+    teacher = build_plain_detector(tcfg)
+    yaml_path = os.path.join(tmp_path, f"teacher_{arch}.yaml")
+    pth_path = os.path.join(tmp_path, f"teacher_{arch}.pth")
+    with open(yaml_path, "w") as f:
+        f.write(tcfg.dump())
+    torch.save({"model": teacher.state_dict()}, pth_path)
+    return tcfg, yaml_path, pth_path
+
+
+def kd_cfg(tmp_path, arch="RetinaNet", methods=("FitNet",), teacher_backbone="resnet34"):
+    _, yaml_path, pth_path = save_teacher(tmp_path, arch, teacher_backbone)
+    cfg = tiny_cfg(arch)
+    cfg.KD.METHODS = list(methods)
+    cfg.KD.TEACHER.CONFIG = yaml_path
+    cfg.KD.TEACHER.WEIGHTS = pth_path
+    return cfg
+
+
+def batch(arch: str = "RetinaNet", with_empty: bool = True):
+    """Two images (one optionally without boxes) and torchvision-style targets."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 128, generator=g), torch.rand(3, 80, 112, generator=g)]
+    off = 1 if arch == "FasterRCNN" else 0
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 60.0]]),
+            "labels": torch.tensor([0, 2]) + off,
+        },
+        {"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1]) + off},
+    ]
+    if with_empty:
+        targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    return images, targets

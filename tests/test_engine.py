@@ -1,0 +1,241 @@
+"""Trainer: exact resume, atomic checkpoints, NaN stop, AMP, DDP on gloo, CLI, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kd2.config import get_cfg
+from kd2.data import DatasetCatalog, generate_synthetic_dataset
+from kd2.engine import Trainer
+from kd2.engine.checkpoint import last_checkpoint
+
+from .helpers import save_teacher, tiny_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    paths = generate_synthetic_dataset(str(root), num_train=12, num_val=4, image_size=64, seed=3)
+    train = f"{paths['train_json']}:{paths['train_image_root']}"
+    val = f"{paths['val_json']}:{paths['val_image_root']}"
+    return train, val
+
+
+def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6):
+    cfg = tiny_cfg(arch)
+    cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6
+    cfg.MODEL.FCOS.NUM_CLASSES = 6
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 64
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 64
+    cfg.DATASETS.TRAIN = (tiny_data[0],)
+    cfg.DATASETS.TEST = ()
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.STEPS = (4,)
+    cfg.SOLVER.WARMUP_ITERS = 2
+    cfg.SOLVER.CHECKPOINT_PERIOD = 2
+    cfg.OUTPUT_DIR = str(out)
+    return cfg
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_after_kill_is_exact(tiny_data, tmp_path):
+    full = Trainer(engine_cfg(tiny_data, tmp_path / "full"))
+    full.train()
+    expected = _weights(full)
+
+    cfg = engine_cfg(tiny_data, tmp_path / "killed")
+    killed = Trainer(cfg)
+
+    def kill(trainer):  # simulates a kill right after the checkpoint at iteration 4
+        if trainer.iter == 5:
+            raise KeyboardInterrupt
+
+    killed.after_step.append(kill)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert last_checkpoint(cfg.OUTPUT_DIR).endswith("model_0000004.pth")
+
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 4
+    resumed.train()
+    got = _weights(resumed)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    lines = [json.loads(x) for x in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
+    assert any("total_loss" in x for x in lines)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(cfg.OUTPUT_DIR))
+
+
+def test_kd_resume_is_exact_and_checkpoint_holds_student_alone(tiny_data, tmp_path):
+    from kd2.tv.build import build_plain_detector
+
+    tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
+    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
+    teacher = build_plain_detector(tcfg)
+    torch.save({"model": teacher.state_dict()}, tpth)
+    with open(tyaml, "w") as f:
+        f.write(tcfg.dump())
+
+    def cfg_for(out):
+        cfg = engine_cfg(tiny_data, out, max_iter=4)
+        cfg.KD.METHODS = ["DeFeat", "Hinton"]
+        cfg.KD.TEACHER.CONFIG = tyaml
+        cfg.KD.TEACHER.WEIGHTS = tpth
+        cfg.KD.WARMUP_ITERS = 2
+        return cfg
+
+    full = Trainer(cfg_for(tmp_path / "a"))
+    full.train()
+    part = Trainer(cfg_for(tmp_path / "b"))
+    part.max_iter = 2  # stop early, as if killed after the checkpoint at 2
+    part.train()
+    resumed = Trainer(cfg_for(tmp_path / "b"))
+    resumed.resume_or_load(resume=True)
+    resumed.train()
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    ckpt = torch.load(tmp_path / "a" / "model_final.pth", weights_only=False)
+    assert ckpt["kd"] and not any(k.startswith("kd_methods") for k in ckpt["model"])
+    plain = build_plain_detector(engine_cfg(tiny_data, tmp_path))
+    plain.load_state_dict(ckpt["model"], strict=True)
+
+
+def test_checkpoint_write_is_atomic(tiny_data, tmp_path, monkeypatch):
+    cfg = engine_cfg(tiny_data, tmp_path, max_iter=4)
+    trainer = Trainer(cfg)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-way through writing
+            f.write(b"partial garbage")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(torch, "save", real_save)
+    path = last_checkpoint(cfg.OUTPUT_DIR)
+    assert path.endswith("model_0000002.pth")
+    assert torch.load(path, weights_only=False)["iteration"] == 2
+    assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_0000004.pth"))
+    assert not [f for f in os.listdir(cfg.OUTPUT_DIR) if f.startswith(".tmp_")]
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_data, tmp_path):
+    cfg = engine_cfg(tiny_data, tmp_path, max_iter=6)
+    trainer = Trainer(cfg)
+    head = trainer.model.head.classification_head.cls_logits
+
+    def poison(t):
+        if t.iter == 3:
+            with torch.no_grad():
+                head.weight.fill_(float("nan"))
+
+    trainer.after_step.append(poison)
+    with pytest.raises(FloatingPointError, match="non-finite at iteration 3.*model_0000002.pth"):
+        trainer.train()
+    good = torch.load(last_checkpoint(cfg.OUTPUT_DIR), weights_only=False)
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_amp_and_grad_clipping_run(tiny_data, tmp_path):
+    cfg = engine_cfg(tiny_data, tmp_path, max_iter=2)
+    cfg.SOLVER.AMP.ENABLED = True  # CPU autocast (bfloat16)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    trainer = Trainer(cfg)
+    losses = trainer.run_step(*next(iter(trainer.build_train_loader())))
+    assert all(v == v for v in losses.values())
+
+
+def test_unknown_config_key_and_method_name_closest(tmp_path):
+    cfg = get_cfg()
+    with pytest.raises(KeyError, match="did you mean 'SOLVER.BASE_LR'"):
+        cfg.merge_from_list(["SOLVER.BASE_RL", "0.1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("KD:\n  METHODS: ['Defeat']\n")
+    with pytest.raises(KeyError, match="did you mean 'DeFeat'"):
+        get_cfg().merge_from_file(str(bad))
+    bad.write_text("MODEL:\n  BACKBONE:\n    NAMES: resnet18\n")
+    with pytest.raises(KeyError, match="MODEL.BACKBONE.NAME"):
+        get_cfg().merge_from_file(str(bad))
+
+
+def test_base_inheritance():
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs/synthetic/retinanet_R50_teacher.yaml"))
+    assert cfg.MODEL.BACKBONE.NAME == "resnet50"  # own value
+    assert cfg.MODEL.RETINANET.NUM_CLASSES == 6  # from _BASE_
+
+
+def _run_cli(args, env_extra=None, timeout=300):
+    env = dict(os.environ, KD2_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "train_net.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def _write_cfg(cfg, path):
+    with open(path, "w") as f:
+        f.write(cfg.dump())
+    return str(path)
+
+
+def test_train_net_cli_trains_resumes_and_evaluates(tiny_data, tmp_path):
+    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=2)
+    cfg.DATASETS.TEST = (tiny_data[1],)
+    yaml = _write_cfg(cfg, tmp_path / "c.yaml")
+    r = _run_cli(["--config-file", yaml])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run_cli(["--config-file", yaml, "--resume", "SOLVER.MAX_ITER", "4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+    final = str(tmp_path / "out" / "model_final.pth")
+    r = _run_cli(["--config-file", yaml, "--eval-only", "MODEL.WEIGHTS", final])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '"AP50"' in r.stdout
+
+
+def test_two_process_gloo_training_keeps_replicas_identical(tiny_data, tmp_path):
+    cfg = engine_cfg(tiny_data, tmp_path / "ddp", max_iter=2)
+    yaml = _write_cfg(cfg, tmp_path / "ddp.yaml")
+    r = _run_cli(["--config-file", yaml, "--num-gpus", "2"], env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    ckpt = torch.load(tmp_path / "ddp" / "model_final.pth", weights_only=False)
+    assert ckpt["iteration"] == 2
+    logs = [open(tmp_path / "ddp" / n).read() for n in ("log.txt", "log.txt.rank1")]
+    assert all("world size 2" in log for log in logs)
+    sums = [log.split("final parameter checksum ")[1].split()[0] for log in logs]
+    assert sums[0] == sums[1]  # DDP kept the two replicas bit-identical
+
+
+def test_dataset_registry_in_trainer_error(tmp_path):
+    cfg = get_cfg()
+    cfg.DATASETS.TRAIN = ("synthetic_trian",)
+    with pytest.raises(KeyError, match="synthetic_train"):
+        DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
