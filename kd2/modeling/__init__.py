@@ -1,0 +1,5 @@
+"""Trainable layers shared by distillation methods."""
+
+from .adapters import FeatureAdapter
+
+__all__ = ["FeatureAdapter"]
