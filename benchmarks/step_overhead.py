@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """How much does distillation cost beyond running the two networks?
 
-On the same batches of the demo's data and models (Faster R-CNN R18-FPN student, R50-FPN
-teacher, the demo's KD methods) it times, interleaved per batch and after a warm-up:
+On the same batches of the demo's data and models (Faster R-CNN MobileNetV3-FPN student,
+R18-FPN teacher, the demo's KD method) it times, interleaved per batch and after a warm-up:
 
 * ``student step``   — plain torchvision student: forward, backward, SGD step;
 * ``teacher forward`` — what KD runs of the teacher: its FPN and its ROI head on the student's
@@ -40,7 +40,7 @@ from kd2.tv.build import build_detector, build_plain_detector, label_offset  # n
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--config", default=os.path.join(ROOT, "configs/synthetic/faster_rcnn_R18_DeFeat.yaml")
+        "--config", default=os.path.join(ROOT, "configs/synthetic/faster_rcnn_MNv3_DeFeat.yaml")
     )
     p.add_argument("--iters", type=int, default=15, help="measured batches")
     p.add_argument("--warmup", type=int, default=3)

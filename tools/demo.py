@@ -2,9 +2,9 @@
 """kd2's demo (``make demo``): does distillation beat training alone?
 
 On kd2's bundled synthetic detection data it trains, with one schedule:
-  1. a teacher (RetinaNet R50-FPN),
-  2. a baseline student (RetinaNet R18-FPN with a narrower FPN), for each seed,
-  3. the same student distilled from the teacher, for each seed,
+  1. a teacher (Faster R-CNN R18-FPN),
+  2. a baseline student (Faster R-CNN MobileNetV3-FPN, narrower FPN and box head), per seed,
+  3. the same student distilled from the teacher (FGFI), for each seed,
 evaluates each with COCO metrics, prints a table (per seed, then mean ± std), writes a bar
 chart and loss/AP curves as PNG, and ends with one machine-readable line::
 
@@ -36,9 +36,9 @@ from kd2.engine import Trainer, setup_cfg, setup_logger  # noqa: E402
 
 logger = logging.getLogger("kd2.demo")
 
-TEACHER = "configs/synthetic/retinanet_R50_teacher.yaml"
-STUDENT = "configs/synthetic/retinanet_R18_student.yaml"
-DISTILLED = "configs/synthetic/retinanet_R18_DeFeat.yaml"
+TEACHER = "configs/synthetic/faster_rcnn_R18_teacher.yaml"
+STUDENT = "configs/synthetic/faster_rcnn_MNv3_student.yaml"
+DISTILLED = "configs/synthetic/faster_rcnn_MNv3_DeFeat.yaml"
 
 
 def parse_args(argv=None):
@@ -46,6 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fresh", action="store_true", help="retrain even if a finished run exists")
+    p.add_argument(
+        "--distilled",
+        default=DISTILLED,
+        help=f"config of the distilled student (default {DISTILLED}); its teacher weights are "
+        "replaced by the demo's teacher",
+    )
     p.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
@@ -94,14 +100,14 @@ def read_metrics(output_dir: str):
         for line in f:
             d = json.loads(line)
             if "total_loss" in d:
-                det = sum(v for k, v in d.items() if k in ("classification", "bbox_regression"))
+                det = sum(v for k, v in d.items() if k.startswith("loss_") and "_kd_" not in k)
                 losses.append((d["iteration"], det))
             if "eval" in d:
                 aps.append((d["iteration"], next(iter(d["eval"].values()))["bbox"]["AP"]))
     return losses, aps
 
 
-def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict) -> list:
+def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict, method: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +115,7 @@ def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict
 
     paths = []
     fig, ax = plt.subplots(figsize=(5, 4))
-    names = ["teacher\nR50", "student\nR18", "distilled\nR18"]
+    names = ["teacher", "student", "distilled\n" + method.split("_")[-1]]
     means = [teacher_ap, mean_std(student)[0], mean_std(distilled)[0]]
     errs = [0.0, mean_std(student)[1], mean_std(distilled)[1]]
     bars = ax.bar(names, means, yerr=errs, capsize=6, color=["#555", "#c44", "#2a7"])
@@ -120,7 +126,7 @@ def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict
     ax.set_ylabel("COCO AP (synthetic val)")
     ax.set_title(f"kd2 demo: mean ± std over {len(student)} seeds")
     fig.tight_layout()
-    paths.append(os.path.join(out, "demo_ap.png"))
+    paths.append(os.path.join(out, f"demo_ap_{method}.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -135,14 +141,14 @@ def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict
         if aps:
             ax2.plot(*zip(*aps), marker="o", color=colors[kind], alpha=0.8, label=label)
     ax1.set_xlabel("iteration")
-    ax1.set_ylabel("detection loss (cls + box)")
+    ax1.set_ylabel("detection loss (RPN + ROI head)")
     ax1.set_yscale("log")
     ax2.set_xlabel("iteration")
     ax2.set_ylabel("AP")
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    paths.append(os.path.join(out, "demo_curves.png"))
+    paths.append(os.path.join(out, f"demo_curves_{method}.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
@@ -158,23 +164,19 @@ def main(argv=None) -> None:
     DatasetCatalog.get("synthetic_train")  # generates the bundled data on first use
     DatasetCatalog.get("synthetic_val")
 
-    jobs = [("teacher", TEACHER, [])]
+    jobs = [("teacher", TEACHER, [], "teacher")]
     for s in args.seeds:
-        jobs.append((f"student_seed{s}", STUDENT, ["SEED", str(s)]))
+        jobs.append((f"student_seed{s}", STUDENT, ["SEED", str(s)], f"student_seed{s}"))
     teacher_weights = os.path.join(out, "teacher", "model_final.pth")
+    method = os.path.splitext(os.path.basename(args.distilled))[0]
     for s in args.seeds:
-        jobs.append(
-            (
-                f"distilled_seed{s}",
-                DISTILLED,
-                ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights],
-            )
-        )
+        opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights]
+        jobs.append((f"distilled_seed{s}", args.distilled, opts, f"{method}_seed{s}"))
     results, runs = {}, {}
-    for i, (name, config_file, opts) in enumerate(jobs, 1):
+    for i, (name, config_file, opts, folder) in enumerate(jobs, 1):
         elapsed = time.time() - t_start
         logger.info("[%d/%d] %s (%s) — %.0fs elapsed", i, len(jobs), name, config_file, elapsed)
-        runs[name] = os.path.join(out, name)
+        runs[name] = os.path.join(out, folder)
         results[name] = run(name, config_file, list(args.opts) + opts, runs[name], args.fresh)
         logger.info("%s: AP=%.2f", name, results[name]["bbox"]["AP"])
 
@@ -203,9 +205,9 @@ def main(argv=None) -> None:
     )
     lines.append(
         f"gap closed: {gap_closed:.2f} of the teacher-student gap "
-        f"({teacher_ap:.2f} - {sm:.2f} = {gap:.2f} AP); distillation = KD.METHODS of {DISTILLED}"
+        f"({teacher_ap:.2f} - {sm:.2f} = {gap:.2f} AP); distilled student: {args.distilled}"
     )
-    for p in plot(out, teacher_ap, student, distilled, runs):
+    for p in plot(out, teacher_ap, student, distilled, runs, method):
         lines.append(f"wrote {p}")
     lines.append(f"total time {time.time() - t_start:.0f}s")
     summary = {
@@ -217,7 +219,7 @@ def main(argv=None) -> None:
         "gap_closed": gap_closed,
         "seeds": args.seeds,
     }
-    with open(os.path.join(out, "demo_summary.json"), "w") as f:
+    with open(os.path.join(out, f"demo_summary_{method}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print("\n".join(lines))
     print(
