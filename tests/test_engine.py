@@ -14,6 +14,7 @@ from kd2.config import get_cfg
 from kd2.data import DatasetCatalog, generate_synthetic_dataset
 from kd2.engine import Trainer
 from kd2.engine.checkpoint import last_checkpoint
+from kd2.tv.build import build_plain_detector
 
 from .helpers import save_teacher, tiny_cfg
 
@@ -83,8 +84,6 @@ def test_resume_after_kill_is_exact(tiny_data, tmp_path):
 
 
 def test_kd_resume_is_exact_and_checkpoint_holds_student_alone(tiny_data, tmp_path):
-    from kd2.tv.build import build_plain_detector
-
     tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
     tcfg.MODEL.RETINANET.NUM_CLASSES = 6
     teacher = build_plain_detector(tcfg)
@@ -114,6 +113,25 @@ def test_kd_resume_is_exact_and_checkpoint_holds_student_alone(tiny_data, tmp_pa
     assert ckpt["kd"] and not any(k.startswith("kd_methods") for k in ckpt["model"])
     plain = build_plain_detector(engine_cfg(tiny_data, tmp_path))
     plain.load_state_dict(ckpt["model"], strict=True)
+
+
+def test_teacher_is_evaluated_before_distilling(tiny_data, tmp_path):
+    tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
+    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
+    torch.save({"model": build_plain_detector(tcfg).state_dict()}, tpth)
+    with open(tyaml, "w") as f:
+        f.write(tcfg.dump())
+    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=1)
+    cfg.DATASETS.TEST = (tiny_data[1],)
+    cfg.KD.METHODS = ["FitNet"]
+    cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
+    cfg.KD.EVAL_TEACHER = True
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert set(trainer.teacher_results[tiny_data[1]]["bbox"]) >= {"AP", "AP50", "AP75"}
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.json")]
+    assert lines[0]["iteration"] == 0 and "teacher_eval" in lines[0]
+    assert not trainer.model.teacher.training
 
 
 def test_checkpoint_write_is_atomic(tiny_data, tmp_path, monkeypatch):
@@ -182,9 +200,28 @@ def test_unknown_config_key_and_method_name_closest(tmp_path):
 
 def test_base_inheritance():
     cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(REPO, "configs/synthetic/retinanet_R50_teacher.yaml"))
-    assert cfg.MODEL.BACKBONE.NAME == "resnet50"  # own value
-    assert cfg.MODEL.RETINANET.NUM_CLASSES == 6  # from _BASE_
+    cfg.merge_from_file(os.path.join(REPO, "configs/synthetic/faster_rcnn_MNv3_DeFeat.yaml"))
+    assert cfg.KD.METHODS == ["DeFeat"]  # own value
+    assert cfg.MODEL.BACKBONE.NAME == "mobilenet_v3_large"  # from its _BASE_ (the student)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 6  # from the student's _BASE_
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        os.path.relpath(os.path.join(d, f), REPO)
+        for d, _, files in os.walk(os.path.join(REPO, "configs"))
+        for f in files
+        if f.endswith(".yaml")
+    ),
+)
+def test_every_shipped_config_loads(path):
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(REPO, path))
+    if cfg.KD.METHODS:
+        teacher = get_cfg()
+        teacher.merge_from_file(os.path.join(REPO, cfg.KD.TEACHER.CONFIG))
+        assert not teacher.KD.METHODS
 
 
 def _run_cli(args, env_extra=None, timeout=300):

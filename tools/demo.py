@@ -121,8 +121,11 @@ def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict
     bars = ax.bar(names, means, yerr=errs, capsize=6, color=["#555", "#c44", "#2a7"])
     for i, ys in ((1, student), (2, distilled)):
         ax.scatter([i] * len(ys), ys, color="k", s=12, zorder=3)
-    for b, m in zip(bars, means):
-        ax.text(b.get_x() + b.get_width() / 2, m, f"{m:.1f}", ha="center", va="bottom")
+    top = max(m + e for m, e in zip(means, errs))
+    for b, m, e in zip(bars, means, errs):
+        x = b.get_x() + b.get_width() / 2
+        ax.text(x, m + e + 0.02 * top, f"{m:.1f}", ha="center", va="bottom", fontweight="bold")
+    ax.set_ylim(0, top * 1.15)
     ax.set_ylabel("COCO AP (synthetic val)")
     ax.set_title(f"kd2 demo: mean ± std over {len(student)} seeds")
     fig.tight_layout()
@@ -156,7 +159,8 @@ def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = args.output
+    os.chdir(ROOT)  # configs name each other (KD.TEACHER.CONFIG) relative to the repository
+    out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
     setup_logger(out)
     torch.set_num_threads(max(1, os.cpu_count() or 1))

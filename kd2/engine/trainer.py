@@ -309,7 +309,7 @@ class Trainer:
         self.save("model_final.pth")
         # Parameters only: BatchNorm running statistics stay per-rank (broadcast_buffers=False,
         # as in Detectron2), so only the parameters are guaranteed identical across replicas.
-        checksum = sum(float(p.double().sum()) for p in self.model.parameters())
+        checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())
         logger.info("rank %d final parameter checksum %.10e", self.rank, checksum)
         if cfg.DATASETS.TEST:
             self._evaluate_and_log(self.max_iter, writer)
