@@ -15,14 +15,13 @@ head, ROI head on the student's sampled proposals) are run — never its losses 
 from __future__ import annotations
 
 import logging
-from typing import Dict, FrozenSet, List
+from typing import List
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
-from kd2.config import method_node_name
-from kd2.losses import KD_METHOD_REGISTRY
+from kd2.modeling.distiller import DistillerMixin
 from kd2.structures import RoiOutputs, StepRecord
 
 from . import record as R
@@ -32,69 +31,26 @@ __all__ = ["KDFasterRCNN", "KDRetinaNet", "KDFCOS", "KD_ARCHITECTURES"]
 logger = logging.getLogger(__name__)
 
 
-class _KDMixin:
-    """Teacher handling and the KD training forward shared by the three architectures."""
-
-    #: ``"two_stage"`` or ``"one_stage"``
-    arch_kind: str = "one_stage"
+class _KDMixin(DistillerMixin):
+    """torchvision side of the KD meta-architectures: record filling and the training forward."""
 
     def _init_kd(self, cfg, teacher: nn.Module) -> None:
-        object.__setattr__(self, "_teacher", teacher)  # deliberately not a submodule
-        self.num_classes_kd = _num_classes(self)
-        teacher_k = _num_classes(teacher)
-        if teacher_k != self.num_classes_kd:
-            raise ValueError(
-                f"teacher has {teacher_k} classes but the student has {self.num_classes_kd}"
-            )
-        self.kd_warmup_iters = cfg.KD.WARMUP_ITERS
-        self.kd_iteration = 0
+        self.kd_strides, s_channels = R.model_strides(self)
+        self.kd_teacher_strides, t_channels = R.model_strides(teacher)
         self._teacher_mean_std = (
             torch.tensor(teacher.transform.image_mean).view(1, 3, 1, 1),
             torch.tensor(teacher.transform.image_std).view(1, 3, 1, 1),
         )
-        self.kd_strides, s_channels = R.model_strides(self)
-        self.kd_teacher_strides, t_channels = R.model_strides(teacher)
-        s_ch = dict(zip(self.kd_strides, s_channels))
-        t_ch = dict(zip(self.kd_teacher_strides, t_channels))
-        methods = {}
-        for name in cfg.KD.METHODS:
-            node = getattr(cfg.KD, method_node_name(name), None)
-            methods[name] = KD_METHOD_REGISTRY.get(name).from_config(
-                node,
-                student_channels=s_ch,
-                teacher_channels=t_ch,
-                num_classes=self.num_classes_kd,
-                arch=self.arch_kind,
-            )
-        self.kd_methods = nn.ModuleDict(methods)
-        self.teacher_parts: FrozenSet[str] = frozenset().union(
-            *(m.teacher_parts for m in methods.values())
+        self._init_distiller(
+            cfg.KD,
+            teacher,
+            num_classes=_num_classes(self),
+            teacher_num_classes=_num_classes(teacher),
+            student_channels=dict(zip(self.kd_strides, s_channels)),
+            teacher_channels=dict(zip(self.kd_teacher_strides, t_channels)),
         )
         if "roi" in self.teacher_parts and not isinstance(teacher, FasterRCNN):
             raise ValueError("a method needs the teacher's ROI head, but the teacher has none")
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self._teacher
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._teacher.eval()
-        return self
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self._teacher._apply(fn, *args, **kwargs)
-        return self
-
-    def student_state_dict(self) -> Dict[str, Tensor]:
-        """The student alone: loads into a plain torchvision model of the same architecture."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("kd_methods.")}
-
-    def kd_warmup_factor(self) -> float:
-        if self.kd_warmup_iters <= 0:
-            return 1.0
-        return min(1.0, self.kd_iteration / self.kd_warmup_iters)
 
     def forward(self, images, targets=None):
         if not self.training:
@@ -104,10 +60,7 @@ class _KDMixin:
         student, losses = self.student_step(images, targets)
         with torch.no_grad():
             teacher = self.teacher_step(student)
-        factor = self.kd_warmup_factor()
-        for method in self.kd_methods.values():
-            for name, value in method(student, teacher).items():
-                losses[name] = value * factor
+        losses.update(self.distill_losses(student, teacher))
         return losses
 
     # -- helpers used by the subclasses ---------------------------------------------------

@@ -1,0 +1,109 @@
+"""The backend-independent half of every distillation meta-architecture.
+
+A backend's meta-architecture *is* the student (it subclasses the framework's detector) and mixes
+in :class:`DistillerMixin`, which holds the frozen teacher **outside** the module tree — not in
+``state_dict()``, ``parameters()``, the optimizer or DDP; ``.train()`` never switches it out of
+eval mode and ``.to()`` moves it along — builds the configured methods of ``cfg.KD`` and turns two
+records into the ``loss_kd_*`` terms. The backend only translates its framework into
+:mod:`kd2.structures` records.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, Mapping
+
+from torch import Tensor, nn
+
+from kd2.config import method_node_name
+from kd2.losses import KD_METHOD_REGISTRY
+from kd2.structures import StepRecord
+
+__all__ = ["DistillerMixin"]
+
+
+class DistillerMixin:
+    """Mix into an ``nn.Module`` subclass of a framework detector (listed before it)."""
+
+    #: ``"two_stage"`` or ``"one_stage"``; set by the backend class.
+    arch_kind: str = "one_stage"
+
+    def _init_distiller(
+        self,
+        kd_cfg,
+        teacher: nn.Module,
+        *,
+        num_classes: int,
+        teacher_num_classes: int,
+        student_channels: Mapping[int, int],
+        teacher_channels: Mapping[int, int],
+    ) -> None:
+        """Attach ``teacher`` (frozen, eval, unregistered) and build ``kd_cfg.METHODS``.
+
+        ``*_channels`` map FPN stride -> channels of the student and teacher.
+        """
+        if teacher_num_classes != num_classes:
+            raise ValueError(
+                f"teacher and student disagree on the number of classes: teacher has "
+                f"{teacher_num_classes}, student has {num_classes}. Distillation needs the same "
+                "label space; fix the NUM_CLASSES of one of the configs"
+            )
+        shared = set(student_channels) & set(teacher_channels)
+        if not shared:
+            raise ValueError(
+                f"student FPN strides {sorted(student_channels)} and teacher FPN strides "
+                f"{sorted(teacher_channels)} have none in common; kd2 pairs levels by stride"
+            )
+        teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)  # deliberately not a submodule
+        self.num_classes_kd = num_classes
+        self.kd_warmup_iters = kd_cfg.WARMUP_ITERS
+        self.kd_iteration = 0
+        methods = {}
+        for name in kd_cfg.METHODS:
+            node = getattr(kd_cfg, method_node_name(name), None)
+            methods[name] = KD_METHOD_REGISTRY.get(name).from_config(
+                node,
+                student_channels=dict(student_channels),
+                teacher_channels=dict(teacher_channels),
+                num_classes=num_classes,
+                arch=self.arch_kind,
+            )
+        self.kd_methods = nn.ModuleDict(methods)
+        self.teacher_parts: FrozenSet[str] = frozenset().union(
+            *(m.teacher_parts for m in methods.values())
+        )
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "_teacher" in self.__dict__:  # not yet attached while the student is being built
+            self._teacher.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if "_teacher" in self.__dict__:
+            self._teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def student_state_dict(self) -> Dict[str, Tensor]:
+        """The student alone: loads into a plain detector of the student's architecture."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("kd_methods.")}
+
+    def kd_warmup_factor(self) -> float:
+        """``min(1, iteration / KD.WARMUP_ITERS)`` (1 without warm-up)."""
+        if self.kd_warmup_iters <= 0:
+            return 1.0
+        return min(1.0, self.kd_iteration / self.kd_warmup_iters)
+
+    def distill_losses(self, student: StepRecord, teacher: StepRecord) -> Dict[str, Tensor]:
+        """Every configured method's losses on the two records, times the warm-up factor."""
+        factor = self.kd_warmup_factor()
+        losses: Dict[str, Tensor] = {}
+        for method in self.kd_methods.values():
+            for name, value in method(student, teacher).items():
+                losses[name] = value * factor
+        return losses
