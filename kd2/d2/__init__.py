@@ -1,0 +1,20 @@
+"""kd2 on Detectron2: distillation meta-architectures registered in ``META_ARCH_REGISTRY``.
+
+Importable only where detectron2 is installed (from its official repository; it is on no package
+index). The rest of kd2 never imports it.
+"""
+
+try:
+    import detectron2  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised where detectron2 is missing
+    raise ImportError(
+        "kd2.d2 needs detectron2, which is not installed. Install it from its official "
+        "repository (see the README's Detectron2 section), e.g. "
+        "`pip install --no-build-isolation -e path/to/detectron2`"
+    ) from e
+
+from .config import add_kd_config
+from .meta_arch import DistillGeneralizedRCNN, DistillRetinaNet
+from .teacher import build_teacher
+
+__all__ = ["add_kd_config", "build_teacher", "DistillGeneralizedRCNN", "DistillRetinaNet"]

@@ -1,0 +1,16 @@
+"""``add_kd_config``: the ``KD`` section of kd2's schema, added to a Detectron2 config."""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode
+
+from kd2.config.defaults import _C as _KD2_DEFAULTS
+
+__all__ = ["add_kd_config"]
+
+
+def add_kd_config(cfg: CfgNode) -> None:
+    """Add ``cfg.KD`` (the same definition as the torchvision backend's, one source of truth:
+    :mod:`kd2.config.defaults`). Call it before ``merge_from_file``, like Detectron2 projects'
+    ``add_<x>_config``."""
+    cfg.KD = CfgNode(_KD2_DEFAULTS.KD.clone())

@@ -1,0 +1,291 @@
+"""Distillation meta-architectures for Detectron2.
+
+``DistillGeneralizedRCNN`` and ``DistillRetinaNet`` subclass Detectron2's ``GeneralizedRCNN`` and
+``RetinaNet`` and are registered in ``META_ARCH_REGISTRY`` (``MODEL.META_ARCHITECTURE:
+"DistillGeneralizedRCNN"``). In train mode they run the student's steps explicitly — the same
+calls in the same order as Detectron2's own ``forward``, so the detection losses are
+bit-identical (tested) — fill the canonical :mod:`kd2.structures` record, run the needed parts of
+the teacher under ``no_grad`` on the same batch (Detectron2 resizes in the data mapper, so both
+networks see the same padded size), and add the ``loss_kd_*`` terms of :mod:`kd2.losses`. In eval
+mode they are the plain student. The teacher is held by :class:`~kd2.modeling.distiller.
+DistillerMixin`, outside the module tree.
+
+Detectron2's conventions are already kd2's canonical ones (contiguous classes, background last,
+dense labels ``-1``/``K``); only the RPN labels (1/0/-1) and the level names (``p2``... -> stride)
+are translated. Anchors are ordered size-major within a location, as Detectron2 generates them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
+from detectron2.structures import Boxes
+from torch import Tensor, nn
+
+from kd2.modeling.distiller import DistillerMixin
+from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
+
+from .teacher import build_teacher
+
+__all__ = ["DistillGeneralizedRCNN", "DistillRetinaNet"]
+
+
+def _strides(model: nn.Module) -> Dict[str, int]:
+    return {name: spec.stride for name, spec in model.backbone.output_shape().items()}
+
+
+def _channels(model: nn.Module) -> Dict[int, int]:
+    return {spec.stride: spec.channels for spec in model.backbone.output_shape().values()}
+
+
+def _by_stride(model: nn.Module, features: Dict[str, Tensor]) -> Dict[int, Tensor]:
+    strides = _strides(model)
+    return {strides[name]: f for name, f in sorted(features.items(), key=lambda x: strides[x[0]])}
+
+
+def _rpn_outputs(rpn, features: Dict[str, Tensor], strides: Dict[str, int]):
+    """Detectron2 ``RPN.forward``'s first half: anchors, head, transposed predictions."""
+    feats = [features[f] for f in rpn.in_features]
+    anchors = rpn.anchor_generator(feats)
+    objectness, deltas = rpn.rpn_head(feats)
+    grid_sizes = [tuple(o.shape[-2:]) for o in objectness]
+    a = objectness[0].shape[1]
+    objectness = [o.permute(0, 2, 3, 1).flatten(1) for o in objectness]
+    box_dim = rpn.anchor_generator.box_dim
+    deltas = [
+        x.view(x.shape[0], -1, box_dim, x.shape[-2], x.shape[-1])
+        .permute(0, 3, 4, 1, 2)
+        .flatten(1, -2)
+        for x in deltas
+    ]
+    record = DenseOutputs(
+        cls_logits=[o.unsqueeze(-1) for o in objectness],
+        box_deltas=deltas,
+        anchors=[b.tensor for b in anchors],
+        strides=[strides[f] for f in rpn.in_features],
+        num_anchors_per_loc=a,
+        num_classes=1,
+        grid_sizes=grid_sizes,
+        box_coder=rpn.box2box_transform,
+    )
+    return record, anchors, objectness, deltas
+
+
+def _dense_outputs(model, feats: List[Tensor], strides: List[int]):
+    """A RetinaNet head and anchors as :class:`DenseOutputs` (labels not filled)."""
+    predictions = model.head(feats)
+    logits, deltas = model._transpose_dense_predictions(predictions, [model.num_classes, 4])
+    anchors = model.anchor_generator(feats)
+    record = DenseOutputs(
+        cls_logits=logits,
+        box_deltas=deltas,
+        anchors=[b.tensor for b in anchors],
+        strides=strides,
+        num_anchors_per_loc=model.anchor_generator.num_anchors[0],
+        num_classes=model.num_classes,
+        grid_sizes=[tuple(f.shape[-2:]) for f in feats],
+        box_coder=model.box2box_transform,
+    )
+    return record, anchors, logits, deltas
+
+
+def _base_record(model, images, gt_instances, features) -> StepRecord:
+    return StepRecord(
+        images=images.tensor,
+        image_sizes=[tuple(s) for s in images.image_sizes],
+        gt_boxes=[x.gt_boxes.tensor for x in gt_instances],
+        gt_labels=[x.gt_classes for x in gt_instances],
+        features=_by_stride(model, features),
+        num_classes=model.num_classes_kd,
+    )
+
+
+def _teacher_record(student: StepRecord) -> StepRecord:
+    return StepRecord(
+        images=student.images,
+        image_sizes=student.image_sizes,
+        gt_boxes=student.gt_boxes,
+        gt_labels=student.gt_labels,
+        features={},
+        num_classes=student.num_classes,
+    )
+
+
+def _roi_outputs(roi_heads, features: Dict[str, Tensor], boxes: List[Boxes]):
+    feats = [features[f] for f in roi_heads.box_in_features]
+    pooled = roi_heads.box_pooler(feats, boxes)
+    head = roi_heads.box_head(pooled)
+    logits, deltas = roi_heads.box_predictor(head)
+    return pooled, head, (logits, deltas)
+
+
+@META_ARCH_REGISTRY.register()
+class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
+    """Faster R-CNN (any ``GeneralizedRCNN`` with an RPN and ``StandardROIHeads``) with a teacher.
+
+    Record: ``features``, ``rpn`` (objectness as a 1-class dense head with the RPN's anchor
+    labels) and ``roi`` on the student's sampled proposals. Teacher parts run on demand: FPN,
+    RPN head, ROI head on the student's sampled proposals.
+    """
+
+    arch_kind = "two_stage"
+
+    @configurable
+    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
+        super().__init__(**kwargs)
+        if getattr(self.roi_heads, "train_on_pred_boxes", False):
+            raise NotImplementedError("kd2 does not support ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
+        self._init_distiller(
+            kd_cfg,
+            teacher,
+            num_classes=self.roi_heads.num_classes,
+            teacher_num_classes=teacher.roi_heads.num_classes,
+            student_channels=_channels(self),
+            teacher_channels=_channels(teacher),
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["teacher"] = build_teacher(cfg)
+        ret["kd_cfg"] = cfg.KD
+        return ret
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.inference(batched_inputs)
+        student, losses = self.student_step(batched_inputs)
+        with torch.no_grad():
+            teacher = self.teacher_step(batched_inputs, student)
+        losses.update(self.distill_losses(student, teacher))
+        return losses
+
+    def student_step(self, batched_inputs):
+        """``GeneralizedRCNN.forward`` (training) split open; returns ``(record, losses)``."""
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        rec = _base_record(self, images, gt_instances, features)
+
+        rpn = self.proposal_generator
+        rec.rpn, anchors, objectness, deltas = _rpn_outputs(rpn, features, _strides(self))
+        gt_labels, gt_boxes = rpn.label_and_sample_anchors(anchors, gt_instances)
+        proposal_losses = rpn.losses(anchors, objectness, gt_labels, deltas, gt_boxes)
+        proposals = rpn.predict_proposals(anchors, objectness, deltas, images.image_sizes)
+        lab = torch.stack(gt_labels).long()
+        rec.rpn.labels = torch.where(lab == 1, 0, torch.where(lab == 0, 1, -1))
+        rec.rpn.matched_gt_boxes = torch.stack(gt_boxes)
+
+        roi = self.roi_heads
+        proposals = roi.label_and_sample_proposals(proposals, gt_instances)
+        pooled, head, predictions = _roi_outputs(
+            roi, features, [p.proposal_boxes for p in proposals]
+        )
+        losses = roi.box_predictor.losses(predictions, proposals)
+        losses.update(roi._forward_mask(features, proposals))
+        losses.update(roi._forward_keypoint(features, proposals))
+        losses.update(proposal_losses)
+        logits, box_deltas = predictions
+        rec.roi = RoiOutputs(
+            proposals=[p.proposal_boxes.tensor for p in proposals],
+            labels=[p.gt_classes for p in proposals],
+            matched_gt_boxes=[p.gt_boxes.tensor for p in proposals],
+            roi_features=pooled,
+            box_head_features=head,
+            cls_logits=logits,
+            box_deltas=box_deltas.view(box_deltas.shape[0], -1, 4),
+        )
+        return rec, losses
+
+    def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
+        rec = _teacher_record(student)
+        parts, t = self.teacher_parts, self.teacher
+        if not parts:
+            return rec
+        t_images = t.preprocess_image(batched_inputs)  # the teacher's own normalisation
+        features = t.backbone(t_images.tensor)
+        rec.features = _by_stride(t, features)
+        if "rpn" in parts:
+            rec.rpn = _rpn_outputs(t.proposal_generator, features, _strides(t))[0]
+        if "roi" in parts:
+            boxes = [Boxes(p) for p in student.roi.proposals]
+            pooled, head, (logits, deltas) = _roi_outputs(t.roi_heads, features, boxes)
+            rec.roi = RoiOutputs(
+                proposals=student.roi.proposals,
+                labels=student.roi.labels,
+                matched_gt_boxes=student.roi.matched_gt_boxes,
+                roi_features=pooled,
+                box_head_features=head,
+                cls_logits=logits,
+                box_deltas=deltas.view(deltas.shape[0], -1, 4),
+            )
+        return rec
+
+
+@META_ARCH_REGISTRY.register()
+class DistillRetinaNet(DistillerMixin, RetinaNet):
+    """RetinaNet with a teacher (record: ``features``, ``dense`` with Detectron2's anchor
+    labels). Never calls the teacher's ``losses`` (it would move its EMA normaliser)."""
+
+    arch_kind = "one_stage"
+
+    @configurable
+    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
+        super().__init__(**kwargs)
+        self._init_distiller(
+            kd_cfg,
+            teacher,
+            num_classes=self.num_classes,
+            teacher_num_classes=teacher.num_classes,
+            student_channels=_channels(self),
+            teacher_channels=_channels(teacher),
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["teacher"] = build_teacher(cfg)
+        ret["kd_cfg"] = cfg.KD
+        return ret
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return super().forward(batched_inputs)
+        student, losses = self.student_step(batched_inputs)
+        with torch.no_grad():
+            teacher = self.teacher_step(batched_inputs, student)
+        losses.update(self.distill_losses(student, teacher))
+        return losses
+
+    def student_step(self, batched_inputs):
+        """``DenseDetector.forward`` + ``RetinaNet.forward_training`` split open."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        rec = _base_record(self, images, gt_instances, features)
+        strides = _strides(self)
+        feats = [features[f] for f in self.head_in_features]
+        rec.dense, anchors, logits, deltas = _dense_outputs(
+            self, feats, [strides[f] for f in self.head_in_features]
+        )
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        losses = self.losses(anchors, logits, gt_labels, deltas, gt_boxes)
+        rec.dense.labels = torch.stack(gt_labels)
+        rec.dense.matched_gt_boxes = torch.stack(gt_boxes)
+        return rec, losses
+
+    def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
+        rec = _teacher_record(student)
+        if not self.teacher_parts:
+            return rec
+        t = self.teacher
+        features = t.backbone(t.preprocess_image(batched_inputs).tensor)
+        rec.features = _by_stride(t, features)
+        if "dense" in self.teacher_parts:
+            strides = _strides(t)
+            feats = [features[f] for f in t.head_in_features]
+            rec.dense = _dense_outputs(t, feats, [strides[f] for f in t.head_in_features])[0]
+        return rec

@@ -1,0 +1,177 @@
+"""kd2.d2 against the real Detectron2 (skipped where detectron2 is not installed)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+detectron2 = pytest.importorskip("detectron2", reason="detectron2 is not installed (see README)")
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+import kd2.losses  # noqa: E402
+from kd2.d2 import add_kd_config  # noqa: E402
+from kd2.tv.meta_arch import KDRetinaNet  # noqa: E402
+
+K = 3
+
+
+def d2_cfg(arch="GeneralizedRCNN", depth=18, fpn=32):
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    from detectron2 import model_zoo
+
+    base = "Base-RCNN-FPN.yaml" if arch.endswith("GeneralizedRCNN") else "Base-RetinaNet.yaml"
+    cfg.merge_from_file(model_zoo.get_config_file(base))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.META_ARCHITECTURE = arch
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.OUT_CHANNELS = fpn
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = K
+    cfg.MODEL.RETINANET.NUM_CLASSES = K
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 200
+    return cfg
+
+
+def save_teacher(tmp_path, arch="GeneralizedRCNN", depth=34, fpn=64, name="teacher"):
+    tcfg = d2_cfg(arch, depth, fpn)
+    torch.manual_seed(5)
+    teacher = build_model(tcfg)
+    DetectionCheckpointer(teacher, save_dir=str(tmp_path)).save(name)
+    path = os.path.join(tmp_path, f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(tcfg.dump())
+    return path, os.path.join(tmp_path, f"{name}.pth")
+
+
+def kd_cfg(tmp_path, arch="GeneralizedRCNN", methods=("DeFeat", "Hinton")):
+    tyaml, tpth = save_teacher(tmp_path, arch)
+    cfg = d2_cfg("Distill" + arch)
+    cfg.KD.METHODS = list(methods)
+    cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
+    return cfg
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for (h, w), boxes, classes in [
+        ((96, 128), [[10.0, 12.0, 60.0, 70.0], [40.0, 30.0, 90.0, 60.0]], [0, 2]),
+        ((80, 112), [[5.0, 5.0, 30.0, 40.0]], [1]),
+    ]:
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor(boxes))
+        inst.gt_classes = torch.tensor(classes)
+        image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        out.append({"image": image, "instances": inst, "height": h, "width": w})
+    return out
+
+
+def plain_student(kd_model, arch):
+    cfg = d2_cfg(arch)
+    model = build_model(cfg).train()
+    model.load_state_dict(kd_model.student_state_dict(), strict=True)  # no missing/unexpected
+    return model
+
+
+@pytest.mark.parametrize("arch", ["GeneralizedRCNN", "RetinaNet"])
+def test_student_losses_equal_native_with_kd_weights_zero(tmp_path, arch):
+    cfg = kd_cfg(tmp_path, arch, ["FitNet"])
+    cfg.KD.FITNET.WEIGHT = 0.0
+    kd = build_model(cfg).train()
+    native = plain_student(kd, arch)
+    data = batch()
+    with EventStorage(0):
+        torch.manual_seed(3)
+        expected = native(copy.deepcopy(data))
+        torch.manual_seed(3)
+        got = kd(copy.deepcopy(data))
+    assert got["loss_kd_fitnet"] == 0
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(
+    "arch,methods",
+    [
+        ("GeneralizedRCNN", ["DeFeat", "Hinton", "FGFI"]),
+        ("RetinaNet", ["DeFeat", "Hinton", "FGFI"]),
+    ],
+)
+def test_kd_losses_train_student_only(tmp_path, arch, methods):
+    model = build_model(kd_cfg(tmp_path, arch, methods)).train()
+    teacher = model.teacher
+    assert not teacher.training
+    assert not any(k.startswith(("teacher", "_teacher")) for k in model.state_dict())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    with EventStorage(0):
+        losses = model(batch())
+    kd_keys = [k for k in losses if k.startswith("loss_kd_")]
+    assert kd_keys and all(torch.isfinite(losses[k]) for k in kd_keys)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for n, p in model.named_parameters() if n.startswith("kd_"))
+    opt.step()
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch())
+    assert "instances" in out[0]
+
+
+def test_both_backends_call_the_same_loss_modules(tmp_path):
+    model = build_model(kd_cfg(tmp_path, "RetinaNet", ["DeFeat", "Hinton"]))
+    for name, method in model.kd_methods.items():
+        assert type(method) is kd2.losses.KD_METHOD_REGISTRY.get(name)
+    import kd2.modeling.distiller as distiller
+    import kd2.tv.meta_arch as tv_meta
+
+    assert distiller.KD_METHOD_REGISTRY is kd2.losses.KD_METHOD_REGISTRY
+    assert issubclass(KDRetinaNet, distiller.DistillerMixin) and tv_meta.DistillerMixin is (
+        distiller.DistillerMixin
+    )
+    assert isinstance(model, distiller.DistillerMixin)
+
+
+def test_misspelled_zoo_name_lists_close_names(tmp_path):
+    cfg = kd_cfg(tmp_path)
+    cfg.KD.TEACHER.CONFIG = "COCO-Detection/faster_rcnn_R_101_FPN_3X.yml"
+    with pytest.raises(FileNotFoundError, match="faster_rcnn_R_101_FPN_3x.yaml"):
+        build_model(cfg)
+
+
+def test_teacher_config_not_found(tmp_path):
+    cfg = kd_cfg(tmp_path)
+    cfg.KD.TEACHER.CONFIG = str(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        build_model(cfg)
+
+
+def test_class_count_mismatch(tmp_path):
+    cfg = kd_cfg(tmp_path)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = K + 1
+    with pytest.raises(ValueError, match="number of classes"):
+        build_model(cfg)
+
+
+def test_teacher_checkpoint_with_missing_keys_is_an_error(tmp_path):
+    cfg = kd_cfg(tmp_path)
+    state = torch.load(cfg.KD.TEACHER.WEIGHTS, weights_only=False)
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("roi_heads")}
+    torch.save(state, cfg.KD.TEACHER.WEIGHTS)
+    with pytest.raises(ValueError, match="missing keys"):
+        build_model(cfg)
