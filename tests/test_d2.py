@@ -175,3 +175,72 @@ def test_teacher_checkpoint_with_missing_keys_is_an_error(tmp_path):
     torch.save(state, cfg.KD.TEACHER.WEIGHTS)
     with pytest.raises(ValueError, match="missing keys"):
         build_model(cfg)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(REPO, "configs", "Detectron2-Quick")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(QUICK)))
+def test_quick_configs_load(name):
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(os.path.join(QUICK, name))
+
+
+def test_train_net_trains_resumes_and_evaluates_on_real_coco(tmp_path):
+    import subprocess
+    import sys
+
+    from .helpers import shared_coco
+
+    coco = shared_coco()
+    if not coco.is_dir():
+        pytest.skip(f"real COCO subset not found at {coco}")
+    tcfg = get_cfg()
+    add_kd_config(tcfg)
+    tcfg.merge_from_file(os.path.join(QUICK, "faster_rcnn_R34_FPN_teacher_quick.yaml"))
+    DetectionCheckpointer(build_model(tcfg), save_dir=str(tmp_path)).save("teacher")
+    out = tmp_path / "out"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(coco.parent), OMP_NUM_THREADS="2")
+    base = [
+        sys.executable,
+        os.path.join(REPO, "tools", "train_net.py"),
+        "--config-file",
+        os.path.join(QUICK, "faster_rcnn_R18_FPN_DeFeat_quick.yaml"),
+    ]
+    common = [
+        "KD.TEACHER.WEIGHTS",
+        str(tmp_path / "teacher.pth"),
+        "OUTPUT_DIR",
+        str(out),
+        "SOLVER.CHECKPOINT_PERIOD",
+        "4",
+        "DATASETS.TEST",
+        "()",
+    ]
+
+    def run(*extra):
+        r = subprocess.run(
+            base + list(extra), capture_output=True, text=True, timeout=900, env=env, cwd=REPO
+        )
+        assert r.returncode == 0, r.stderr[-4000:]
+        return r
+
+    run(*common, "SOLVER.MAX_ITER", "4")
+    r = run("--resume", *common, "SOLVER.MAX_ITER", "6")
+    assert "Loading from" in r.stdout + r.stderr or "resum" in (r.stdout + r.stderr).lower()
+    ckpt = torch.load(out / "model_final.pth", weights_only=False)
+    assert ckpt["iteration"] == 5 and "kd" in ckpt
+    student = build_model(d2_cfg_quick())
+    result = student.load_state_dict(ckpt["model"], strict=True)  # the student alone
+    assert not result.missing_keys and not result.unexpected_keys
+    r = run("--eval-only", *common[:-2], "MODEL.WEIGHTS", str(out / "model_final.pth"))
+    assert '"AP50"' in r.stdout
+
+
+def d2_cfg_quick():
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(os.path.join(QUICK, "faster_rcnn_R18_FPN_student_quick.yaml"))
+    return cfg

@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Train or evaluate a detector with kd2: teachers, baseline students and distilled students.
 
+One command for both backends: a config whose ``MODEL.BACKEND`` (in the file or its ``_BASE_``
+chain) is ``torchvision`` runs on kd2's torchvision backend; any other config — every Detectron2
+yaml — runs on Detectron2 with :class:`kd2.d2.KDTrainer` (detectron2 must be installed).
+
 Examples::
 
     # a teacher (no KD section)
@@ -16,12 +20,65 @@ Examples::
 
 import json
 import logging
+import os
+
+import yaml
 
 from kd2.engine import Trainer, default_argument_parser, default_setup, evaluate, launch, setup_cfg
 from kd2.engine.checkpoint import last_checkpoint
 from kd2.tv.build import build_plain_detector, load_checkpoint_state
 
 logger = logging.getLogger("kd2.train_net")
+
+
+def config_backend(config_file: str, opts=()) -> str:
+    """``MODEL.BACKEND`` from the overrides, the file or its ``_BASE_`` chain; else detectron2."""
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key == "MODEL.BACKEND":
+            return value
+    path = config_file
+    while path and os.path.isfile(path):
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        backend = (data.get("MODEL") or {}).get("BACKEND")
+        if backend:
+            return backend
+        base = data.get("_BASE_")
+        if not base:
+            break
+        path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    return "detectron2"
+
+
+def d2_main(args):
+    """Detectron2 backend: ``KDTrainer`` (PointRend-style train_net)."""
+    try:
+        from detectron2.config import get_cfg
+        from detectron2.engine import default_setup
+    except ImportError:
+        raise SystemExit(
+            f"{args.config_file} is a Detectron2 config (it sets no MODEL.BACKEND), but detectron2 "
+            "is not installed: install it from its official repository (README, 'Detectron2'), "
+            "or set MODEL.BACKEND torchvision for kd2's torchvision backend"
+        ) from None
+    from kd2.d2 import KDTrainer, add_kd_config, student_checkpointer
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = KDTrainer.build_model(cfg)
+        checkpointer = student_checkpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = KDTrainer.test(cfg, model)
+        print(json.dumps(results, indent=2, default=float))
+        return results
+    trainer = KDTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
 
 
 def main(args):
@@ -43,6 +100,18 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
+    if config_backend(args.config_file, args.opts) != "torchvision":
+        from detectron2.engine import launch as d2_launch
+
+        d2_launch(
+            d2_main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url="auto" if args.dist_url == "auto" else args.dist_url,
+            args=(args,),
+        )
+        raise SystemExit(0)
     launch(
         main,
         args.num_gpus,

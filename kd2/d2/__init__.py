@@ -14,7 +14,16 @@ except ImportError as e:  # pragma: no cover - exercised where detectron2 is mis
     ) from e
 
 from .config import add_kd_config
+from .engine import KDTrainer, StudentView, student_checkpointer
 from .meta_arch import DistillGeneralizedRCNN, DistillRetinaNet
 from .teacher import build_teacher
 
-__all__ = ["add_kd_config", "build_teacher", "DistillGeneralizedRCNN", "DistillRetinaNet"]
+__all__ = [
+    "add_kd_config",
+    "build_teacher",
+    "DistillGeneralizedRCNN",
+    "DistillRetinaNet",
+    "KDTrainer",
+    "StudentView",
+    "student_checkpointer",
+]
