@@ -1,0 +1,71 @@
+"""Helpers for LazyConfig experiments that describe a student and its teacher in Python.
+
+Example (see ``configs/Detectron2-Quick/lazy_faster_rcnn_R18_DeFeat_quick.py``)::
+
+    model = get_config("common/models/mask_rcnn_fpn.py").model   # the student
+    model._target_ = DistillGeneralizedRCNN
+    model.teacher = L(load_teacher)(model=<a LazyCall of the teacher>, weights="...")
+    model.kd_cfg = L(kd_config)(METHODS=["DeFeat"], DEFEAT={"NECK_BG_WEIGHT": 0.25})
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from detectron2.config import CfgNode
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from .teacher import _RecordingCheckpointer
+
+__all__ = ["kd_config", "load_teacher"]
+
+
+def _to_cfg_list(d: Dict[str, Any], prefix: str = "") -> list:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            out += _to_cfg_list(dict(v.items()), f"{prefix}{k}.")
+        else:
+            out += [f"{prefix}{k}", list(v) if isinstance(v, (list, tuple)) else v]
+    return out
+
+
+def kd_config(**overrides) -> CfgNode:
+    """kd2's ``KD`` section with ``overrides`` (nested dicts allowed); unknown keys are errors."""
+    from kd2.config import get_cfg
+
+    overrides = {  # LazyConfig passes omegaconf containers
+        k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
+        for k, v in overrides.items()
+    }
+    kd = get_cfg()
+    items = _to_cfg_list(overrides, "KD.")
+    for key, value in zip(items[::2], items[1::2]):
+        node = kd
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if p not in node:
+                raise KeyError(f"unknown KD option {key!r}")
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"unknown KD option {key!r}; valid: {sorted(node.keys())}")
+        node[leaf] = value
+    kd.validate()
+    return CfgNode(kd.KD.clone())
+
+
+def load_teacher(model: nn.Module, weights: str) -> nn.Module:
+    """Load ``weights`` into an instantiated teacher and freeze it (eval mode, no gradients).
+
+    Missing parameters are an error: a randomly initialised teacher would teach noise.
+    """
+    checkpointer = _RecordingCheckpointer(model)
+    checkpointer.load(weights)
+    missing = [k for k in checkpointer.incompatible.missing_keys if "num_batches" not in k]
+    if missing or checkpointer.incompatible.incorrect_shapes:
+        raise ValueError(
+            f"teacher weights {weights!r} do not match the LazyConfig teacher: missing "
+            f"{missing[:3]}, shape mismatches {checkpointer.incompatible.incorrect_shapes[:3]}"
+        )
+    return model.eval().requires_grad_(False)
