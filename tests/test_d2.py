@@ -277,3 +277,20 @@ def test_lazyconfig_experiment_instantiates_and_trains(tmp_path):
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)
     assert "kd" in ckpt and not any(k.startswith("kd_methods") for k in ckpt["model"])
     assert "loss_kd_defeat_fg" in open(tmp_path / "out" / "metrics.json").read()
+
+
+ZOO_PROTOCOLS = os.path.join(REPO, "configs", "COCO-Distillation")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(ZOO_PROTOCOLS) if "R101_" in f))
+def test_model_zoo_protocol_configs_resolve(name):
+    from kd2.d2.teacher import resolve_config_file
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(os.path.join(ZOO_PROTOCOLS, name))
+    assert cfg.MODEL.META_ARCHITECTURE.startswith("Distill") and cfg.KD.METHODS
+    teacher = get_cfg()
+    teacher.merge_from_file(resolve_config_file(cfg.KD.TEACHER.CONFIG))  # a model-zoo name
+    assert teacher.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
+    assert cfg.KD.TEACHER.WEIGHTS.startswith("detectron2://") and cfg.SOLVER.MAX_ITER == 180000
