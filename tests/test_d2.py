@@ -294,3 +294,53 @@ def test_model_zoo_protocol_configs_resolve(name):
     teacher.merge_from_file(resolve_config_file(cfg.KD.TEACHER.CONFIG))  # a model-zoo name
     assert teacher.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
     assert cfg.KD.TEACHER.WEIGHTS.startswith("detectron2://") and cfg.SOLVER.MAX_ITER == 180000
+
+
+def _lazy_fcos(depth):
+    from detectron2.model_zoo import get_config
+
+    m = copy.deepcopy(get_config("common/models/fcos.py").model)
+    m.backbone.bottom_up.stages.depth = depth
+    m.backbone.bottom_up.stages.pop("stride_in_1x1")
+    m.backbone.bottom_up.stages.norm = "BN"
+    m.backbone.bottom_up.stem.norm = "BN"
+    m.num_classes = K
+    return m
+
+
+def test_fcos_through_lazyconfig(tmp_path):
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+
+    from kd2.d2 import DistillFCOS
+    from kd2.d2.lazy import kd_config, load_teacher
+
+    torch.manual_seed(1)
+    DetectionCheckpointer(instantiate(_lazy_fcos(34)), save_dir=str(tmp_path)).save("t")
+    lazy = _lazy_fcos(18)
+    lazy._target_ = DistillFCOS
+    lazy.teacher = L(load_teacher)(model=_lazy_fcos(34), weights=str(tmp_path / "t.pth"))
+    lazy.kd_cfg = L(kd_config)(
+        METHODS=["FitNet", "Hinton"], FITNET={"WEIGHT": 0.0}, HINTON={"WEIGHT": 0.0}
+    )
+    model = instantiate(lazy).train()
+    native = instantiate(_lazy_fcos(18)).train()
+    native.load_state_dict(model.student_state_dict(), strict=True)
+    with EventStorage(0):
+        expected = native(batch())
+        got = model(batch())
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+    assert got["loss_kd_fitnet"] == 0 and got["loss_kd_hinton_dense"] == 0
+
+    lazy.kd_cfg = L(kd_config)(METHODS=["DeFeat", "Hinton"])
+    model = instantiate(lazy).train()
+    with EventStorage(0):
+        rec, _ = model.student_step(batch())
+        losses = model(batch())
+    assert rec.dense.centerness is not None and rec.dense.num_anchors_per_loc == 1
+    assert set(rec.dense.labels.unique().tolist()) <= set(range(K + 1))
+    kd = [k for k in losses if k.startswith("loss_kd_")]
+    assert kd and all(torch.isfinite(losses[k]) for k in kd)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())

@@ -15,12 +15,13 @@ except ImportError as e:  # pragma: no cover - exercised where detectron2 is mis
 
 from .config import add_kd_config
 from .engine import KDTrainer, StudentView, student_checkpointer
-from .meta_arch import DistillGeneralizedRCNN, DistillRetinaNet
+from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillRetinaNet
 from .teacher import build_teacher
 
 __all__ = [
     "add_kd_config",
     "build_teacher",
+    "DistillFCOS",
     "DistillGeneralizedRCNN",
     "DistillRetinaNet",
     "KDTrainer",

@@ -22,6 +22,7 @@ from typing import Dict, List
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
+from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 
@@ -30,7 +31,7 @@ from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
 
 from .teacher import build_teacher
 
-__all__ = ["DistillGeneralizedRCNN", "DistillRetinaNet"]
+__all__ = ["DistillFCOS", "DistillGeneralizedRCNN", "DistillRetinaNet"]
 
 
 def _strides(model: nn.Module) -> Dict[str, int]:
@@ -75,9 +76,14 @@ def _rpn_outputs(rpn, features: Dict[str, Tensor], strides: Dict[str, int]):
 
 
 def _dense_outputs(model, feats: List[Tensor], strides: List[int]):
-    """A RetinaNet head and anchors as :class:`DenseOutputs` (labels not filled)."""
+    """A RetinaNet/FCOS head and anchors as :class:`DenseOutputs` (labels not filled).
+
+    Returns the record part, the anchors and the transposed predictions (logits, deltas and,
+    for FCOS, centerness) that Detectron2's ``losses`` take."""
     predictions = model.head(feats)
-    logits, deltas = model._transpose_dense_predictions(predictions, [model.num_classes, 4])
+    dims = [model.num_classes, 4, 1][: len(predictions)]
+    transposed = model._transpose_dense_predictions(predictions, dims)
+    logits, deltas = transposed[0], transposed[1]
     anchors = model.anchor_generator(feats)
     record = DenseOutputs(
         cls_logits=logits,
@@ -87,9 +93,10 @@ def _dense_outputs(model, feats: List[Tensor], strides: List[int]):
         num_anchors_per_loc=model.anchor_generator.num_anchors[0],
         num_classes=model.num_classes,
         grid_sizes=[tuple(f.shape[-2:]) for f in feats],
+        centerness=transposed[2] if len(transposed) > 2 else None,
         box_coder=model.box2box_transform,
     )
-    return record, anchors, logits, deltas
+    return record, anchors, transposed
 
 
 def _base_record(model, images, gt_instances, features) -> StepRecord:
@@ -225,16 +232,12 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
         return rec
 
 
-@META_ARCH_REGISTRY.register()
-class DistillRetinaNet(DistillerMixin, RetinaNet):
-    """RetinaNet with a teacher (record: ``features``, ``dense`` with Detectron2's anchor
-    labels). Never calls the teacher's ``losses`` (it would move its EMA normaliser)."""
+class _DistillDense(DistillerMixin):
+    """Shared steps of the one-stage meta-architectures (``DenseDetector`` subclasses)."""
 
     arch_kind = "one_stage"
 
-    @configurable
-    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
-        super().__init__(**kwargs)
+    def _init_dense(self, teacher: nn.Module, kd_cfg) -> None:
         self._init_distiller(
             kd_cfg,
             teacher,
@@ -243,13 +246,6 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
             student_channels=_channels(self),
             teacher_channels=_channels(teacher),
         )
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["teacher"] = build_teacher(cfg)
-        ret["kd_cfg"] = cfg.KD
-        return ret
 
     def forward(self, batched_inputs):
         if not self.training:
@@ -261,18 +257,18 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
         return losses
 
     def student_step(self, batched_inputs):
-        """``DenseDetector.forward`` + ``RetinaNet.forward_training`` split open."""
+        """``DenseDetector.forward`` + ``forward_training`` split open."""
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         rec = _base_record(self, images, gt_instances, features)
         strides = _strides(self)
         feats = [features[f] for f in self.head_in_features]
-        rec.dense, anchors, logits, deltas = _dense_outputs(
+        rec.dense, anchors, preds = _dense_outputs(
             self, feats, [strides[f] for f in self.head_in_features]
         )
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        losses = self.losses(anchors, logits, gt_labels, deltas, gt_boxes)
+        losses = self.losses(anchors, preds[0], gt_labels, preds[1], gt_boxes, *preds[2:])
         rec.dense.labels = torch.stack(gt_labels)
         rec.dense.matched_gt_boxes = torch.stack(gt_boxes)
         return rec, losses
@@ -289,3 +285,32 @@ class DistillRetinaNet(DistillerMixin, RetinaNet):
             feats = [features[f] for f in t.head_in_features]
             rec.dense = _dense_outputs(t, feats, [strides[f] for f in t.head_in_features])[0]
         return rec
+
+
+@META_ARCH_REGISTRY.register()
+class DistillRetinaNet(_DistillDense, RetinaNet):
+    """RetinaNet with a teacher (record: ``features``, ``dense`` with Detectron2's anchor
+    labels). Never calls the teacher's ``losses`` (it would move its EMA normaliser)."""
+
+    @configurable
+    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
+        super().__init__(**kwargs)
+        self._init_dense(teacher, kd_cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["teacher"] = build_teacher(cfg)
+        ret["kd_cfg"] = cfg.KD
+        return ret
+
+
+class DistillFCOS(_DistillDense, FCOS):
+    """FCOS with a teacher, for LazyConfig (Detectron2's FCOS is neither registered nor
+    ``@configurable``; build it with ``model._target_ = DistillFCOS``). Record: ``features``,
+    ``dense`` with ``centerness`` and FCOS's point labels (no ignore label); box outputs are the
+    raw head outputs (Detectron2 applies the ReLU at decode time)."""
+
+    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
+        super().__init__(**kwargs)
+        self._init_dense(teacher, kd_cfg)
