@@ -115,6 +115,24 @@ def test_kd_resume_is_exact_and_checkpoint_holds_student_alone(tiny_data, tmp_pa
     plain.load_state_dict(ckpt["model"], strict=True)
 
 
+def test_methods_get_before_step_with_the_iteration(tiny_data, tmp_path):
+    tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
+    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
+    torch.save({"model": build_plain_detector(tcfg).state_dict()}, tpth)
+    with open(tyaml, "w") as f:
+        f.write(tcfg.dump())
+    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=3)
+    cfg.KD.METHODS = ["FitNet"]
+    cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
+    cfg.KD.WARMUP_ITERS = 2
+    trainer = Trainer(cfg)
+    seen = []
+    method = trainer.model.kd_methods["FitNet"]
+    method.before_step = lambda it: seen.append((it, trainer.model.kd_warmup_factor()))
+    trainer.train()
+    assert seen == [(0, 0.0), (1, 0.5), (2, 1.0)]
+
+
 def test_teacher_is_evaluated_before_distilling(tiny_data, tmp_path):
     tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
     tcfg.MODEL.RETINANET.NUM_CLASSES = 6

@@ -23,7 +23,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from kd2.d2 import student_checkpointer
+from kd2.d2 import kd_step_hook, student_checkpointer
 
 logger = logging.getLogger("kd2.lazyconfig_train_net")
 
@@ -48,14 +48,9 @@ def do_train(args, cfg):
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optim)
     checkpointer = student_checkpointer(model, cfg.train.output_dir, trainer=trainer)
 
-    def set_iteration(t):
-        m = model.module if hasattr(model, "module") else model
-        if hasattr(m, "kd_iteration"):
-            m.kd_iteration = t.iter
-
     trainer.register_hooks(
         [
-            hooks.CallbackHook(before_step=set_iteration),
+            kd_step_hook(),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)

@@ -14,7 +14,7 @@ except ImportError as e:  # pragma: no cover - exercised where detectron2 is mis
     ) from e
 
 from .config import add_kd_config
-from .engine import KDTrainer, StudentView, student_checkpointer
+from .engine import KDTrainer, StudentView, kd_step_hook, student_checkpointer
 from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillRetinaNet
 from .teacher import build_teacher
 
@@ -25,6 +25,7 @@ __all__ = [
     "DistillGeneralizedRCNN",
     "DistillRetinaNet",
     "KDTrainer",
+    "kd_step_hook",
     "StudentView",
     "student_checkpointer",
 ]

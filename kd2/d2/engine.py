@@ -5,7 +5,8 @@ What it adds to ``DefaultTrainer``:
 * checkpoints hold the **student alone** under ``"model"`` — exactly the keys of a plain
   Detectron2 model of the student's config, so ``DetectionCheckpointer`` loads them into a plain
   ``GeneralizedRCNN``/``RetinaNet`` — and the KD adapters under ``"kd"``; resuming restores both;
-* a hook that tells the model the iteration before each step (KD warm-up);
+* a hook before each step: the iteration (KD warm-up) and every method's ``before_step``
+  (periodic work such as prototype refresh);
 * ``build_evaluator``: ``COCOEvaluator``.
 
 AMP (``SOLVER.AMP.ENABLED`` -> ``AMPTrainer``), DDP and hooks are Detectron2's own.
@@ -22,7 +23,7 @@ from detectron2.evaluation import COCOEvaluator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["KDTrainer", "StudentView", "student_checkpointer"]
+__all__ = ["KDTrainer", "StudentView", "kd_step_hook", "student_checkpointer"]
 
 
 class StudentView(nn.Module):
@@ -53,6 +54,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def kd_step_hook() -> hooks.HookBase:
+    """Before each step: the iteration for KD warm-up, and every method's ``before_step``."""
+
+    def before_step(trainer):
+        model = _unwrap(trainer.model)
+        if hasattr(model, "kd_before_step"):
+            model.kd_before_step(trainer.iter)
+
+    return hooks.CallbackHook(before_step=before_step)
+
+
 class KDTrainer(DefaultTrainer):
     """``DefaultTrainer`` + student-only checkpoints + KD warm-up + COCO evaluation."""
 
@@ -63,12 +75,7 @@ class KDTrainer(DefaultTrainer):
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
 
-        def set_iteration(trainer):
-            model = _unwrap(trainer.model)
-            if hasattr(model, "kd_iteration"):
-                model.kd_iteration = trainer.iter
-
-        return [hooks.CallbackHook(before_step=set_iteration)] + super().build_hooks()
+        return [kd_step_hook()] + super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -319,8 +319,8 @@ class Trainer:
 
     def run_step(self, images, targets) -> Dict[str, float]:
         model = unwrap(self.ddp_model)
-        if hasattr(model, "kd_iteration"):
-            model.kd_iteration = self.iter
+        if hasattr(model, "kd_before_step"):
+            model.kd_before_step(self.iter)
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = _model_targets(targets, self.label_offset, self.device)
         with torch.autocast(self.device.type, enabled=self.amp):

@@ -60,5 +60,10 @@ class KDMethod(nn.Module):
         """
         raise NotImplementedError
 
+    def before_step(self, iteration: int) -> None:
+        """Called by both trainers before every training step (default: nothing).
+
+        Methods with periodic work — e.g. refreshing prototypes every epoch — do it here."""
+
     def forward(self, student: StepRecord, teacher: StepRecord) -> Dict[str, Tensor]:
         raise NotImplementedError

@@ -93,6 +93,13 @@ class DistillerMixin:
         """The student alone: loads into a plain detector of the student's architecture."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("kd_methods.")}
 
+    def kd_before_step(self, iteration: int) -> None:
+        """Called by the trainers before each step: records the iteration (KD warm-up) and runs
+        every method's :meth:`~kd2.losses.KDMethod.before_step` (periodic work)."""
+        self.kd_iteration = iteration
+        for method in self.kd_methods.values():
+            method.before_step(iteration)
+
     def kd_warmup_factor(self) -> float:
         """``min(1, iteration / KD.WARMUP_ITERS)`` (1 without warm-up)."""
         if self.kd_warmup_iters <= 0:
