@@ -136,6 +136,18 @@ class StepRecord:
     def strides(self) -> List[int]:
         return sorted(self.features)
 
+    def teacher_view(self) -> StepRecord:
+        """A record for the teacher of this (student) step: the same input tensors and GT, no
+        outputs yet. The teacher never sees other inputs and never re-assigns labels."""
+        return StepRecord(
+            images=self.images,
+            image_sizes=self.image_sizes,
+            gt_boxes=self.gt_boxes,
+            gt_labels=self.gt_labels,
+            features={},
+            num_classes=self.num_classes,
+        )
+
     @property
     def anchor_head(self) -> DenseOutputs | None:
         """The dense head whose anchors define "locations": the one-stage head, else the RPN."""

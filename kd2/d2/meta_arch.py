@@ -110,17 +110,6 @@ def _base_record(model, images, gt_instances, features) -> StepRecord:
     )
 
 
-def _teacher_record(student: StepRecord) -> StepRecord:
-    return StepRecord(
-        images=student.images,
-        image_sizes=student.image_sizes,
-        gt_boxes=student.gt_boxes,
-        gt_labels=student.gt_labels,
-        features={},
-        num_classes=student.num_classes,
-    )
-
-
 def _roi_outputs(roi_heads, features: Dict[str, Tensor], boxes: List[Boxes]):
     feats = [features[f] for f in roi_heads.box_in_features]
     pooled = roi_heads.box_pooler(feats, boxes)
@@ -129,8 +118,22 @@ def _roi_outputs(roi_heads, features: Dict[str, Tensor], boxes: List[Boxes]):
     return pooled, head, (logits, deltas)
 
 
+class _Distill(DistillerMixin):
+    """The Detectron2 training forward shared by every meta-architecture: student steps, the
+    teacher parts under ``no_grad``, the KD losses. In eval mode: the plain student."""
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return super().forward(batched_inputs)
+        student, losses = self.student_step(batched_inputs)
+        with torch.no_grad():
+            teacher = self.teacher_step(batched_inputs, student)
+        losses.update(self.distill_losses(student, teacher))
+        return losses
+
+
 @META_ARCH_REGISTRY.register()
-class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
+class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
     """Faster R-CNN (any ``GeneralizedRCNN`` with an RPN and ``StandardROIHeads``) with a teacher.
 
     Record: ``features``, ``rpn`` (objectness as a 1-class dense head with the RPN's anchor
@@ -160,15 +163,6 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
         ret["teacher"] = build_teacher(cfg)
         ret["kd_cfg"] = cfg.KD
         return ret
-
-    def forward(self, batched_inputs):
-        if not self.training:
-            return self.inference(batched_inputs)
-        student, losses = self.student_step(batched_inputs)
-        with torch.no_grad():
-            teacher = self.teacher_step(batched_inputs, student)
-        losses.update(self.distill_losses(student, teacher))
-        return losses
 
     def student_step(self, batched_inputs):
         """``GeneralizedRCNN.forward`` (training) split open; returns ``(record, losses)``."""
@@ -208,7 +202,7 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
         return rec, losses
 
     def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
-        rec = _teacher_record(student)
+        rec = student.teacher_view()
         parts, t = self.teacher_parts, self.teacher
         if not parts:
             return rec
@@ -232,7 +226,7 @@ class DistillGeneralizedRCNN(DistillerMixin, GeneralizedRCNN):
         return rec
 
 
-class _DistillDense(DistillerMixin):
+class _DistillDense(_Distill):
     """Shared steps of the one-stage meta-architectures (``DenseDetector`` subclasses)."""
 
     arch_kind = "one_stage"
@@ -246,15 +240,6 @@ class _DistillDense(DistillerMixin):
             student_channels=_channels(self),
             teacher_channels=_channels(teacher),
         )
-
-    def forward(self, batched_inputs):
-        if not self.training:
-            return super().forward(batched_inputs)
-        student, losses = self.student_step(batched_inputs)
-        with torch.no_grad():
-            teacher = self.teacher_step(batched_inputs, student)
-        losses.update(self.distill_losses(student, teacher))
-        return losses
 
     def student_step(self, batched_inputs):
         """``DenseDetector.forward`` + ``forward_training`` split open."""
@@ -274,7 +259,7 @@ class _DistillDense(DistillerMixin):
         return rec, losses
 
     def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
-        rec = _teacher_record(student)
+        rec = student.teacher_view()
         if not self.teacher_parts:
             return rec
         t = self.teacher

@@ -133,7 +133,7 @@ class KDFasterRCNN(_KDMixin, FasterRCNN):
 
     def teacher_step(self, student: StepRecord) -> StepRecord:
         parts, t = self.teacher_parts, self._teacher
-        rec = _teacher_record(student)
+        rec = student.teacher_view()
         if not parts:
             return rec
         feats, rec.features = self._teacher_features(student)
@@ -177,7 +177,7 @@ class _KDDense(_KDMixin):
         return rec, losses
 
     def teacher_step(self, student: StepRecord) -> StepRecord:
-        rec = _teacher_record(student)
+        rec = student.teacher_view()
         if not self.teacher_parts:
             return rec
         feats, rec.features = self._teacher_features(student)
@@ -223,17 +223,6 @@ def _num_classes(model: nn.Module) -> int:
     if isinstance(model, FasterRCNN):
         return model.roi_heads.box_predictor.cls_score.out_features - 1
     return model.head.classification_head.num_classes
-
-
-def _teacher_record(student: StepRecord) -> StepRecord:
-    return StepRecord(
-        images=student.images,
-        image_sizes=student.image_sizes,
-        gt_boxes=student.gt_boxes,
-        gt_labels=student.gt_labels,
-        features={},
-        num_classes=student.num_classes,
-    )
 
 
 def _image_list(record: StepRecord):
