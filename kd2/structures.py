@@ -99,6 +99,25 @@ class RoiOutputs:
     cls_logits: Tensor
     box_deltas: Tensor
 
+    def with_outputs(
+        self,
+        roi_features: Tensor,
+        box_head_features: Tensor,
+        cls_logits: Tensor,
+        box_deltas: Tensor,
+    ) -> RoiOutputs:
+        """Another network's ROI-head outputs on these same sampled ROIs (the teacher's head
+        run on the student's proposals): proposals, labels and matched GT are shared."""
+        return RoiOutputs(
+            proposals=self.proposals,
+            labels=self.labels,
+            matched_gt_boxes=self.matched_gt_boxes,
+            roi_features=roi_features,
+            box_head_features=box_head_features,
+            cls_logits=cls_logits,
+            box_deltas=box_deltas,
+        )
+
     @property
     def cat_labels(self) -> Tensor:
         """``(M,)`` labels of all images concatenated."""

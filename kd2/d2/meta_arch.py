@@ -122,6 +122,14 @@ class _Distill(DistillerMixin):
     """The Detectron2 training forward shared by every meta-architecture: student steps, the
     teacher parts under ``no_grad``, the KD losses. In eval mode: the plain student."""
 
+    @classmethod
+    def from_config(cls, cfg):
+        """The student's own ``from_config`` plus the teacher of ``cfg.KD.TEACHER``."""
+        ret = super().from_config(cfg)
+        ret["teacher"] = build_teacher(cfg)
+        ret["kd_cfg"] = cfg.KD
+        return ret
+
     def forward(self, batched_inputs):
         if not self.training:
             return super().forward(batched_inputs)
@@ -156,13 +164,6 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
             student_channels=_channels(self),
             teacher_channels=_channels(teacher),
         )
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["teacher"] = build_teacher(cfg)
-        ret["kd_cfg"] = cfg.KD
-        return ret
 
     def student_step(self, batched_inputs):
         """``GeneralizedRCNN.forward`` (training) split open; returns ``(record, losses)``."""
@@ -214,14 +215,8 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
         if "roi" in parts:
             boxes = [Boxes(p) for p in student.roi.proposals]
             pooled, head, (logits, deltas) = _roi_outputs(t.roi_heads, features, boxes)
-            rec.roi = RoiOutputs(
-                proposals=student.roi.proposals,
-                labels=student.roi.labels,
-                matched_gt_boxes=student.roi.matched_gt_boxes,
-                roi_features=pooled,
-                box_head_features=head,
-                cls_logits=logits,
-                box_deltas=deltas.view(deltas.shape[0], -1, 4),
+            rec.roi = student.roi.with_outputs(
+                pooled, head, logits, deltas.view(deltas.shape[0], -1, 4)
             )
         return rec
 
@@ -281,13 +276,6 @@ class DistillRetinaNet(_DistillDense, RetinaNet):
     def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
         super().__init__(**kwargs)
         self._init_dense(teacher, kd_cfg)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["teacher"] = build_teacher(cfg)
-        ret["kd_cfg"] = cfg.KD
-        return ret
 
 
 class DistillFCOS(_DistillDense, FCOS):

@@ -144,14 +144,8 @@ class KDFasterRCNN(_KDMixin, FasterRCNN):
             pooled, head, logits, deltas = R.run_roi_head(
                 t.roi_heads, feats, student.roi.proposals, student.image_sizes
             )
-            rec.roi = RoiOutputs(
-                proposals=student.roi.proposals,
-                labels=student.roi.labels,
-                matched_gt_boxes=student.roi.matched_gt_boxes,
-                roi_features=pooled,
-                box_head_features=head,
-                cls_logits=R.canonical_roi_logits(logits),
-                box_deltas=R.canonical_roi_deltas(deltas),
+            rec.roi = student.roi.with_outputs(
+                pooled, head, R.canonical_roi_logits(logits), R.canonical_roi_deltas(deltas)
             )
         return rec
 
