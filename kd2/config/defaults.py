@@ -148,3 +148,22 @@ _C.KD.DEFEAT.HEAD_NEG_WEIGHT = 2.0
 _C.KD.DEFEAT.T_POS = 1.0
 _C.KD.DEFEAT.T_NEG = 1.0
 _C.KD.DEFEAT.ADAPTER_KERNEL = 3
+
+# FRS (feature richness score). WEIGHT_FEAT (alpha) / WEIGHT_CLS (beta) < 0 = the paper's value
+# for the detector: Faster R-CNN 0.002 / 0.1, RetinaNet 0.005 / 0.02, FCOS 0.01 / 0.05.
+_C.KD.FRS = CN()
+_C.KD.FRS.WEIGHT_FEAT = -1.0
+_C.KD.FRS.WEIGHT_CLS = -1.0
+_C.KD.FRS.WARMUP_ITERS = 500
+_C.KD.FRS.ADAPTER_KERNEL = 3
+
+_C.KD.RM = CN()
+_C.KD.RM.WEIGHT = 4.0
+_C.KD.RM.TEMPERATURE = 1.0
+
+_C.KD.PFI = CN()
+_C.KD.PFI.WEIGHT = 1.5
+# Detach the prediction-difference factor (a pure weight); the 3P code does not detach it.
+_C.KD.PFI.DETACH_PREDICTION = True
+# 0 = no adapter (identity; needs equal channels), 1 or 3 = Conv adapter kernel.
+_C.KD.PFI.ADAPTER_KERNEL = 0

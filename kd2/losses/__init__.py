@@ -9,12 +9,18 @@ from .base import KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod
 from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
 from .fgfi import FGFI, fgfi_imitation_mask, fgfi_loss
 from .fitnet import FitNet, fitnet_loss
+from .frs import FRS, feature_richness, frs_feature_loss, frs_head_loss
 from .hinton import Hinton, binary_kl_div_with_logits, hinton_dense_loss, hinton_roi_loss
+from .pfi import PFI, pfi_loss
+from .rank_mimicking import RM, rank_mimicking_loss
 from .utils import assign_fpn_levels, box_iou, masked_squared_error, softmax_kl_div
 
 __all__ = [
     "FGFI",
+    "FRS",
     "KD_METHOD_REGISTRY",
+    "PFI",
+    "RM",
     "TEACHER_PARTS",
     "DeFeat",
     "FitNet",
@@ -26,11 +32,16 @@ __all__ = [
     "defeat_gt_masks",
     "defeat_head_loss",
     "defeat_neck_loss",
+    "feature_richness",
     "fgfi_imitation_mask",
     "fgfi_loss",
     "fitnet_loss",
+    "frs_feature_loss",
+    "frs_head_loss",
     "hinton_dense_loss",
     "hinton_roi_loss",
     "masked_squared_error",
+    "pfi_loss",
+    "rank_mimicking_loss",
     "softmax_kl_div",
 ]
