@@ -19,14 +19,19 @@ def shared_coco() -> Path:
     return Path(os.environ.get("KD2_SHARED_COCO", default))
 
 
-def tiny_cfg(arch: str = "RetinaNet", backbone: str = "resnet18", channels: int = 32):
+def tiny_cfg(
+    arch: str = "RetinaNet",
+    backbone: str = "resnet18",
+    channels: int = 32,
+    num_classes: int = NUM_CLASSES,
+):
     cfg = get_cfg()
     cfg.MODEL.META_ARCHITECTURE = arch
     cfg.MODEL.BACKBONE.NAME = backbone
     cfg.MODEL.FPN.OUT_CHANNELS = channels
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
-    cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
-    cfg.MODEL.FCOS.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.FCOS.NUM_CLASSES = num_classes
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 200
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
@@ -41,9 +46,15 @@ def tiny_cfg(arch: str = "RetinaNet", backbone: str = "resnet18", channels: int 
     return cfg
 
 
-def save_teacher(tmp_path, arch: str = "RetinaNet", backbone: str = "resnet34", channels=64):
+def save_teacher(
+    tmp_path,
+    arch: str = "RetinaNet",
+    backbone: str = "resnet34",
+    channels=64,
+    num_classes: int = NUM_CLASSES,
+):
     """Write a (randomly initialised) teacher config + checkpoint; returns (cfg, yaml, pth)."""
-    tcfg = tiny_cfg(arch, backbone, channels)
+    tcfg = tiny_cfg(arch, backbone, channels, num_classes)
     torch.manual_seed(123)
     teacher = build_plain_detector(tcfg)
     yaml_path = os.path.join(tmp_path, f"teacher_{arch}.yaml")

@@ -84,12 +84,7 @@ def test_resume_after_kill_is_exact(tiny_data, tmp_path):
 
 
 def test_kd_resume_is_exact_and_checkpoint_holds_student_alone(tiny_data, tmp_path):
-    tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
-    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
-    teacher = build_plain_detector(tcfg)
-    torch.save({"model": teacher.state_dict()}, tpth)
-    with open(tyaml, "w") as f:
-        f.write(tcfg.dump())
+    _, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34", num_classes=6)
 
     def cfg_for(out):
         cfg = engine_cfg(tiny_data, out, max_iter=4)
@@ -116,11 +111,7 @@ def test_kd_resume_is_exact_and_checkpoint_holds_student_alone(tiny_data, tmp_pa
 
 
 def test_methods_get_before_step_with_the_iteration(tiny_data, tmp_path):
-    tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
-    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
-    torch.save({"model": build_plain_detector(tcfg).state_dict()}, tpth)
-    with open(tyaml, "w") as f:
-        f.write(tcfg.dump())
+    _, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34", num_classes=6)
     cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=3)
     cfg.KD.METHODS = ["FitNet"]
     cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
@@ -134,11 +125,7 @@ def test_methods_get_before_step_with_the_iteration(tiny_data, tmp_path):
 
 
 def test_teacher_is_evaluated_before_distilling(tiny_data, tmp_path):
-    tcfg, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34")
-    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
-    torch.save({"model": build_plain_detector(tcfg).state_dict()}, tpth)
-    with open(tyaml, "w") as f:
-        f.write(tcfg.dump())
+    _, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34", num_classes=6)
     cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=1)
     cfg.DATASETS.TEST = (tiny_data[1],)
     cfg.KD.METHODS = ["FitNet"]

@@ -29,7 +29,7 @@ from kd2.modeling.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get
+from .utils import cfg_get, require_one_stage
 
 __all__ = ["PFI", "pfi_loss"]
 
@@ -133,10 +133,7 @@ class PFI(KDMethod):
         num_classes: int,
         arch: str,
     ) -> PFI:
-        if arch != "one_stage":
-            raise ValueError(
-                f"PFI works on one-stage detectors only (arch 'one_stage'), got arch {arch!r}"
-            )
+        require_one_stage("PFI", arch)
         return cls(
             student_channels,
             teacher_channels,

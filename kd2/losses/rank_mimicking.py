@@ -34,7 +34,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, zero_like_loss
+from .utils import cfg_get, require_one_stage, zero_like_loss
 
 __all__ = ["RM", "dense_positive_scores", "rank_mimicking_loss"]
 
@@ -190,11 +190,7 @@ class RM(KDMethod):
         num_classes: int,
         arch: str,
     ) -> RM:
-        if arch != "one_stage":
-            raise ValueError(
-                f"RM (rank mimicking) works on one-stage detectors only (arch 'one_stage'), "
-                f"got arch {arch!r}"
-            )
+        require_one_stage("RM (rank mimicking)", arch)
         return cls(
             weight=cfg_get(node, "WEIGHT", 4.0),
             temperature=cfg_get(node, "TEMPERATURE", 1.0),

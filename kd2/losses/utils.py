@@ -182,3 +182,11 @@ def shared_strides(
             f"{sorted(student_features)} and teacher {sorted(teacher_features)} features"
         )
     return strides
+
+
+def require_one_stage(method: str, arch: str) -> None:
+    """Raise unless ``arch`` is ``"one_stage"`` (methods defined on dense-head outputs only)."""
+    if arch != "one_stage":
+        raise ValueError(
+            f"{method} works on one-stage detectors only (arch 'one_stage'), got arch {arch!r}"
+        )

@@ -300,12 +300,6 @@ def build_teacher(cfg) -> nn.Module:
     if tcfg.KD.METHODS:
         raise ValueError(f"the teacher config {tpath!r} has KD.METHODS set; a teacher has no KD")
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    if num_classes_of(tcfg) != num_classes_of(cfg):
-        raise ValueError(
-            f"teacher and student disagree on the number of classes: teacher ({tpath}) has "
-            f"{num_classes_of(tcfg)}, student has {num_classes_of(cfg)}. Distillation needs "
-            "the same label space; fix the NUM_CLASSES of one of the configs"
-        )
     teacher = build_plain_detector(tcfg)
     load_weights_strict(teacher, cfg.KD.TEACHER.WEIGHTS, "KD.TEACHER.WEIGHTS", tpath)
     teacher.eval().requires_grad_(False)
