@@ -89,3 +89,24 @@ def batch(arch: str = "RetinaNet", with_empty: bool = True):
     if with_empty:
         targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
     return images, targets
+
+
+def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6):
+    """A tiny 6-class training config on the synthetic data ``tiny_data = (train, val)``."""
+    cfg = tiny_cfg(arch)
+    cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6
+    cfg.MODEL.FCOS.NUM_CLASSES = 6
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 64
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 64
+    cfg.DATASETS.TRAIN = (tiny_data[0],)
+    cfg.DATASETS.TEST = ()
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.STEPS = (4,)
+    cfg.SOLVER.WARMUP_ITERS = 2
+    cfg.SOLVER.CHECKPOINT_PERIOD = 2
+    cfg.OUTPUT_DIR = str(out)
+    return cfg

@@ -108,10 +108,14 @@ def test_student_losses_equal_native_with_kd_weights_zero(tmp_path, arch):
     [
         ("GeneralizedRCNN", ["DeFeat", "Hinton", "FGFI"]),
         ("RetinaNet", ["DeFeat", "Hinton", "FGFI"]),
+        ("GeneralizedRCNN", ["FRS"]),
+        ("RetinaNet", ["FRS", "RM", "PFI"]),
     ],
 )
 def test_kd_losses_train_student_only(tmp_path, arch, methods):
-    model = build_model(kd_cfg(tmp_path, arch, methods)).train()
+    cfg = kd_cfg(tmp_path, arch, methods)
+    cfg.KD.PFI.ADAPTER_KERNEL = 1  # the teacher's FPN is wider than the student's
+    model = build_model(cfg).train()
     teacher = model.teacher
     assert not teacher.training
     assert not any(k.startswith(("teacher", "_teacher")) for k in model.state_dict())
@@ -188,10 +192,9 @@ def test_quick_configs_load(name):
     cfg.merge_from_file(os.path.join(QUICK, name))
 
 
-def test_train_net_trains_resumes_and_evaluates_on_real_coco(tmp_path):
-    import subprocess
-    import sys
-
+def coco_env_with_quick_teacher(tmp_path) -> dict:
+    """Save a random R34 quick teacher as ``tmp_path/teacher.pth``; return the environment that
+    points Detectron2's builtin coco_2017_* at the real subset (skip when it is absent)."""
     from .helpers import shared_coco
 
     coco = shared_coco()
@@ -201,8 +204,15 @@ def test_train_net_trains_resumes_and_evaluates_on_real_coco(tmp_path):
     add_kd_config(tcfg)
     tcfg.merge_from_file(os.path.join(QUICK, "faster_rcnn_R34_FPN_teacher_quick.yaml"))
     DetectionCheckpointer(build_model(tcfg), save_dir=str(tmp_path)).save("teacher")
+    return dict(os.environ, DETECTRON2_DATASETS=str(coco.parent), OMP_NUM_THREADS="2")
+
+
+def test_train_net_trains_resumes_and_evaluates_on_real_coco(tmp_path):
+    import subprocess
+    import sys
+
+    env = coco_env_with_quick_teacher(tmp_path)
     out = tmp_path / "out"
-    env = dict(os.environ, DETECTRON2_DATASETS=str(coco.parent), OMP_NUM_THREADS="2")
     base = [
         sys.executable,
         os.path.join(REPO, "tools", "train_net.py"),
@@ -282,7 +292,9 @@ def test_lazyconfig_experiment_instantiates_and_trains(tmp_path):
 ZOO_PROTOCOLS = os.path.join(REPO, "configs", "COCO-Distillation")
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(ZOO_PROTOCOLS) if "R101_" in f))
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(ZOO_PROTOCOLS) if "R101_" in f and f.endswith(".yaml"))
+)
 def test_model_zoo_protocol_configs_resolve(name):
     from kd2.d2.teacher import resolve_config_file
 
@@ -333,14 +345,67 @@ def test_fcos_through_lazyconfig(tmp_path):
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
     assert got["loss_kd_fitnet"] == 0 and got["loss_kd_hinton_dense"] == 0
 
-    lazy.kd_cfg = L(kd_config)(METHODS=["DeFeat", "Hinton"])
-    model = instantiate(lazy).train()
-    with EventStorage(0):
-        rec, _ = model.student_step(batch())
-        losses = model(batch())
-    assert rec.dense.centerness is not None and rec.dense.num_anchors_per_loc == 1
-    assert set(rec.dense.labels.unique().tolist()) <= set(range(K + 1))
-    kd = [k for k in losses if k.startswith("loss_kd_")]
-    assert kd and all(torch.isfinite(losses[k]) for k in kd)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in model.teacher.parameters())
+    for methods in (["DeFeat", "Hinton"], ["FRS", "RM", "PFI"]):
+        lazy.kd_cfg = L(kd_config)(METHODS=methods, PFI={"ADAPTER_KERNEL": 1})
+        model = instantiate(lazy).train()
+        with EventStorage(0):
+            rec, _ = model.student_step(batch())
+            losses = model(batch())
+        assert rec.dense.centerness is not None and rec.dense.num_anchors_per_loc == 1
+        assert set(rec.dense.labels.unique().tolist()) <= set(range(K + 1))
+        kd = [k for k in losses if k.startswith("loss_kd_")]
+        assert len(kd) >= len(methods) and all(torch.isfinite(losses[k]) for k in kd)
+        sum(losses.values()).backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
+        assert any(p.grad is not None for n, p in model.named_parameters() if n.startswith("kd_"))
+
+
+def test_lazy_fcos_protocol_config_builds_and_needs_teacher_weights():
+    from detectron2.config import LazyConfig, instantiate
+
+    from kd2.d2 import DistillFCOS
+
+    cfg = LazyConfig.load(os.path.join(ZOO_PROTOCOLS, "lazy_fcos_R50_FPN_2x_R101.py"))
+    assert cfg.model._target_ is DistillFCOS and cfg.train.max_iter == 180000
+    assert cfg.model.backbone.bottom_up.stages.depth == 50
+    assert cfg.model.teacher.model.backbone.bottom_up.stages.depth == 101
+    cfg.model.kd_cfg.METHODS = ["RM", "PFI"]
+    assert list(instantiate(cfg.model.kd_cfg).METHODS) == ["RM", "PFI"]
+    with pytest.raises(FileNotFoundError, match="model.teacher.weights"):
+        instantiate(cfg.model.teacher)
+
+
+def test_globalkd_trains_with_prototype_refresh_on_real_coco(tmp_path):
+    import subprocess
+    import sys
+
+    env = coco_env_with_quick_teacher(tmp_path)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "train_net.py"),
+        "--config-file",
+        os.path.join(QUICK, "faster_rcnn_R18_FPN_GlobalKD_quick.yaml"),
+        "KD.TEACHER.WEIGHTS",
+        str(tmp_path / "teacher.pth"),
+        "KD.GLOBALKD.MAX_IMAGES_PER_CLASS",
+        "2",
+        "KD.GLOBALKD.REFRESH_PERIOD",
+        "2",
+        "OUTPUT_DIR",
+        str(out),
+        "SOLVER.MAX_ITER",
+        "3",
+        "DATASETS.TEST",
+        "()",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    pgm = out / "pgm"
+    assert (pgm / "prototypes_0000000.json").is_file()
+    assert (pgm / "prototypes_0000002.json").is_file()
+    ckpt = torch.load(out / "model_final.pth", weights_only=False)
+    kd = ckpt["kd"]
+    assert int(kd["GlobalKD.refreshed_at"]) == 2
+    valid = [v for k, v in kd.items() if k.startswith("GlobalKD.valid_")]
+    assert valid and any(bool(v.any()) for v in valid)

@@ -16,7 +16,7 @@ from kd2.engine import Trainer
 from kd2.engine.checkpoint import last_checkpoint
 from kd2.tv.build import build_plain_detector
 
-from .helpers import save_teacher, tiny_cfg
+from .helpers import engine_cfg, save_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,50 +30,43 @@ def tiny_data(tmp_path_factory):
     return train, val
 
 
-def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6):
-    cfg = tiny_cfg(arch)
-    cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6
-    cfg.MODEL.FCOS.NUM_CLASSES = 6
-    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 64
-    cfg.INPUT.MIN_SIZE_TEST = 64
-    cfg.INPUT.MAX_SIZE_TEST = 64
-    cfg.DATASETS.TRAIN = (tiny_data[0],)
-    cfg.DATASETS.TEST = ()
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.SOLVER.BASE_LR = 0.01
-    cfg.SOLVER.MAX_ITER = max_iter
-    cfg.SOLVER.STEPS = (4,)
-    cfg.SOLVER.WARMUP_ITERS = 2
-    cfg.SOLVER.CHECKPOINT_PERIOD = 2
-    cfg.OUTPUT_DIR = str(out)
-    return cfg
-
-
 def _weights(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_resume_after_kill_is_exact(tiny_data, tmp_path):
-    full = Trainer(engine_cfg(tiny_data, tmp_path / "full"))
+@pytest.mark.parametrize(
+    "arch,eval_period", [("RetinaNet", 4), ("FasterRCNN", 4), ("FasterRCNN", 2)]
+)
+def test_resume_after_kill_is_exact(tiny_data, tmp_path, arch, eval_period):
+    # Faster R-CNN samples RPN / ROI examples from the global RNG: nothing between the
+    # checkpoint at 2 and the next step may draw from it differently in the two runs — neither
+    # the resumed run's new train loader (eval_period 4) nor the evaluation at 2 that only the
+    # uninterrupted run performs before step 2 (eval_period 2).
+    def make_cfg(out):
+        cfg = engine_cfg(tiny_data, out, arch=arch)
+        cfg.DATASETS.TEST = (tiny_data[1],)
+        cfg.TEST.EVAL_PERIOD = eval_period
+        return cfg
+
+    full = Trainer(make_cfg(tmp_path / "full"))
     full.train()
     expected = _weights(full)
 
-    cfg = engine_cfg(tiny_data, tmp_path / "killed")
+    cfg = make_cfg(tmp_path / "killed")
     killed = Trainer(cfg)
 
-    def kill(trainer):  # simulates a kill right after the checkpoint at iteration 4
-        if trainer.iter == 5:
+    def kill(trainer):  # simulates a kill right after the checkpoint at iteration 2
+        if trainer.iter == 3:
             raise KeyboardInterrupt
 
     killed.after_step.append(kill)
     with pytest.raises(KeyboardInterrupt):
         killed.train()
-    assert last_checkpoint(cfg.OUTPUT_DIR).endswith("model_0000004.pth")
+    assert last_checkpoint(cfg.OUTPUT_DIR).endswith("model_0000002.pth")
 
     resumed = Trainer(cfg)
     resumed.resume_or_load(resume=True)
-    assert resumed.start_iter == 4
+    assert resumed.start_iter == 2
     resumed.train()
     got = _weights(resumed)
     for k in expected:

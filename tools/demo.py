@@ -4,13 +4,20 @@
 On kd2's bundled synthetic detection data it trains, with one schedule:
   1. a teacher (Faster R-CNN R18-FPN),
   2. a baseline student (Faster R-CNN MobileNetV3-FPN, narrower FPN and box head), per seed,
-  3. the same student distilled from the teacher (FGFI), for each seed,
+  3. the same student distilled from the teacher (DeFeat's FPN imitation), for each seed,
 evaluates each with COCO metrics, prints a table (per seed, then mean ± std), writes a bar
 chart and loss/AP curves as PNG, and ends with one machine-readable line::
 
     demo: teacher_AP=<x> student_AP=<y> distilled_AP=<z> gap_closed=<fraction>
 
 (means over the seeds; gap_closed = (distilled - student) / (teacher - student)).
+
+The same protocol measures any method on any pair, e.g. Rank Mimicking on the one-stage pair::
+
+    python tools/demo.py --output output/bench/fcos \
+        --teacher configs/synthetic/fcos_R18_teacher.yaml \
+        --student configs/synthetic/fcos_MNv3_student.yaml \
+        --distilled configs/synthetic/fcos_MNv3_RM.yaml
 
 Finished runs are reused when their full config is unchanged (``--fresh`` retrains).
 """
@@ -46,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join(ROOT, "output", "demo"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fresh", action="store_true", help="retrain even if a finished run exists")
+    p.add_argument("--teacher", default=TEACHER, help=f"teacher config (default {TEACHER})")
+    p.add_argument(
+        "--student", default=STUDENT, help=f"baseline student config (default {STUDENT})"
+    )
     p.add_argument(
         "--distilled",
         default=DISTILLED,
@@ -61,15 +72,39 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def config_digest(cfg) -> str:
+    """Hash of the full config, without the option nodes of KD methods the run does not use
+    (so a method added to kd2 later does not invalidate finished runs)."""
+    from kd2.config import method_node_name
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    used = {method_node_name(m) for m in cfg.KD.METHODS}
+    for key in [
+        k for k in cfg.KD if k not in used and k.upper() == k and hasattr(cfg.KD[k], "keys")
+    ]:
+        if key != "TEACHER":
+            del cfg.KD[key]
+    return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
+
+
+def legacy_digest(cfg) -> str:
+    """The hash kd2 0.1 wrote (full config, before the GLOBALKD node existed)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.KD.pop("GLOBALKD", None)
+    return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
+
+
 def run(name: str, config_file: str, opts: list, output_dir: str, fresh: bool) -> dict:
     """Train one config to the end (or reuse an identical finished run); return its results."""
     cfg = setup_cfg(os.path.join(ROOT, config_file), list(opts) + ["OUTPUT_DIR", output_dir])
-    digest = hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
+    digest = config_digest(cfg)
     done_file = os.path.join(output_dir, "demo_result.json")
     if not fresh and os.path.isfile(done_file):
         with open(done_file) as f:
             done = json.load(f)
-        if done.get("config_sha") == digest:
+        if done.get("config_sha") in (digest, legacy_digest(cfg)):
             logger.info("%s: reusing the finished run in %s (same config)", name, output_dir)
             return done
     os.makedirs(output_dir, exist_ok=True)
@@ -144,7 +179,7 @@ def plot(out: str, teacher_ap: float, student: list, distilled: list, runs: dict
         if aps:
             ax2.plot(*zip(*aps), marker="o", color=colors[kind], alpha=0.8, label=label)
     ax1.set_xlabel("iteration")
-    ax1.set_ylabel("detection loss (RPN + ROI head)")
+    ax1.set_ylabel("detection loss (without KD terms)")
     ax1.set_yscale("log")
     ax2.set_xlabel("iteration")
     ax2.set_ylabel("AP")
@@ -168,9 +203,9 @@ def main(argv=None) -> None:
     DatasetCatalog.get("synthetic_train")  # generates the bundled data on first use
     DatasetCatalog.get("synthetic_val")
 
-    jobs = [("teacher", TEACHER, [], "teacher")]
+    jobs = [("teacher", args.teacher, [], "teacher")]
     for s in args.seeds:
-        jobs.append((f"student_seed{s}", STUDENT, ["SEED", str(s)], f"student_seed{s}"))
+        jobs.append((f"student_seed{s}", args.student, ["SEED", str(s)], f"student_seed{s}"))
     teacher_weights = os.path.join(out, "teacher", "model_final.pth")
     method = os.path.splitext(os.path.basename(args.distilled))[0]
     for s in args.seeds:

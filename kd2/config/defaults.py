@@ -167,3 +167,31 @@ _C.KD.PFI.WEIGHT = 1.5
 _C.KD.PFI.DETACH_PREDICTION = True
 # 0 = no adapter (identity; needs equal channels), 1 or 3 = Conv adapter kernel.
 _C.KD.PFI.ADAPTER_KERNEL = 0
+
+# Global Knowledge (prototypes + robust distilling, ECCV 2022); defaults = the released config.
+_C.KD.GLOBALKD = CN()
+_C.KD.GLOBALKD.FG_WEIGHT = 1.0
+_C.KD.GLOBALKD.BG_WEIGHT = 4.0
+# eta-weighted soft labels, T = 2 (two-stage: positive ROIs; one-stage: positive anchors).
+_C.KD.GLOBALKD.SOFT_WEIGHT = 1.0
+_C.KD.GLOBALKD.TEMPERATURE = 2.0
+# 1 - epoch / num_epochs on the feature (and global) terms.
+_C.KD.GLOBALKD.ATTENUATION = True
+# The paper's explicit global-knowledge loss; the released code never adds it (False).
+_C.KD.GLOBALKD.GLOBAL_LOSS = False
+_C.KD.GLOBALKD.GLOBAL_WEIGHT = 5.0
+_C.KD.GLOBALKD.ADAPTER_KERNEL = 3
+# PGM: prototypes per class and level, cross-space weight alpha, density bandwidth / quantile.
+_C.KD.GLOBALKD.NUM_PROTOTYPES = 10
+_C.KD.GLOBALKD.ALPHA = 10.0
+_C.KD.GLOBALKD.BANDWIDTH = 0.1
+_C.KD.GLOBALKD.QUANTILE = 0.4
+# PGM data: training GT boxes of at least MIN_BOX_SIZE x MIN_BOX_SIZE original pixels, at most
+# MAX_IMAGES_PER_CLASS images per class drawn once with SEED.
+_C.KD.GLOBALKD.MIN_BOX_SIZE = 30
+_C.KD.GLOBALKD.MAX_IMAGES_PER_CLASS = 800
+_C.KD.GLOBALKD.SEED = 1
+# Refresh period in iterations; 0 = one epoch (len(DATASETS.TRAIN) / IMS_PER_BATCH).
+_C.KD.GLOBALKD.REFRESH_PERIOD = 0
+# Images per forward pass while extracting PGM instance features.
+_C.KD.GLOBALKD.BATCH_SIZE = 8

@@ -5,8 +5,8 @@ What it adds to ``DefaultTrainer``:
 * checkpoints hold the **student alone** under ``"model"`` — exactly the keys of a plain
   Detectron2 model of the student's config, so ``DetectionCheckpointer`` loads them into a plain
   ``GeneralizedRCNN``/``RetinaNet`` — and the KD adapters under ``"kd"``; resuming restores both;
-* a hook before each step: the iteration (KD warm-up) and every method's ``before_step``
-  (periodic work such as prototype refresh);
+* a hook before each step: the iteration (KD warm-up) and every method's ``before_step``;
+* the Global-Knowledge prototype refresh (:func:`prototype_refresh_hook`), when configured;
 * ``build_evaluator``: ``COCOEvaluator``.
 
 AMP (``SOLVER.AMP.ENABLED`` -> ``AMPTrainer``), DDP and hooks are Detectron2's own.
@@ -23,7 +23,14 @@ from detectron2.evaluation import COCOEvaluator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["KDTrainer", "StudentView", "kd_step_hook", "student_checkpointer"]
+__all__ = [
+    "KDTrainer",
+    "StudentView",
+    "kd_step_hook",
+    "prototype_refresh_hook",
+    "student_checkpointer",
+    "train_records",
+]
 
 
 class StudentView(nn.Module):
@@ -65,6 +72,50 @@ def kd_step_hook() -> hooks.HookBase:
     return hooks.CallbackHook(before_step=before_step)
 
 
+def train_records(dataset_names) -> list:
+    """Detectron2 dataset dicts of ``dataset_names`` as kd2 records (XYXY boxes, classes)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.structures import BoxMode
+
+    records = []
+    for name in dataset_names:
+        for d in DatasetCatalog.get(name):
+            anns = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
+            records.append(
+                {
+                    "file_name": d["file_name"],
+                    "image_id": d["image_id"],
+                    "boxes": [
+                        BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns
+                    ],
+                    "labels": [a["category_id"] for a in anns],
+                }
+            )
+    return records
+
+
+def prototype_refresh_hook(cfg) -> hooks.HookBase:
+    """Runs the Global-Knowledge PGM (one epoch period by default) before the steps that need
+    it; a no-op when no configured method needs prototypes."""
+    from kd2.data.loader import read_image
+    from kd2.modeling.prototypes import build_prototype_refresher
+
+    state = {}
+
+    def before_train(trainer):
+        model = _unwrap(trainer.model)
+        model.pgm_test_size = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        state["refresher"] = build_prototype_refresher(
+            cfg, model, train_records(cfg.DATASETS.TRAIN), lambda r: read_image(r["file_name"])
+        )
+
+    def before_step(trainer):
+        if state.get("refresher") is not None:
+            state["refresher"].maybe_refresh(trainer.iter)
+
+    return hooks.CallbackHook(before_train=before_train, before_step=before_step)
+
+
 class KDTrainer(DefaultTrainer):
     """``DefaultTrainer`` + student-only checkpoints + KD warm-up + COCO evaluation."""
 
@@ -75,7 +126,7 @@ class KDTrainer(DefaultTrainer):
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
 
-        return [kd_step_hook()] + super().build_hooks()
+        return [prototype_refresh_hook(self.cfg), kd_step_hook()] + super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

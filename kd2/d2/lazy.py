@@ -60,6 +60,12 @@ def load_teacher(model: nn.Module, weights: str) -> nn.Module:
 
     Missing parameters are an error: a randomly initialised teacher would teach noise.
     """
+    if not weights:
+        raise FileNotFoundError(
+            "no teacher weights: set them on the command line, e.g. "
+            "model.teacher.weights=path/to/teacher.pth (a randomly initialised teacher would "
+            "teach noise)"
+        )
     checkpointer = _RecordingCheckpointer(model)
     checkpointer.load(weights)
     missing = [k for k in checkpointer.incompatible.missing_keys if "num_batches" not in k]

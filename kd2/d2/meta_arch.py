@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
 from detectron2.modeling.meta_arch.fcos import FCOS
@@ -27,6 +28,7 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from kd2.modeling.distiller import DistillerMixin
+from kd2.ops import box_mean_pool
 from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
 
 from .teacher import build_teacher
@@ -129,6 +131,50 @@ class _Distill(DistillerMixin):
         ret["teacher"] = build_teacher(cfg)
         ret["kd_cfg"] = cfg.KD
         return ret
+
+    #: ``(shortest edge, max size)`` of the PGM's test-time resize (``INPUT.*_TEST``); the
+    #: trainer sets it.
+    pgm_test_size = (800, 1333)
+
+    @torch.no_grad()
+    def kd_instance_features(
+        self, images: List[Tensor], boxes: List[Tensor], teacher: bool = False
+    ) -> Dict[int, Tensor]:
+        """PGM instance features (see :class:`kd2.modeling.prototypes.PrototypeRefresher`).
+
+        Each ``(3, H, W)`` RGB image in ``[0, 1]`` is resized as Detectron2's test-time
+        ``ResizeShortestEdge(*pgm_test_size)`` does (bilinear on the float image), turned into the
+        network's input format (0-255, BGR or RGB), normalised and padded by its own
+        ``preprocess_image``; each box (original pixels) is scaled along and pooled on every
+        FPN level with :func:`kd2.ops.box_mean_pool`. Returns ``{stride: (sum G_i, C)}``.
+        """
+        net = self._teacher if teacher else self
+        short, max_size = self.pgm_test_size
+        inputs, scaled = [], []
+        for img, b in zip(images, boxes):
+            h, w = img.shape[-2:]
+            scale = short / min(h, w)
+            if max(h, w) * scale > max_size:
+                scale = max_size / max(h, w)
+            nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+            x = F.interpolate(img[None] * 255.0, size=(nh, nw), mode="bilinear")[0]
+            if net.input_format == "BGR":
+                x = x.flip(0)
+            inputs.append({"image": x})
+            factor = torch.tensor([nw / w, nh / h, nw / w, nh / h], device=b.device)
+            scaled.append(b.float() * factor)
+        was_training = net.training
+        net.eval()
+        try:
+            image_list = net.preprocess_image(inputs)
+            feats = _by_stride(net, net.backbone(image_list.tensor))
+        finally:
+            net.train(was_training)
+        flat = torch.cat(scaled).to(image_list.tensor.device)
+        index = torch.cat(
+            [torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(scaled)]
+        ).to(flat.device)
+        return {s: box_mean_pool(f, flat, index, s) for s, f in feats.items()}
 
     def forward(self, batched_inputs):
         if not self.training:

@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from kd2.data import DatasetCatalog, DetectionDataset, build_test_loader, build_train_loader
+from kd2.data.loader import read_image
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
+from kd2.modeling.prototypes import build_prototype_refresher
 from kd2.tv.build import build_detector, label_offset, load_checkpoint_state
 
 from .checkpoint import last_checkpoint, save_checkpoint
@@ -183,6 +185,7 @@ class Trainer:
                 broadcast_buffers=False,
             )
         self.start_iter = 0
+        self._resume_rng: Dict | None = None  # RNG state of the checkpoint resumed from
         self.iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.after_step: List[Callable[[Trainer], None]] = []
@@ -236,17 +239,22 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["grad_scaler"])
         _set_rng_state(ckpt["rng"])
+        self._resume_rng = ckpt["rng"]
         self.start_iter = ckpt["iteration"]
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
 
     # -- training -------------------------------------------------------------------------
-    def build_train_loader(self):
-        cfg = self.cfg
+    def train_records(self) -> List[Dict]:
         records = []
-        for name in cfg.DATASETS.TRAIN:
+        for name in self.cfg.DATASETS.TRAIN:
             records.extend(DatasetCatalog.get(name))
         if not records:
-            raise ValueError(f"DATASETS.TRAIN={cfg.DATASETS.TRAIN} contains no images")
+            raise ValueError(f"DATASETS.TRAIN={self.cfg.DATASETS.TRAIN} contains no images")
+        return records
+
+    def build_train_loader(self):
+        cfg = self.cfg
+        records = self.train_records()
         flip = 0.5 if cfg.INPUT.RANDOM_FLIP == "horizontal" else 0.0
         return build_train_loader(
             DetectionDataset(records, train=True, flip_prob=flip),
@@ -265,6 +273,14 @@ class Trainer:
             self.teacher_results = evaluate(cfg, self.model.teacher)
             self._write_metrics({"teacher_eval": self.teacher_results}, self.start_iter)
         loader = iter(self.build_train_loader())
+        if self._resume_rng is not None:
+            # Creating the loader's iterator draws a base seed from the global RNG; the
+            # uninterrupted run drew it before the checkpoint's state was taken, so restore it
+            # again to continue the exact same stream (Faster R-CNN samples ROIs from it).
+            _set_rng_state(self._resume_rng)
+        self.prototype_refresher = build_prototype_refresher(
+            cfg, self.model, self.train_records(), _read_record_image
+        )
         writer = _tensorboard(cfg.OUTPUT_DIR) if is_main_process() else None
         from tqdm import tqdm
 
@@ -294,14 +310,16 @@ class Trainer:
                     )
                     self._write_metrics(losses, done, writer)
                 self.iter = done
-                if cfg.SOLVER.CHECKPOINT_PERIOD and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-                    self.save(f"model_{done:07d}.pth")
+                # Evaluate before saving: the evaluation's data loader draws from the global
+                # RNG, and the checkpoint must hold the state the next step starts from.
                 if (
                     cfg.TEST.EVAL_PERIOD
                     and done % cfg.TEST.EVAL_PERIOD == 0
                     and done < self.max_iter
                 ):
                     self._evaluate_and_log(done, writer)
+                if cfg.SOLVER.CHECKPOINT_PERIOD and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+                    self.save(f"model_{done:07d}.pth")
                 for fn in self.after_step:
                     fn(self)
         finally:
@@ -319,6 +337,8 @@ class Trainer:
 
     def run_step(self, images, targets) -> Dict[str, float]:
         model = unwrap(self.ddp_model)
+        if getattr(self, "prototype_refresher", None) is not None:
+            self.prototype_refresher.maybe_refresh(self.iter)
         if hasattr(model, "kd_before_step"):
             model.kd_before_step(self.iter)
         images = [im.to(self.device, non_blocking=True) for im in images]
@@ -369,6 +389,10 @@ class Trainer:
         if writer is not None:
             for k, v in _flatten(values).items():
                 writer.add_scalar(k, v, it)
+
+
+def _read_record_image(record: Dict) -> torch.Tensor:
+    return read_image(record["file_name"], json_file=record.get("json_file"))
 
 
 def _flatten(d: Dict, prefix: str = "") -> Dict[str, float]:

@@ -10,6 +10,7 @@ from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
 from .fgfi import FGFI, fgfi_imitation_mask, fgfi_loss
 from .fitnet import FitNet, fitnet_loss
 from .frs import FRS, feature_richness, frs_feature_loss, frs_head_loss
+from .global_knowledge import GlobalKD, robustness
 from .hinton import Hinton, binary_kl_div_with_logits, hinton_dense_loss, hinton_roi_loss
 from .pfi import PFI, pfi_loss
 from .rank_mimicking import RM, rank_mimicking_loss
@@ -24,6 +25,7 @@ __all__ = [
     "TEACHER_PARTS",
     "DeFeat",
     "FitNet",
+    "GlobalKD",
     "Hinton",
     "KDMethod",
     "assign_fpn_levels",
@@ -43,5 +45,6 @@ __all__ = [
     "masked_squared_error",
     "pfi_loss",
     "rank_mimicking_loss",
+    "robustness",
     "softmax_kl_div",
 ]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from kd2.modeling.distiller import DistillerMixin
+from kd2.ops import box_mean_pool
 from kd2.structures import RoiOutputs, StepRecord
 
 from . import record as R
@@ -88,6 +89,39 @@ class _KDMixin(DistillerMixin):
             features=R.features_by_stride(features, self.kd_strides),
             num_classes=self.num_classes_kd,
         )
+
+    @torch.no_grad()
+    def kd_instance_features(
+        self, images: List[Tensor], boxes: List[Tensor], teacher: bool = False
+    ) -> dict:
+        """PGM instance features: each image through the (student's or teacher's) **test-time**
+        transform and FPN, each box pooled on every level with :func:`kd2.ops.box_mean_pool`.
+
+        Args:
+            images: ``(3, H_i, W_i)`` float images in ``[0, 1]``.
+            boxes: per image ``(G_i, 4)`` XYXY in original pixels.
+            teacher: pool the teacher's FPN instead of the student's.
+
+        Returns:
+            ``{stride: (sum G_i, C)}`` in image-then-box order.
+        """
+        net = self._teacher if teacher else self
+        strides = self.kd_teacher_strides if teacher else self.kd_strides
+        was_training = net.training
+        net.eval()
+        try:
+            targets = [
+                {"boxes": b.float(), "labels": torch.zeros(len(b), dtype=torch.long)} for b in boxes
+            ]
+            image_list, targets = net.transform(images, targets)
+            feats = R.features_by_stride(net.backbone(image_list.tensors), strides)
+        finally:
+            net.train(was_training)
+        flat = torch.cat([t["boxes"] for t in targets])
+        index = torch.cat(
+            [torch.full((len(t["boxes"]),), i, dtype=torch.long) for i, t in enumerate(targets)]
+        ).to(flat.device)
+        return {s: box_mean_pool(f, flat, index, s) for s, f in feats.items()}
 
     def _teacher_features(self, student: StepRecord):
         t = self._teacher
