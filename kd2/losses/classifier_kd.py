@@ -1,0 +1,128 @@
+"""Classifier-to-detector distillation (Guo, Alvarez, Salzmann, NeurIPS 2021): functional core.
+
+An image classifier trained on object crops teaches the detector (``docs/algorithms.md`` §4):
+
+* **Region crops** (:func:`crop_boxes`): a spatial transformer on the detector's own augmented,
+  normalised input — ``affine_grid`` + bilinear ``grid_sample`` at ``size × size`` (112), with
+  ``θ = [[(x2−x1)/W, 0, (x1+x2)/W − 1], [0, (y2−y1)/H, (y1+y2)/H − 1]]`` for a box clamped to the
+  ``W × H`` image — differentiable with respect to the box coordinates.
+* **KD for classification** (:func:`classifier_kd_cls_loss`): every positive anchor of an object
+  takes the teacher's logits of that object's GT crop as its target; softmax heads get the
+  teacher's ``K`` probabilities padded with a zero background probability, sigmoid heads the
+  code's ``kl-ce`` variant (sigmoids L1-normalised across classes); ``T = 2``, ``ε = 1e-10`` on
+  both distributions, mean over the positives, times ``T²``.
+
+The KD-loc term, the method and the classifier teacher are not implemented yet (issue 6).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["classifier_kd_cls_loss", "crop_boxes"]
+
+
+def crop_boxes(images: Tensor, boxes: Tensor, batch_index: Tensor, size: int = 112) -> Tensor:
+    """Differentiable crops of boxes, resampled to ``size × size``.
+
+    Args:
+        images: ``(N, 3, H, W)`` (the detector's input; any normalisation).
+        boxes: ``(M, 4)`` XYXY in pixels of ``images``; clamped to ``[0, W] × [0, H]``.
+        batch_index: ``(M,)`` long, the image of each box.
+        size: output side.
+
+    Returns:
+        ``(M, 3, size, size)``: ``grid_sample(images[b], affine_grid(θ))`` (bilinear, zeros
+        padding, ``align_corners=False``) with ``θ`` as in the module docstring; gradients reach
+        ``images`` and ``boxes``.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (M, 4) XYXY, got shape {tuple(boxes.shape)}")
+    if batch_index.shape != boxes.shape[:1]:
+        raise ValueError(
+            f"batch_index {tuple(batch_index.shape)} must have one entry per box ({boxes.shape[0]})"
+        )
+    n, c, h, w = images.shape
+    m = boxes.shape[0]
+    out = images.new_zeros((m, c, size, size))
+    if m == 0:
+        return out + boxes.sum() * 0  # keeps the graph to the boxes
+    b = boxes.to(images.dtype)
+    x1, x2 = b[:, 0].clamp(0, w), b[:, 2].clamp(0, w)
+    y1, y2 = b[:, 1].clamp(0, h), b[:, 3].clamp(0, h)
+    zero = torch.zeros_like(x1)
+    theta = torch.stack(
+        [
+            torch.stack([(x2 - x1) / w, zero, (x1 + x2) / w - 1], dim=1),
+            torch.stack([zero, (y2 - y1) / h, (y1 + y2) / h - 1], dim=1),
+        ],
+        dim=1,
+    )  # (M, 2, 3)
+    grid = F.affine_grid(theta, [m, c, size, size], align_corners=False)
+    crops = []
+    order = []
+    for i in batch_index.unique().tolist():
+        if not 0 <= i < n:
+            raise IndexError(f"batch_index {i} is outside the batch of {n} images")
+        sel = (batch_index == i).nonzero(as_tuple=True)[0]
+        src = images[i : i + 1].expand(sel.numel(), c, h, w)
+        crops.append(F.grid_sample(src, grid[sel], mode="bilinear", align_corners=False))
+        order.append(sel)
+    return out.index_copy(0, torch.cat(order), torch.cat(crops))
+
+
+def classifier_kd_cls_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 2.0,
+    head: str = "softmax",
+    eps: float = 1e-10,
+) -> Tensor:
+    """KD-cls of the positive anchors against their objects' classifier logits.
+
+    Args:
+        student_logits: ``(P, K + 1)`` softmax-head logits (background last) or ``(P, K)``
+            sigmoid-head logits.
+        teacher_logits: ``(P, K)`` the classifier's logits of each anchor's object (repeated for
+            the anchors of one object), detached.
+        temperature: ``T``.
+        head: ``"softmax"``: ``p^s = softmax(z/T)`` over ``K + 1``, ``p^t = [softmax(u/T), 0]``;
+            ``"sigmoid"``: ``p = σ(·/T)`` L1-normalised across the ``K`` classes for both.
+        eps: added to both distributions inside the logs.
+
+    Returns:
+        ``T² · mean_P Σ_c p^t_c (log(p^t_c + ε) − log(p^s_c + ε))`` in fp32; ``0`` (with a graph)
+        without positives.
+    """
+    t = float(temperature)
+    if t <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    k = teacher_logits.shape[-1]
+    if head == "softmax":
+        if student_logits.shape[-1] != k + 1:
+            raise ValueError(
+                f"a softmax head needs K + 1 = {k + 1} student logits (background last), got "
+                f"{student_logits.shape[-1]}"
+            )
+        p_s = F.softmax(student_logits.float() / t, dim=-1)
+        p_t = F.softmax(teacher_logits.detach().float() / t, dim=-1)
+        p_t = torch.cat([p_t, p_t.new_zeros(p_t.shape[0], 1)], dim=-1)
+    elif head == "sigmoid":
+        if student_logits.shape[-1] != k:
+            raise ValueError(
+                f"a sigmoid head needs K = {k} student logits, got {student_logits.shape[-1]}"
+            )
+        s = torch.sigmoid(student_logits.float() / t)
+        u = torch.sigmoid(teacher_logits.detach().float() / t)
+        p_s = s / s.sum(dim=-1, keepdim=True)
+        p_t = u / u.sum(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"head must be 'softmax' or 'sigmoid', got {head!r}")
+    if student_logits.shape[0] == 0:
+        return student_logits.float().sum() * 0.0
+    kl = (p_t * ((p_t + eps).log() - (p_s + eps).log())).sum(dim=-1)
+    return kl.mean() * (t * t)
