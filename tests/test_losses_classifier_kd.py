@@ -97,3 +97,39 @@ def test_kd_cls_sigmoid_variant_normalises_sigmoids():
     assert float(got) == pytest.approx(kl0 / 2, rel=1e-4)  # row 1 identical: KL 0
     zero = classifier_kd_cls_loss(student[:0], teacher[:0], head="sigmoid")
     assert float(zero) == 0.0
+
+
+def _stem():
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None).eval().requires_grad_(False)
+    return torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net
+
+
+def test_kd_loc_zero_at_the_target_and_gradients_reach_only_the_predicted_boxes():
+    from kd2.losses.classifier_kd import classifier_kd_loc_loss
+
+    torch.manual_seed(0)
+    stem, net = _stem()
+    images = torch.rand(2, 3, 48, 64)
+    target = torch.tensor([[4.0, 5.0, 30.0, 40.0], [10.0, 8.0, 50.0, 30.0]])
+    index = torch.tensor([0, 1])
+    same = classifier_kd_loc_loss(
+        images, target.clone().requires_grad_(), target, index, stem, size=32
+    )
+    assert float(same) == 0.0
+    pred = (target + torch.tensor([3.0, -2.0, 4.0, 1.0])).requires_grad_()
+    images.requires_grad_()
+    loss = classifier_kd_loc_loss(images, pred, target, index, stem, size=32)
+    pixels_only = classifier_kd_loc_loss(images, pred, target, index, None, size=32)
+    assert float(loss) > float(pixels_only) > 0  # the stem term adds a positive part
+    loss.backward()
+    assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
+    assert images.grad is None  # the input is a constant
+    assert all(p.grad is None for p in net.parameters())  # the teacher stays frozen
+    # moving the prediction onto its target lowers the loss
+    with torch.no_grad():
+        closer = classifier_kd_loc_loss(images, (pred + target) / 2, target, index, stem, size=32)
+    assert float(closer) < float(loss)
+    empty = classifier_kd_loc_loss(images, pred[:0], target[:0], index[:0], stem)
+    assert float(empty) == 0.0

@@ -12,16 +12,24 @@ An image classifier trained on object crops teaches the detector (``docs/algorit
   code's ``kl-ce`` variant (sigmoids L1-normalised across classes); ``T = 2``, ``ε = 1e-10`` on
   both distributions, mean over the positives, times ``T²``.
 
-The KD-loc term, the method and the classifier teacher are not implemented yet (issue 6).
+* **KD for localisation** (:func:`classifier_kd_loc_loss`): the crops at each positive's
+  predicted box and at its GT box are compared through the eyes of the teacher — raw pixels
+  average-pooled to 4×4 and the teacher's stem features (conv1-bn-relu-maxpool) pooled to 8×8,
+  mean absolute difference each, summed per object and averaged over the positives. Gradients
+  reach only the predicted boxes (so only the student's box regression).
+
+The method, the classifier teacher and their configs are not implemented yet (issue 6).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["classifier_kd_cls_loss", "crop_boxes"]
+__all__ = ["classifier_kd_cls_loss", "classifier_kd_loc_loss", "crop_boxes"]
 
 
 def crop_boxes(images: Tensor, boxes: Tensor, batch_index: Tensor, size: int = 112) -> Tensor:
@@ -126,3 +134,62 @@ def classifier_kd_cls_loss(
         return student_logits.float().sum() * 0.0
     kl = (p_t * ((p_t + eps).log() - (p_s + eps).log())).sum(dim=-1)
     return kl.mean() * (t * t)
+
+
+def classifier_kd_loc_loss(
+    images: Tensor,
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    batch_index: Tensor,
+    stem: Callable[[Tensor], Tensor] | None,
+    size: int = 112,
+    pixel_pool: int = 4,
+    feature_pool: int = 8,
+    chunk: int = 256,
+) -> Tensor:
+    """KD-loc: predicted-box crops against GT-box crops, in pixels and in the teacher's stem.
+
+    Args:
+        images: ``(N, 3, H, W)`` the detector's input (treated as a constant).
+        pred_boxes: ``(P, 4)`` decoded predicted boxes of the positives (with gradients).
+        target_boxes: ``(P, 4)`` their GT boxes (constants).
+        batch_index: ``(P,)`` image of each positive.
+        stem: the frozen teacher's stem, ``(P, 3, size, size) -> (P, C, h, w)``; ``None`` keeps
+            the pixel term only.
+        size: crop side (112).
+        pixel_pool / feature_pool: adaptive average-pool sides of the two terms (4 / 8).
+        chunk: positives per forward of the stem (memory).
+
+    Returns:
+        fp32 scalar ``mean_P [mean|pool(crop_p) − pool(crop_t)| + mean|pool(stem(crop_p)) −
+        pool(stem(crop_t))|]``; ``0`` (with a graph) without positives.
+    """
+    if pred_boxes.shape != target_boxes.shape:
+        raise ValueError(
+            f"pred_boxes {tuple(pred_boxes.shape)} and target_boxes "
+            f"{tuple(target_boxes.shape)} differ in shape"
+        )
+    p = pred_boxes.shape[0]
+    if p == 0:
+        return pred_boxes.float().sum() * 0.0
+    images = images.detach()
+    total = pred_boxes.new_zeros((), dtype=torch.float32)
+    for s in range(0, p, chunk):
+        sl = slice(s, s + chunk)
+        pred = crop_boxes(images, pred_boxes[sl], batch_index[sl], size)
+        with torch.no_grad():
+            target = crop_boxes(images, target_boxes[sl].detach(), batch_index[sl], size)
+        pix = (
+            (F.adaptive_avg_pool2d(pred, pixel_pool) - F.adaptive_avg_pool2d(target, pixel_pool))
+            .abs()
+            .flatten(1)
+            .mean(dim=1)
+        )
+        per_object = pix.float()
+        if stem is not None:
+            f_pred = F.adaptive_avg_pool2d(stem(pred), feature_pool)
+            with torch.no_grad():
+                f_target = F.adaptive_avg_pool2d(stem(target), feature_pool)
+            per_object = per_object + (f_pred - f_target).abs().flatten(1).mean(dim=1).float()
+        total = total + per_object.sum()
+    return total / p
