@@ -79,12 +79,9 @@ def config_digest(cfg) -> str:
 
     cfg = cfg.clone()
     cfg.defrost()
-    used = {method_node_name(m) for m in cfg.KD.METHODS}
-    for key in [
-        k for k in cfg.KD if k not in used and k.upper() == k and hasattr(cfg.KD[k], "keys")
-    ]:
-        if key != "TEACHER":
-            del cfg.KD[key]
+    keep = {method_node_name(m) for m in cfg.KD.METHODS} | {"TEACHER"}
+    for key in [k for k, v in cfg.KD.items() if isinstance(v, dict) and k not in keep]:
+        del cfg.KD[key]
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 

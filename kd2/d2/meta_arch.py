@@ -28,7 +28,7 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from kd2.modeling.distiller import DistillerMixin
-from kd2.ops import box_mean_pool
+from kd2.modeling.prototypes import pool_instance_boxes
 from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
 
 from .teacher import build_teacher
@@ -170,11 +170,8 @@ class _Distill(DistillerMixin):
             feats = _by_stride(net, net.backbone(image_list.tensor))
         finally:
             net.train(was_training)
-        flat = torch.cat(scaled).to(image_list.tensor.device)
-        index = torch.cat(
-            [torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(scaled)]
-        ).to(flat.device)
-        return {s: box_mean_pool(f, flat, index, s) for s, f in feats.items()}
+        device = image_list.tensor.device
+        return pool_instance_boxes(feats, [b.to(device) for b in scaled])
 
     def forward(self, batched_inputs):
         if not self.training:

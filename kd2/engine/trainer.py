@@ -186,6 +186,7 @@ class Trainer:
             )
         self.start_iter = 0
         self._resume_rng: Dict | None = None  # RNG state of the checkpoint resumed from
+        self.prototype_refresher = None  # set by train() when a method needs prototypes
         self.iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.after_step: List[Callable[[Trainer], None]] = []
@@ -238,8 +239,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["grad_scaler"])
-        _set_rng_state(ckpt["rng"])
-        self._resume_rng = ckpt["rng"]
+        self._resume_rng = ckpt["rng"]  # restored in train(), once the data iterator exists
         self.start_iter = ckpt["iteration"]
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
 
@@ -252,9 +252,9 @@ class Trainer:
             raise ValueError(f"DATASETS.TRAIN={self.cfg.DATASETS.TRAIN} contains no images")
         return records
 
-    def build_train_loader(self):
+    def build_train_loader(self, records: List[Dict] | None = None):
         cfg = self.cfg
-        records = self.train_records()
+        records = self.train_records() if records is None else records
         flip = 0.5 if cfg.INPUT.RANDOM_FLIP == "horizontal" else 0.0
         return build_train_loader(
             DetectionDataset(records, train=True, flip_prob=flip),
@@ -272,14 +272,16 @@ class Trainer:
         if cfg.KD.METHODS and cfg.KD.EVAL_TEACHER and self.start_iter == 0:
             self.teacher_results = evaluate(cfg, self.model.teacher)
             self._write_metrics({"teacher_eval": self.teacher_results}, self.start_iter)
-        loader = iter(self.build_train_loader())
+        records = self.train_records()
+        loader = iter(self.build_train_loader(records))
         if self._resume_rng is not None:
             # Creating the loader's iterator draws a base seed from the global RNG; the
-            # uninterrupted run drew it before the checkpoint's state was taken, so restore it
-            # again to continue the exact same stream (Faster R-CNN samples ROIs from it).
+            # uninterrupted run drew it before the checkpoint's state was taken, so the state is
+            # restored only now, to continue the exact same stream (Faster R-CNN samples ROIs
+            # from it).
             _set_rng_state(self._resume_rng)
         self.prototype_refresher = build_prototype_refresher(
-            cfg, self.model, self.train_records(), _read_record_image
+            cfg, self.model, records, _read_record_image
         )
         writer = _tensorboard(cfg.OUTPUT_DIR) if is_main_process() else None
         from tqdm import tqdm
@@ -337,7 +339,7 @@ class Trainer:
 
     def run_step(self, images, targets) -> Dict[str, float]:
         model = unwrap(self.ddp_model)
-        if getattr(self, "prototype_refresher", None) is not None:
+        if self.prototype_refresher is not None:
             self.prototype_refresher.maybe_refresh(self.iter)
         if hasattr(model, "kd_before_step"):
             model.kd_before_step(self.iter)

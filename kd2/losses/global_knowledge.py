@@ -88,6 +88,12 @@ def prototype_cosines(instances: Tensor, prototypes: Tensor) -> Tensor:
     return a @ b.t()
 
 
+def _eta_from_maxima(q_s: Tensor, q_t: Tensor) -> Tensor:
+    """``1 − |q_s − q_t|`` clamped into ``[0, 1]``; non-finite values give ``0``."""
+    eta = 1.0 - (q_s - q_t).abs()
+    return torch.nan_to_num(eta, nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
+
+
 def robustness(
     student_inst: Tensor,
     teacher_inst: Tensor,
@@ -124,8 +130,7 @@ def robustness(
             return torch.zeros(0, device=student_inst.device)
         q_s = prototype_cosines(student_inst, student_protos).amax(dim=1)
         q_t = prototype_cosines(teacher_inst, teacher_protos).amax(dim=1)
-        eta = 1.0 - (q_s - q_t).abs()
-        return torch.nan_to_num(eta, nan=0.0, posinf=0.0, neginf=0.0).clamp(0.0, 1.0)
+        return _eta_from_maxima(q_s, q_t)
 
 
 def robustness_by_class(
@@ -158,9 +163,8 @@ def robustness_by_class(
         idx = labels.long().view(m, 1, 1).expand(m, 1, p)
         q_s = cos_s.gather(1, idx).amax(dim=(1, 2))
         q_t = cos_t.gather(1, idx).amax(dim=(1, 2))
-        raw = torch.nan_to_num(1.0 - (q_s - q_t).abs(), nan=0.0).clamp(0.0, 1.0)
         has = valid.to(eta.device)[labels.long()]
-        return torch.where(has, raw, eta)
+        return torch.where(has, _eta_from_maxima(q_s, q_t), eta)
 
 
 @torch.no_grad()

@@ -35,11 +35,34 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd2.ops import pgm_select
+from kd2.losses.global_knowledge import robustness_by_class
+from kd2.ops import box_mean_pool, pgm_select
 
-__all__ = ["PrototypeRefresher", "build_prototype_refresher", "select_pgm_instances"]
+__all__ = [
+    "PrototypeRefresher",
+    "build_prototype_refresher",
+    "pool_instance_boxes",
+    "select_pgm_instances",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def pool_instance_boxes(features: Dict[int, Tensor], boxes: Sequence[Tensor]) -> Dict[int, Tensor]:
+    """Pool every image's boxes on every level (the backends' ``kd_instance_features`` tail).
+
+    Args:
+        features: ``{stride: (N, C, H, W)}`` FPN maps of ``N`` images.
+        boxes: per image ``(G_i, 4)`` XYXY in the maps' input pixels.
+
+    Returns:
+        ``{stride: (sum G_i, C)}`` :func:`kd2.ops.box_mean_pool` features, image-then-box order.
+    """
+    flat = torch.cat(list(boxes))
+    index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)]).to(
+        flat.device
+    )
+    return {s: box_mean_pool(f, flat, index, s) for s, f in features.items()}
 
 
 def select_pgm_instances(
@@ -66,13 +89,13 @@ def select_pgm_instances(
         x2, y2], "label": c, "file_name", "image_id"}``.
     """
     per_class: List[List[int]] = [[] for _ in range(num_classes)]
-    valid: Dict[int, List[int]] = {}
+    valid: Dict[int, List[tuple]] = {}  # record -> its qualifying (box, label), in box order
     for i, rec in enumerate(records):
         boxes = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
         labels = np.asarray(rec["labels"], dtype=np.int64).reshape(-1)
         ok = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
         ok &= (labels >= 0) & (labels < num_classes)
-        valid[i] = np.nonzero(ok)[0].tolist()
+        valid[i] = [([float(v) for v in boxes[j]], int(labels[j])) for j in np.nonzero(ok)[0]]
         for c in set(labels[ok].tolist()):
             per_class[c].append(i)
     chosen = set()
@@ -82,15 +105,13 @@ def select_pgm_instances(
         chosen.update((images[j], c) for j in order)
     out = []
     for i, rec in enumerate(records):
-        labels = np.asarray(rec["labels"], dtype=np.int64).reshape(-1)
-        boxes = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
-        for j in valid.get(i, []):
-            if (i, int(labels[j])) in chosen:
+        for box, label in valid[i]:
+            if (i, label) in chosen:
                 out.append(
                     {
                         "record": i,
-                        "box": [float(v) for v in boxes[j]],
-                        "label": int(labels[j]),
+                        "box": box,
+                        "label": label,
                         "file_name": rec["file_name"],
                         "image_id": rec["image_id"],
                     }
@@ -271,8 +292,6 @@ class PrototypeRefresher:
                 tensors[f"student_{s}"], tensors[f"teacher_{s}"] = ps, pt
                 eta = torch.ones(len(self.instances))
                 if s in s_feats and s in t_feats and self.instances:
-                    from kd2.losses.global_knowledge import robustness_by_class
-
                     eta = robustness_by_class(s_feats[s], t_feats[s], labels, ps, pt, valid)
                 report["levels"][str(s)] = {
                     "prototypes": {str(c): v for c, v in picks.items()},

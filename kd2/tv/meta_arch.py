@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 
 from kd2.modeling.distiller import DistillerMixin
-from kd2.ops import box_mean_pool
+from kd2.modeling.prototypes import pool_instance_boxes
 from kd2.structures import RoiOutputs, StepRecord
 
 from . import record as R
@@ -117,11 +117,7 @@ class _KDMixin(DistillerMixin):
             feats = R.features_by_stride(net.backbone(image_list.tensors), strides)
         finally:
             net.train(was_training)
-        flat = torch.cat([t["boxes"] for t in targets])
-        index = torch.cat(
-            [torch.full((len(t["boxes"]),), i, dtype=torch.long) for i, t in enumerate(targets)]
-        ).to(flat.device)
-        return {s: box_mean_pool(f, flat, index, s) for s, f in feats.items()}
+        return pool_instance_boxes(feats, [t["boxes"] for t in targets])
 
     def _teacher_features(self, student: StepRecord):
         t = self._teacher
