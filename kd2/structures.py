@@ -5,7 +5,8 @@ Every backend (torchvision, Detectron2) fills the same record, and every loss in
 
 * foreground classes are contiguous ``0..K-1``;
 * softmax (ROI) heads carry the background in the **last** column ``K``;
-* sigmoid (dense) heads have no background channel;
+* sigmoid (dense) heads have no background channel; a softmax dense head (SSD) carries it in
+  the last column ``K`` like the ROI heads (``DenseOutputs.softmax``);
 * dense labels: ``-1`` = ignore, ``0..K-1`` = foreground, ``K`` = background;
 * boxes are XYXY in pixels of the padded network input (``images``);
 * FPN levels are keyed by their stride (``int``), finest first;
@@ -32,33 +33,43 @@ class DenseOutputs:
     """Outputs of a dense head (RetinaNet, FCOS) or of an RPN (``num_classes == 1``).
 
     Attributes:
-        cls_logits: per level, ``(N, R_l, K)`` raw sigmoid logits.
+        cls_logits: per level, ``(N, R_l, K)`` raw sigmoid logits, or ``(N, R_l, K + 1)`` softmax
+            logits with the background last when ``softmax`` is set (SSD).
         box_deltas: per level, ``(N, R_l, 4)`` raw regression outputs (box-coder space).
         anchors: per level, ``(R_l, 4)`` XYXY anchors, shared by every image.
         strides: per level, the stride in input pixels.
-        num_anchors_per_loc: ``A``; ``R_l == H_l * W_l * A``.
+        num_anchors_per_loc: ``A``; ``R_l == H_l * W_l * A``. SSD places a different number of
+            default boxes on each level: then a list, one ``A_l`` per level.
         num_classes: ``K`` (1 for an RPN's objectness).
         centerness: per level ``(N, R_l, 1)`` logits (FCOS), else ``None``.
         labels: ``(N, sum_l R_l)`` canonical assignment (``-1`` ignore, ``K`` background), or
             ``None`` when the record belongs to a teacher (teachers reuse the student's).
         matched_gt_boxes: ``(N, sum_l R_l, 4)`` GT box matched to each prediction
             (meaningful where ``labels`` is foreground), or ``None``.
-        box_coder: an object with ``decode_single(deltas, anchors)`` / ``encode_single``,
-            used to turn ``box_deltas`` into boxes.
+        box_coder: the framework's box transform (torchvision ``decode_single(deltas, anchors)``
+            or Detectron2 ``apply_deltas(deltas, anchors)``; see
+            :func:`kd2.losses.utils.decode_boxes`), used to turn ``box_deltas`` into boxes.
         grid_sizes: per level ``(H_l, W_l)``.
+        softmax: the head is a softmax classifier over ``K + 1`` (background last).
     """
 
     cls_logits: List[Tensor]
     box_deltas: List[Tensor]
     anchors: List[Tensor]
     strides: List[int]
-    num_anchors_per_loc: int
+    num_anchors_per_loc: int | List[int]
     num_classes: int
     grid_sizes: List[Tuple[int, int]]
     centerness: List[Tensor] | None = None
     labels: Tensor | None = None
     matched_gt_boxes: Tensor | None = None
     box_coder: object | None = None
+    softmax: bool = False
+
+    def anchors_per_level(self) -> List[int]:
+        """``A_l`` of every level."""
+        a = self.num_anchors_per_loc
+        return list(a) if isinstance(a, (list, tuple)) else [a] * len(self.cls_logits)
 
     def level_maps(self, tensors: List[Tensor]) -> List[Tensor]:
         """Reshape per-level ``(N, R_l, D)`` tensors into maps ``(N, A * D, H_l, W_l)``.
@@ -66,8 +77,7 @@ class DenseOutputs:
         The channel index of the result is ``a * D + d``, as in the raw head output.
         """
         out = []
-        a = self.num_anchors_per_loc
-        for t, (h, w) in zip(tensors, self.grid_sizes):
+        for t, (h, w), a in zip(tensors, self.grid_sizes, self.anchors_per_level()):
             n, _, d = t.shape
             out.append(t.reshape(n, h, w, a * d).permute(0, 3, 1, 2))
         return out
@@ -89,6 +99,8 @@ class RoiOutputs:
         box_head_features: ``(M, D)`` box-head output.
         cls_logits: ``(M, K + 1)`` softmax logits, background last.
         box_deltas: ``(M, K, 4)`` class-specific deltas (no background slot).
+        box_coder: the ROI head's box transform (see :class:`DenseOutputs`), to decode
+            ``box_deltas`` against ``proposals``.
     """
 
     proposals: List[Tensor]
@@ -98,6 +110,7 @@ class RoiOutputs:
     box_head_features: Tensor
     cls_logits: Tensor
     box_deltas: Tensor
+    box_coder: object | None = None
 
     def with_outputs(
         self,
@@ -116,6 +129,7 @@ class RoiOutputs:
             box_head_features=box_head_features,
             cls_logits=cls_logits,
             box_deltas=box_deltas,
+            box_coder=self.box_coder,
         )
 
     @property

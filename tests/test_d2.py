@@ -151,6 +151,51 @@ def test_both_backends_call_the_same_loss_modules(tmp_path):
     assert isinstance(model, distiller.DistillerMixin)
 
 
+D2_BRANCHES = {
+    "GeneralizedRCNN": ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"),
+    "RetinaNet": ("head.cls_score", "head.bbox_pred"),
+}
+
+
+@pytest.mark.parametrize("arch", ["GeneralizedRCNN", "RetinaNet"])
+def test_classifier_kd_on_detectron2(tmp_path, arch):
+    """ClassifierKD on Detectron2's softmax ROI head and sigmoid RetinaNet head: no detector
+    teacher, the classifier reads Detectron2's BGR 0-255 input, KD-loc reaches only the box
+    regression and KD-cls only the classification, and the student trains end to end."""
+    from kd2.losses.classifier_kd import record_positives
+    from kd2.modeling.classifier_teacher import CropClassifier, save_crop_classifier
+
+    torch.manual_seed(0)
+    save_crop_classifier(str(tmp_path / "clf.pth"), CropClassifier("resnet18", K, 32))
+    cfg = d2_cfg("Distill" + arch)
+    cfg.KD.METHODS = ["ClassifierKD"]
+    cfg.KD.CLASSIFIERKD.TEACHER.WEIGHTS = str(tmp_path / "clf.pth")
+    model = build_model(cfg).train()
+    assert model.teacher is None
+    method = model.kd_methods["ClassifierKD"]
+    assert type(method) is kd2.losses.KD_METHOD_REGISTRY.get("ClassifierKD")
+    assert method.classifier.perm == [2, 1, 0]  # BGR input -> the classifier's RGB
+    with EventStorage(0):
+        student, _ = model.student_step(batch())
+    assert record_positives(student).head == ("softmax" if arch == "GeneralizedRCNN" else "sigmoid")
+    losses = method(student, student.teacher_view())
+    cls_branch, box_branch = D2_BRANCHES[arch]
+
+    def grad(name):
+        ps = model.get_submodule(name).parameters()
+        return sum(float(p.grad.abs().sum()) for p in ps if p.grad is not None)
+
+    losses["loss_kd_classifier_loc"].backward(retain_graph=True)
+    assert grad(box_branch) > 0 and grad(cls_branch) == 0
+    model.zero_grad(set_to_none=True)
+    losses["loss_kd_classifier_cls"].backward()
+    assert grad(cls_branch) > 0 and grad(box_branch) == 0
+    with EventStorage(0):
+        all_losses = model(batch())
+    assert torch.isfinite(sum(all_losses.values()))
+    assert all_losses["loss_kd_classifier_loc"].item() > 0
+
+
 def test_misspelled_zoo_name_lists_close_names(tmp_path):
     cfg = kd_cfg(tmp_path)
     cfg.KD.TEACHER.CONFIG = "COCO-Detection/faster_rcnn_R_101_FPN_3X.yml"
@@ -306,6 +351,17 @@ def test_model_zoo_protocol_configs_resolve(name):
     teacher.merge_from_file(resolve_config_file(cfg.KD.TEACHER.CONFIG))  # a model-zoo name
     assert teacher.MODEL.RESNETS.DEPTH == 101 and cfg.MODEL.RESNETS.DEPTH == 50
     assert cfg.KD.TEACHER.WEIGHTS.startswith("detectron2://") and cfg.SOLVER.MAX_ITER == 180000
+
+
+def test_classifier_kd_protocol_config_needs_no_detector_teacher():
+    from kd2.modeling.distiller import needs_detector_teacher
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(os.path.join(ZOO_PROTOCOLS, "faster_rcnn_R50_FPN_2x_ClassifierKD.yaml"))
+    assert cfg.KD.METHODS == ["ClassifierKD"] and not needs_detector_teacher(cfg.KD)
+    assert cfg.KD.CLASSIFIERKD.TEACHER.WEIGHTS.endswith("model_final.pth")
+    assert cfg.SOLVER.MAX_ITER == 180000
 
 
 def _lazy_fcos(depth):

@@ -14,6 +14,7 @@ from kd2.config import get_cfg
 from kd2.data import DatasetCatalog, generate_synthetic_dataset
 from kd2.engine import Trainer
 from kd2.engine.checkpoint import last_checkpoint
+from kd2.modeling.distiller import needs_detector_teacher
 from kd2.tv.build import build_plain_detector
 
 from .helpers import engine_cfg, save_teacher
@@ -222,7 +223,9 @@ def _torchvision_configs():
 def test_every_shipped_config_loads(path):
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(REPO, path))
-    if cfg.KD.METHODS:
+    if "ClassifierKD" in cfg.KD.METHODS:
+        assert cfg.KD.CLASSIFIERKD.TEACHER.WEIGHTS
+    if needs_detector_teacher(cfg.KD):
         teacher = get_cfg()
         teacher.merge_from_file(os.path.join(REPO, cfg.KD.TEACHER.CONFIG))
         assert not teacher.KD.METHODS

@@ -19,6 +19,10 @@ The same protocol measures any method on any pair, e.g. Rank Mimicking on the on
         --student configs/synthetic/fcos_MNv3_student.yaml \
         --distilled configs/synthetic/fcos_MNv3_RM.yaml
 
+When the distilled config uses ``ClassifierKD``, the demo first trains its classifier teacher
+(``tools/train_crop_classifier.py`` settings ``--classifier-arch`` / ``--classifier-crop-size`` /
+``--classifier-epochs``, on the student config's data) into ``OUTPUT/crop_classifier``.
+
 Finished runs are reused when their full config is unchanged (``--fresh`` retrains).
 """
 
@@ -63,6 +67,9 @@ def parse_args(argv=None):
         help=f"config of the distilled student (default {DISTILLED}); its teacher weights are "
         "replaced by the demo's teacher",
     )
+    p.add_argument("--classifier-arch", default="resnet18", help="ClassifierKD teacher network")
+    p.add_argument("--classifier-crop-size", type=int, default=64)
+    p.add_argument("--classifier-epochs", type=int, default=8)
     p.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
@@ -82,14 +89,19 @@ def config_digest(cfg) -> str:
     keep = {method_node_name(m) for m in cfg.KD.METHODS} | {"TEACHER"}
     for key in [k for k, v in cfg.KD.items() if isinstance(v, dict) and k not in keep]:
         del cfg.KD[key]
+    if cfg.MODEL.META_ARCHITECTURE != "SSD":  # the architecture's node, added in kd2 0.3
+        cfg.MODEL.pop("SSD", None)
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 
 def legacy_digest(cfg) -> str:
-    """The hash kd2 0.1 wrote (full config, before the GLOBALKD node existed)."""
+    """The hash kd2 0.1 wrote (full config, before the GLOBALKD, CLASSIFIERKD and MODEL.SSD
+    nodes existed)."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.KD.pop("GLOBALKD", None)
+    cfg.KD.pop("CLASSIFIERKD", None)
+    cfg.MODEL.pop("SSD", None)
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 
@@ -117,6 +129,43 @@ def run(name: str, config_file: str, opts: list, output_dir: str, fresh: bool) -
     with open(done_file, "w") as f:
         json.dump(done, f, indent=1)
     return done
+
+
+def classifier_teacher(args, out: str) -> str:
+    """Train (or reuse) the ClassifierKD teacher on the student config's data; its weights."""
+    from kd2.engine.crop_classifier import train_crop_classifier
+    from kd2.tv.build import num_classes_of
+
+    folder = os.path.join(out, "crop_classifier")
+    settings = {
+        "arch": args.classifier_arch,
+        "crop_size": args.classifier_crop_size,
+        "epochs": args.classifier_epochs,
+        "student": args.student,
+    }
+    done_file = os.path.join(folder, "demo_settings.json")
+    weights = os.path.join(folder, "model_final.pth")
+    if not args.fresh and os.path.isfile(done_file) and os.path.isfile(weights):
+        with open(done_file) as f:
+            if json.load(f) == settings:
+                logger.info("crop classifier: reusing %s (same settings)", weights)
+                return weights
+    cfg = setup_cfg(os.path.join(ROOT, args.student), list(args.opts))
+    result = train_crop_classifier(
+        DatasetCatalog.get(cfg.DATASETS.TRAIN[0]),
+        DatasetCatalog.get(cfg.DATASETS.TEST[0]),
+        output_dir=folder,
+        num_classes=num_classes_of(cfg),
+        arch=args.classifier_arch,
+        crop_size=args.classifier_crop_size,
+        pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD,
+        epochs=args.classifier_epochs,
+    )
+    logger.info("crop classifier: val top-1 %.2f%% (%s)", result["top1"], weights)
+    with open(done_file, "w") as f:
+        json.dump(settings, f)
+    return weights
 
 
 def mean_std(xs):
@@ -205,8 +254,11 @@ def main(argv=None) -> None:
         jobs.append((f"student_seed{s}", args.student, ["SEED", str(s)], f"student_seed{s}"))
     teacher_weights = os.path.join(out, "teacher", "model_final.pth")
     method = os.path.splitext(os.path.basename(args.distilled))[0]
+    extra = []
+    if "ClassifierKD" in setup_cfg(os.path.join(ROOT, args.distilled), list(args.opts)).KD.METHODS:
+        extra = ["KD.CLASSIFIERKD.TEACHER.WEIGHTS", classifier_teacher(args, out)]
     for s in args.seeds:
-        opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights]
+        opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights] + extra
         jobs.append((f"distilled_seed{s}", args.distilled, opts, f"{method}_seed{s}"))
     results, runs = {}, {}
     for i, (name, config_file, opts, folder) in enumerate(jobs, 1):

@@ -14,7 +14,7 @@ _C.VERSION = 2
 
 _C.MODEL = CN()
 _C.MODEL.BACKEND = "torchvision"
-# "FasterRCNN" | "RetinaNet" | "FCOS"; with KD.METHODS non-empty the KD subclass is used.
+# "FasterRCNN" | "RetinaNet" | "FCOS" | "SSD"; with KD.METHODS non-empty the KD subclass is used.
 _C.MODEL.META_ARCHITECTURE = "FasterRCNN"
 _C.MODEL.DEVICE = "cpu"
 # A local checkpoint path; nothing is ever downloaded.
@@ -70,6 +70,16 @@ _C.MODEL.FCOS.NUM_CLASSES = 80
 _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
 _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
+
+# SSD (torchvision): BACKBONE.NAME "vgg16" = SSD300-VGG16 (SIZE 300, torchvision's
+# ssd300_vgg16 layout; set PIXEL_MEAN [0.48235, 0.45882, 0.40784] / PIXEL_STD [1/255] * 3 as its
+# builder does), "mobilenet_v3_large" = SSDLite (any SIZE). Softmax head with a background class.
+_C.MODEL.SSD = CN()
+_C.MODEL.SSD.NUM_CLASSES = 80
+_C.MODEL.SSD.SIZE = 300
+_C.MODEL.SSD.SCORE_THRESH_TEST = 0.01
+_C.MODEL.SSD.NMS_THRESH_TEST = 0.45
+_C.MODEL.SSD.TOPK_CANDIDATES_TEST = 400
 
 _C.INPUT = CN()
 _C.INPUT.MIN_SIZE_TRAIN = (800,)
@@ -195,3 +205,19 @@ _C.KD.GLOBALKD.SEED = 1
 _C.KD.GLOBALKD.REFRESH_PERIOD = 0
 # Images per forward pass while extracting PGM instance features.
 _C.KD.GLOBALKD.BATCH_SIZE = 8
+
+# Classifier-to-detector distillation (NeurIPS 2021): an image classifier trained on GT crops
+# (tools/train_crop_classifier.py) teaches the classification (KD-cls) and box regression
+# (KD-loc) of the detector. Needs no detector teacher; composable with detector-teacher methods.
+_C.KD.CLASSIFIERKD = CN()
+_C.KD.CLASSIFIERKD.TEACHER = CN()
+# The classifier checkpoint (the "model_final.pth" written by tools/train_crop_classifier.py).
+_C.KD.CLASSIFIERKD.TEACHER.WEIGHTS = ""
+# lambda_kc (the KD-cls loss already carries T^2: 0.4 * 4 = 1.6 effective) and lambda_kl.
+_C.KD.CLASSIFIERKD.CLS_WEIGHT = 0.4
+_C.KD.CLASSIFIERKD.LOC_WEIGHT = 0.15
+_C.KD.CLASSIFIERKD.TEMPERATURE = 2.0
+# Crop side; 0 = the classifier's training crop size (112 in the paper).
+_C.KD.CLASSIFIERKD.CROP_SIZE = 0
+# KD-loc's teacher-stem term (pixels 4x4 + stem 8x8, the code's layer=[-1, 0]); False = pixels.
+_C.KD.CLASSIFIERKD.LOC_FEATURES = True

@@ -27,7 +27,7 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 
-from kd2.modeling.distiller import DistillerMixin
+from kd2.modeling.distiller import DistillerMixin, needs_detector_teacher
 from kd2.modeling.prototypes import pool_instance_boxes
 from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
 
@@ -42,6 +42,18 @@ def _strides(model: nn.Module) -> Dict[str, int]:
 
 def _channels(model: nn.Module) -> Dict[int, int]:
     return {spec.stride: spec.channels for spec in model.backbone.output_shape().values()}
+
+
+def _input_normalization(model: nn.Module):
+    """``(pixel_mean, pixel_std, channel order, scale)`` of a Detectron2 model's input
+    (0-255 pixels in ``INPUT.FORMAT``), for a classifier teacher. ``DenseDetector`` (FCOS)
+    keeps no ``input_format``: its data mapper decides, BGR by default as in Detectron2."""
+    return (
+        model.pixel_mean.flatten().tolist(),
+        model.pixel_std.flatten().tolist(),
+        getattr(model, "input_format", "BGR"),
+        255.0,
+    )
 
 
 def _by_stride(model: nn.Module, features: Dict[str, Tensor]) -> Dict[int, Tensor]:
@@ -126,9 +138,10 @@ class _Distill(DistillerMixin):
 
     @classmethod
     def from_config(cls, cfg):
-        """The student's own ``from_config`` plus the teacher of ``cfg.KD.TEACHER``."""
+        """The student's own ``from_config`` plus the teacher of ``cfg.KD.TEACHER`` (``None``
+        when no method reads a detector teacher, e.g. ``ClassifierKD`` alone)."""
         ret = super().from_config(cfg)
-        ret["teacher"] = build_teacher(cfg)
+        ret["teacher"] = build_teacher(cfg) if needs_detector_teacher(cfg.KD) else None
         ret["kd_cfg"] = cfg.KD
         return ret
 
@@ -195,7 +208,7 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
     arch_kind = "two_stage"
 
     @configurable
-    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
         super().__init__(**kwargs)
         if getattr(self.roi_heads, "train_on_pred_boxes", False):
             raise NotImplementedError("kd2 does not support ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
@@ -203,9 +216,10 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
             kd_cfg,
             teacher,
             num_classes=self.roi_heads.num_classes,
-            teacher_num_classes=teacher.roi_heads.num_classes,
+            teacher_num_classes=teacher.roi_heads.num_classes if teacher is not None else None,
             student_channels=_channels(self),
-            teacher_channels=_channels(teacher),
+            teacher_channels=_channels(teacher) if teacher is not None else {},
+            input_normalization=_input_normalization(self),
         )
 
     def student_step(self, batched_inputs):
@@ -242,6 +256,7 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
             box_head_features=head,
             cls_logits=logits,
             box_deltas=box_deltas.view(box_deltas.shape[0], -1, 4),
+            box_coder=roi.box_predictor.box2box_transform,
         )
         return rec, losses
 
@@ -269,14 +284,15 @@ class _DistillDense(_Distill):
 
     arch_kind = "one_stage"
 
-    def _init_dense(self, teacher: nn.Module, kd_cfg) -> None:
+    def _init_dense(self, teacher: nn.Module | None, kd_cfg) -> None:
         self._init_distiller(
             kd_cfg,
             teacher,
             num_classes=self.num_classes,
-            teacher_num_classes=teacher.num_classes,
+            teacher_num_classes=teacher.num_classes if teacher is not None else None,
             student_channels=_channels(self),
-            teacher_channels=_channels(teacher),
+            teacher_channels=_channels(teacher) if teacher is not None else {},
+            input_normalization=_input_normalization(self),
         )
 
     def student_step(self, batched_inputs):
@@ -316,7 +332,7 @@ class DistillRetinaNet(_DistillDense, RetinaNet):
     labels). Never calls the teacher's ``losses`` (it would move its EMA normaliser)."""
 
     @configurable
-    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
         super().__init__(**kwargs)
         self._init_dense(teacher, kd_cfg)
 
@@ -327,6 +343,6 @@ class DistillFCOS(_DistillDense, FCOS):
     ``dense`` with ``centerness`` and FCOS's point labels (no ignore label); box outputs are the
     raw head outputs (Detectron2 applies the ReLU at decode time)."""
 
-    def __init__(self, *, teacher: nn.Module, kd_cfg, **kwargs):
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
         super().__init__(**kwargs)
         self._init_dense(teacher, kd_cfg)

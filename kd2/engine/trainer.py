@@ -269,8 +269,9 @@ class Trainer:
     def train(self) -> Dict:
         cfg = self.cfg
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        if cfg.KD.METHODS and cfg.KD.EVAL_TEACHER and self.start_iter == 0:
-            self.teacher_results = evaluate(cfg, self.model.teacher)
+        teacher = getattr(self.model, "teacher", None)
+        if teacher is not None and cfg.KD.EVAL_TEACHER and self.start_iter == 0:
+            self.teacher_results = evaluate(cfg, teacher)
             self._write_metrics({"teacher_eval": self.teacher_results}, self.start_iter)
         records = self.train_records()
         loader = iter(self.build_train_loader(records))

@@ -6,6 +6,7 @@ torchvision. Importing this package registers every method in :data:`KD_METHOD_R
 """
 
 from .base import KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod
+from .classifier_kd import ClassifierKD, classifier_kd_cls_loss, classifier_kd_loc_loss, crop_boxes
 from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
 from .fgfi import FGFI, fgfi_imitation_mask, fgfi_loss
 from .fitnet import FitNet, fitnet_loss
@@ -17,6 +18,10 @@ from .rank_mimicking import RM, rank_mimicking_loss
 from .utils import assign_fpn_levels, box_iou, masked_squared_error, softmax_kl_div
 
 __all__ = [
+    "ClassifierKD",
+    "classifier_kd_cls_loss",
+    "classifier_kd_loc_loss",
+    "crop_boxes",
     "FGFI",
     "FRS",
     "KD_METHOD_REGISTRY",

@@ -18,18 +18,44 @@ An image classifier trained on object crops teaches the detector (``docs/algorit
   mean absolute difference each, summed per object and averaged over the positives. Gradients
   reach only the predicted boxes (so only the student's box regression).
 
-The method, the classifier teacher and their configs are not implemented yet (issue 6).
+:class:`ClassifierKD` reads both terms off the student's record only (no detector teacher):
+softmax heads (Faster R-CNN's ROI head on its positive ROIs, SSD's dense head) and sigmoid heads
+(RetinaNet, FCOS: positive anchors/points). The classifier teacher (a
+:class:`kd2.modeling.classifier_teacher.ClassifierTeacher`, trained by
+``tools/train_crop_classifier.py``) is attached by the meta-architecture; it maps the detector's
+normalised input to its own normalisation, so crops and the pixel term stay in the detector's
+units as in the official code.
+
+Choices (``docs/algorithms.md`` §4): the official code (SSD300 only) is followed. Objects are
+the GT boxes that have at least one positive (the code crops every GT, but only those with
+positives reach a loss); positives of the two-stage head are the sampled foreground ROIs, their
+predicted box the class-specific delta of their GT class decoded on the proposal. The code's
+``kl-bce`` sigmoid variant (per-class Bernoulli KL) is not offered: algorithms.md shows its
+"flip" is a no-op and the released config uses ``kl-ce``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["classifier_kd_cls_loss", "classifier_kd_loc_loss", "crop_boxes"]
+from kd2.structures import StepRecord
+
+from .base import KD_METHOD_REGISTRY, KDMethod
+from .utils import cfg_get, decode_boxes, object_ids
+
+__all__ = [
+    "ClassifierKD",
+    "Positives",
+    "classifier_kd_cls_loss",
+    "classifier_kd_loc_loss",
+    "crop_boxes",
+    "record_positives",
+]
 
 
 def crop_boxes(images: Tensor, boxes: Tensor, batch_index: Tensor, size: int = 112) -> Tensor:
@@ -193,3 +219,191 @@ def classifier_kd_loc_loss(
             per_object = per_object + (f_pred - f_target).abs().flatten(1).mean(dim=1).float()
         total = total + per_object.sum()
     return total / p
+
+
+class Positives(NamedTuple):
+    """The positives of one student step, as the two KD terms need them.
+
+    Attributes:
+        logits: ``(P, K + 1)`` softmax logits (background last) or ``(P, K)`` sigmoid logits.
+        head: ``"softmax"`` or ``"sigmoid"``.
+        pred_boxes: ``(P, 4)`` decoded predicted boxes (gradients to the box deltas only).
+        target_boxes: ``(P, 4)`` matched GT boxes.
+        image_index: ``(P,)`` image of each positive.
+    """
+
+    logits: Tensor
+    head: str
+    pred_boxes: Tensor
+    target_boxes: Tensor
+    image_index: Tensor
+
+
+def record_positives(record: StepRecord) -> Positives:
+    """The positives of a student record: the foreground sampled ROIs of a two-stage detector
+    (class-specific deltas of the GT class, decoded on the detached proposals), else the
+    foreground anchors/points of the dense head (decoded on the anchors)."""
+    k = record.num_classes
+    if record.roi is not None:
+        roi = record.roi
+        labels = roi.cat_labels
+        fg = ((labels >= 0) & (labels < k)).nonzero(as_tuple=True)[0]
+        counts = torch.tensor([len(p) for p in roi.proposals], device=labels.device)
+        image_index = torch.repeat_interleave(
+            torch.arange(len(counts), device=labels.device), counts
+        )
+        deltas = roi.box_deltas[fg, labels[fg]]
+        proposals = torch.cat(roi.proposals)[fg].detach()
+        return Positives(
+            logits=roi.cls_logits[fg],
+            head="softmax",
+            pred_boxes=decode_boxes(roi.box_coder, deltas, proposals),
+            target_boxes=torch.cat(roi.matched_gt_boxes)[fg],
+            image_index=image_index[fg],
+        )
+    dense = record.dense
+    if dense is None or dense.labels is None or dense.matched_gt_boxes is None:
+        raise ValueError(
+            "ClassifierKD needs the student's assignment: an ROI head, or a dense head with "
+            "labels and matched GT boxes"
+        )
+    pos = (dense.labels >= 0) & (dense.labels < k)  # (N, ΣR)
+    img, anc = pos.nonzero(as_tuple=True)
+    deltas = torch.cat(dense.box_deltas, dim=1)[img, anc]
+    anchors = torch.cat(dense.anchors)[anc]
+    return Positives(
+        logits=torch.cat(dense.cls_logits, dim=1)[img, anc],
+        head="softmax" if dense.softmax else "sigmoid",
+        pred_boxes=decode_boxes(dense.box_coder, deltas, anchors),
+        target_boxes=dense.matched_gt_boxes[img, anc],
+        image_index=img,
+    )
+
+
+@KD_METHOD_REGISTRY.register()
+class ClassifierKD(KDMethod):
+    """Classifier-to-detector distillation (KD-cls + KD-loc) from an image classifier teacher.
+
+    Config (``cfg.KD.CLASSIFIERKD``): ``TEACHER.WEIGHTS`` (a checkpoint written by
+    ``tools/train_crop_classifier.py``), ``CLS_WEIGHT`` λ_kc (0.4; the loss carries ``T²``),
+    ``LOC_WEIGHT`` λ_kl (0.15), ``TEMPERATURE`` (2), ``CROP_SIZE`` (0 = the classifier's training
+    crop size; 112 in the paper), ``LOC_FEATURES`` (the teacher-stem term of KD-loc, on).
+    Losses: ``loss_kd_classifier_cls``, ``loss_kd_classifier_loc``.
+
+    Needs no detector teacher (:attr:`teacher_parts` is empty), so it runs alone or next to
+    detector-to-detector methods in one ``KD.METHODS`` list. The meta-architecture attaches the
+    frozen classifier with :meth:`attach_classifier`; it is kept outside the module tree (never
+    in ``state_dict()``, the optimizer or DDP).
+    """
+
+    teacher_parts = frozenset()
+    #: The distiller builds ``KD.CLASSIFIERKD.TEACHER`` and attaches it.
+    needs_classifier_teacher = True
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        teacher_weights: str = "",
+        cls_weight: float = 0.4,
+        loc_weight: float = 0.15,
+        temperature: float = 2.0,
+        crop_size: int = 0,
+        loc_features: bool = True,
+        chunk: int = 256,
+    ):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"ClassifierKD TEMPERATURE must be > 0, got {temperature}")
+        if crop_size < 0:
+            raise ValueError(
+                f"ClassifierKD CROP_SIZE must be >= 0 (0 = the classifier's), got {crop_size}"
+            )
+        self.num_classes = int(num_classes)
+        self.teacher_weights = str(teacher_weights)
+        self.cls_weight = float(cls_weight)
+        self.loc_weight = float(loc_weight)
+        self.temperature = float(temperature)
+        self.crop_size = int(crop_size)
+        self.loc_features = bool(loc_features)
+        self.chunk = int(chunk)
+        object.__setattr__(self, "_classifier", None)
+
+    @classmethod
+    def from_config(
+        cls,
+        node,
+        *,
+        student_channels: Mapping[int, int],
+        teacher_channels: Mapping[int, int],
+        num_classes: int,
+        arch: str,
+    ) -> ClassifierKD:
+        teacher = cfg_get(node, "TEACHER", None)
+        weights = cfg_get(teacher, "WEIGHTS", "")
+        if not weights:
+            raise ValueError(
+                "ClassifierKD needs a classifier teacher: set KD.CLASSIFIERKD.TEACHER.WEIGHTS to a "
+                "checkpoint written by tools/train_crop_classifier.py"
+            )
+        return cls(
+            num_classes=num_classes,
+            teacher_weights=weights,
+            cls_weight=cfg_get(node, "CLS_WEIGHT", 0.4),
+            loc_weight=cfg_get(node, "LOC_WEIGHT", 0.15),
+            temperature=cfg_get(node, "TEMPERATURE", 2.0),
+            crop_size=cfg_get(node, "CROP_SIZE", 0),
+            loc_features=cfg_get(node, "LOC_FEATURES", True),
+        )
+
+    def attach_classifier(self, classifier) -> None:
+        """Attach the frozen classifier teacher: an object with ``logits(crops) -> (M, K)``,
+        ``stem(crops) -> (M, C, h, w)`` (both on crops of the detector's normalised input) and
+        ``num_classes`` / ``crop_size`` attributes."""
+        if classifier.num_classes != self.num_classes:
+            raise ValueError(
+                f"the classifier teacher {self.teacher_weights!r} has {classifier.num_classes} "
+                f"classes but the detector has {self.num_classes}; train it on the detector's "
+                "dataset (tools/train_crop_classifier.py)"
+            )
+        object.__setattr__(self, "_classifier", classifier)
+
+    @property
+    def classifier(self):
+        if self._classifier is None:
+            raise RuntimeError(
+                "ClassifierKD has no classifier teacher attached; build the detector with "
+                "kd2's meta-architectures (they attach KD.CLASSIFIERKD.TEACHER)"
+            )
+        return self._classifier
+
+    def resolved_crop_size(self) -> int:
+        return self.crop_size or int(self.classifier.crop_size)
+
+    def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:
+        clf = self.classifier
+        size = self.resolved_crop_size()
+        pos = record_positives(student)
+        ids, objects = object_ids(pos.image_index, pos.target_boxes)
+        images = student.images.detach()
+        with torch.no_grad():
+            crops = crop_boxes(images, objects[:, 1:].to(images.dtype), objects[:, 0].long(), size)
+            object_logits = (
+                clf.logits(crops) if len(objects) else crops.new_zeros(0, self.num_classes)
+            )
+        loss_cls = classifier_kd_cls_loss(
+            pos.logits, object_logits[ids], self.temperature, head=pos.head
+        )
+        loss_loc = classifier_kd_loc_loss(
+            images,
+            pos.pred_boxes,
+            pos.target_boxes,
+            pos.image_index,
+            clf.stem if self.loc_features else None,
+            size=size,
+            chunk=self.chunk,
+        )
+        return {
+            "loss_kd_classifier_cls": loss_cls * self.cls_weight,
+            "loss_kd_classifier_loc": loss_loc * self.loc_weight,
+        }

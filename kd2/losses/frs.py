@@ -44,7 +44,7 @@ from kd2.modeling.adapters import FeatureAdapter
 from kd2.structures import DenseOutputs, StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, shared_strides
+from .utils import adapt_features, cfg_get, require_sigmoid_dense, shared_strides
 
 __all__ = ["FRS", "FRS_DEFAULT_WEIGHTS", "feature_richness", "frs_feature_loss", "frs_head_loss"]
 
@@ -216,6 +216,7 @@ class FRS(KDMethod):
         """``"faster_rcnn"``, ``"fcos"`` (dense head with centerness) or ``"retinanet"``."""
         if self.arch == "two_stage":
             return "faster_rcnn"
+        require_sigmoid_dense("FRS", student.dense)
         if student.dense is not None and student.dense.centerness is not None:
             return "fcos"
         return "retinanet"

@@ -63,6 +63,7 @@ from .utils import (
     assign_fpn_levels,
     cfg_get,
     masked_squared_error,
+    require_sigmoid_dense,
     shared_strides,
     softmax_kl_div,
     zero_like_loss,
@@ -546,6 +547,7 @@ class GlobalKD(KDMethod):
                 s_roi.cls_logits[pos], t_roi.cls_logits[pos], eta, self.temperature
             )
         s_dense, t_dense = student.dense, teacher.dense
+        require_sigmoid_dense("GlobalKD", s_dense)
         if t_dense is None:
             raise ValueError("GlobalKD soft labels need the teacher's dense head outputs")
         pos = (s_dense.labels >= 0) & (s_dense.labels < k)

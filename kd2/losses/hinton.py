@@ -29,7 +29,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, softmax_kl_div, zero_like_loss
+from .utils import cfg_get, require_sigmoid_dense, softmax_kl_div, zero_like_loss
 
 __all__ = [
     "Hinton",
@@ -199,6 +199,7 @@ class Hinton(KDMethod):
             raise ValueError("Hinton(head='dense') needs dense-head outputs in both records")
         if student.dense.labels is None:
             raise ValueError("Hinton(head='dense') needs the student's dense labels")
+        require_sigmoid_dense("Hinton(head='dense')", student.dense)
         loss = hinton_dense_loss(
             student.dense.cls_logits,
             teacher.dense.cls_logits,

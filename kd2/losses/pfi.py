@@ -29,7 +29,7 @@ from kd2.modeling.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, require_one_stage
+from .utils import cfg_get, require_one_stage, require_sigmoid_dense
 
 __all__ = ["PFI", "pfi_loss"]
 
@@ -151,6 +151,7 @@ class PFI(KDMethod):
         sd, td = student.dense, teacher.dense
         if sd is None or td is None:
             raise ValueError("PFI needs the dense (one-stage) head in both the student and teacher")
+        require_sigmoid_dense("PFI", sd)
         s_maps = dict(zip(sd.strides, sd.level_maps(sd.cls_logits)))
         t_maps = dict(zip(td.strides, td.level_maps(td.cls_logits)))
         strides = [

@@ -34,7 +34,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, require_one_stage, zero_like_loss
+from .utils import cfg_get, object_ids, require_one_stage, require_sigmoid_dense, zero_like_loss
 
 __all__ = ["RM", "dense_positive_scores", "rank_mimicking_loss"]
 
@@ -139,6 +139,7 @@ def dense_positive_scores(
         raise ValueError("RM needs the dense (one-stage) head in both the student and teacher")
     if sd.labels is None or sd.matched_gt_boxes is None:
         raise ValueError("RM needs student.dense.labels and student.dense.matched_gt_boxes")
+    require_sigmoid_dense("RM (rank mimicking)", sd)
     s_logits = torch.cat(sd.cls_logits, dim=1)  # (N, ΣR, K)
     t_logits = torch.cat(td.cls_logits, dim=1)
     if s_logits.shape != t_logits.shape:
@@ -153,12 +154,7 @@ def dense_positive_scores(
     cls = labels[img, anc]
     s_scores = s_logits[img, anc, cls]
     t_scores = t_logits[img, anc, cls]
-    boxes = sd.matched_gt_boxes[img, anc].double()  # (P, 4)
-    rows = torch.cat([img[:, None].double(), boxes], dim=1)  # (P, 5)
-    if rows.shape[0] > 0:
-        _, obj = torch.unique(rows, dim=0, return_inverse=True)
-    else:
-        obj = torch.zeros(0, dtype=torch.long, device=labels.device)
+    obj, _ = object_ids(img, sd.matched_gt_boxes[img, anc])
     return s_scores, t_scores, obj, img
 
 

@@ -19,7 +19,10 @@ __all__ = [
     "assign_fpn_levels",
     "box_iou",
     "cfg_get",
+    "decode_boxes",
     "masked_squared_error",
+    "object_ids",
+    "require_sigmoid_dense",
     "shared_strides",
     "softmax_kl_div",
     "zero_like_loss",
@@ -190,3 +193,56 @@ def require_one_stage(method: str, arch: str) -> None:
         raise ValueError(
             f"{method} works on one-stage detectors only (arch 'one_stage'), got arch {arch!r}"
         )
+
+
+def require_sigmoid_dense(method: str, dense) -> None:
+    """Raise when a method written for sigmoid dense heads meets a softmax one (SSD)."""
+    if dense is not None and getattr(dense, "softmax", False):
+        raise ValueError(
+            f"{method} is defined on sigmoid dense heads (RetinaNet, FCOS); this detector's dense "
+            "head is a softmax classifier with a background class (SSD). Use a method that "
+            "supports softmax heads (ClassifierKD) or a sigmoid-head detector"
+        )
+
+
+def object_ids(image_index: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Group positives into objects by their matched GT box.
+
+    Within one image, positives with identical matched boxes belong to one object
+    (``torch.unique`` over the ``(image, x1, y1, x2, y2)`` rows; two GTs with exactly the same
+    box in one image are merged).
+
+    Args:
+        image_index: ``(P,)`` image of each positive.
+        boxes: ``(P, 4)`` matched GT boxes.
+
+    Returns:
+        ``(ids (P,) long in [0, O), objects (O, 5))``: each positive's object, and each object's
+        ``(image, x1, y1, x2, y2)`` row (float64).
+    """
+    rows = torch.cat([image_index[:, None].double(), boxes.detach().double()], dim=1)
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device), rows
+    objects, ids = torch.unique(rows, dim=0, return_inverse=True)
+    return ids, objects
+
+
+def decode_boxes(box_coder, deltas: Tensor, anchors: Tensor) -> Tensor:
+    """Apply a framework's box transform: ``(P, 4)`` deltas on ``(P, 4)`` XYXY anchors/proposals.
+
+    Duck-typed, so that no framework is imported here: torchvision's ``BoxCoder`` exposes
+    ``decode_single(deltas, boxes)`` and ``BoxLinearCoder`` (FCOS) an element-wise
+    ``decode(deltas, boxes)``; Detectron2's ``Box2BoxTransform`` / ``Box2BoxTransformLinear``
+    ``apply_deltas(deltas, boxes)``. Differentiable in ``deltas``.
+    """
+    if box_coder is None:
+        raise ValueError("the record has no box_coder; the backend must set one to decode boxes")
+    if hasattr(box_coder, "decode_single"):
+        return box_coder.decode_single(deltas, anchors)
+    if hasattr(box_coder, "apply_deltas"):
+        return box_coder.apply_deltas(deltas, anchors)
+    if hasattr(box_coder, "decode"):  # torchvision's BoxLinearCoder
+        return box_coder.decode(deltas, anchors)
+    raise TypeError(
+        f"{type(box_coder).__name__} has neither decode_single nor apply_deltas; cannot decode"
+    )

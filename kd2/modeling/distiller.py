@@ -6,11 +6,16 @@ in :class:`DistillerMixin`, which holds the frozen teacher **outside** the modul
 eval mode and ``.to()`` moves it along — builds the configured methods of ``cfg.KD`` and turns two
 records into the ``loss_kd_*`` terms. The backend only translates its framework into
 :mod:`kd2.structures` records.
+
+A run may need no detector teacher at all (``ClassifierKD`` alone reads only the student's
+record): :func:`needs_detector_teacher` tells the backends whether to build one. Methods that
+want a classifier teacher (``needs_classifier_teacher``) get it attached here, built for the
+detector's input normalisation and held outside the module tree like the detector teacher.
 """
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Mapping
+from typing import Dict, FrozenSet, Mapping, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -18,7 +23,12 @@ from kd2.config import method_node_name
 from kd2.losses import KD_METHOD_REGISTRY
 from kd2.structures import StepRecord
 
-__all__ = ["DistillerMixin"]
+__all__ = ["DistillerMixin", "needs_detector_teacher"]
+
+
+def needs_detector_teacher(kd_cfg) -> bool:
+    """Whether any method of ``kd_cfg.METHODS`` reads a part of a detector teacher."""
+    return any(KD_METHOD_REGISTRY.get(name).teacher_parts for name in kd_cfg.METHODS)
 
 
 class DistillerMixin:
@@ -30,17 +40,31 @@ class DistillerMixin:
     def _init_distiller(
         self,
         kd_cfg,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         *,
         num_classes: int,
-        teacher_num_classes: int,
+        teacher_num_classes: int | None,
         student_channels: Mapping[int, int],
         teacher_channels: Mapping[int, int],
+        input_normalization: Tuple[Sequence[float], Sequence[float], str, float] | None = None,
     ) -> None:
         """Attach ``teacher`` (frozen, eval, unregistered) and build ``kd_cfg.METHODS``.
 
-        ``*_channels`` map FPN stride -> channels of the student and teacher.
+        ``*_channels`` map FPN stride -> channels of the student and teacher. ``teacher`` is
+        ``None`` when no method needs a detector teacher (:func:`needs_detector_teacher`).
+        ``input_normalization`` = ``(pixel_mean, pixel_std, channels, scale)`` of the student's
+        input (see :class:`kd2.modeling.classifier_teacher.ClassifierTeacher`), needed by
+        methods with a classifier teacher.
         """
+        object.__setattr__(self, "_classifier_teachers", [])
+        if teacher is None:
+            if needs_detector_teacher(kd_cfg):
+                raise ValueError(
+                    f"KD.METHODS {list(kd_cfg.METHODS)} need a detector teacher: set "
+                    "KD.TEACHER.CONFIG and KD.TEACHER.WEIGHTS"
+                )
+            teacher_channels = dict(student_channels)
+            teacher_num_classes = num_classes
         if teacher_num_classes != num_classes:
             raise ValueError(
                 f"teacher and student disagree on the number of classes: teacher has "
@@ -53,7 +77,8 @@ class DistillerMixin:
                 f"student FPN strides {sorted(student_channels)} and teacher FPN strides "
                 f"{sorted(teacher_channels)} have none in common; kd2 pairs levels by stride"
             )
-        teacher.eval().requires_grad_(False)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
         object.__setattr__(self, "_teacher", teacher)  # deliberately not a submodule
         self.num_classes_kd = num_classes
         self.kd_warmup_iters = kd_cfg.WARMUP_ITERS
@@ -68,25 +93,49 @@ class DistillerMixin:
                 num_classes=num_classes,
                 arch=self.arch_kind,
             )
+        for method in methods.values():
+            if getattr(method, "needs_classifier_teacher", False):
+                method.attach_classifier(
+                    self._build_classifier_teacher(method, input_normalization)
+                )
         self.kd_methods = nn.ModuleDict(methods)
         self.teacher_parts: FrozenSet[str] = frozenset().union(
             *(m.teacher_parts for m in methods.values())
         )
 
+    def _build_classifier_teacher(self, method, input_normalization) -> nn.Module:
+        from kd2.modeling.classifier_teacher import build_classifier_teacher
+
+        if input_normalization is None:
+            raise ValueError("this backend gives no input normalisation for a classifier teacher")
+        mean, std, channels, scale = input_normalization
+        clf = build_classifier_teacher(
+            method.teacher_weights, pixel_mean=mean, pixel_std=std, channels=channels, scale=scale
+        )
+        self._classifier_teachers.append(clf)
+        return clf
+
     @property
-    def teacher(self) -> nn.Module:
+    def teacher(self) -> nn.Module | None:
+        """The frozen detector teacher (``None`` when no method reads one)."""
         return self._teacher
+
+    def _frozen_teachers(self):
+        if "_teacher" not in self.__dict__:  # not yet attached while the student is being built
+            return []
+        teachers = [self._teacher] if self._teacher is not None else []
+        return teachers + list(self._classifier_teachers)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if "_teacher" in self.__dict__:  # not yet attached while the student is being built
-            self._teacher.eval()
+        for t in self._frozen_teachers():
+            t.eval()
         return self
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        if "_teacher" in self.__dict__:
-            self._teacher._apply(fn, *args, **kwargs)
+        for t in self._frozen_teachers():
+            t._apply(fn, *args, **kwargs)
         return self
 
     def student_state_dict(self) -> Dict[str, Tensor]:

@@ -1,13 +1,14 @@
 """Build torchvision detectors (and their KD subclasses) from a kd2 config.
 
-Plain models are exactly torchvision's ``FasterRCNN`` / ``RetinaNet`` / ``FCOS`` classes, so a
-student checkpoint written by kd2 loads into a plain torchvision model of the same architecture.
+Plain models are exactly torchvision's ``FasterRCNN`` / ``RetinaNet`` / ``FCOS`` / ``SSD``
+classes, so a student checkpoint written by kd2 loads into a plain torchvision model of the same
+architecture.
 Weights are never downloaded: ``weights=None`` everywhere, and ``MODEL.WEIGHTS`` /
 ``KD.TEACHER.WEIGHTS`` are local paths.
 
 Class conventions: kd2's data gives contiguous labels ``0..K-1``. torchvision's Faster R-CNN
-reserves class 0 for the background, so it is built with ``K + 1`` classes and trained on
-``label + 1`` (:func:`label_offset`); RetinaNet and FCOS have no background channel and are
+and SSD reserve class 0 for the background, so they are built with ``K + 1`` classes and trained
+on ``label + 1`` (:func:`label_offset`); RetinaNet and FCOS have no background channel and are
 built with ``K`` classes.
 """
 
@@ -20,9 +21,16 @@ from typing import Dict, List
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import (
+    FCOS,
+    FasterRCNN,
+    RetinaNet,
+    ssd300_vgg16,
+    ssdlite320_mobilenet_v3_large,
+)
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
+from torchvision.models.detection.ssd import SSD
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import (
     FeaturePyramidNetwork,
@@ -41,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("FasterRCNN", "RetinaNet", "FCOS")
+ARCHITECTURES = ("FasterRCNN", "RetinaNet", "FCOS", "SSD")
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -54,6 +62,8 @@ def num_classes_of(cfg) -> int:
         return cfg.MODEL.RETINANET.NUM_CLASSES
     if arch == "FCOS":
         return cfg.MODEL.FCOS.NUM_CLASSES
+    if arch == "SSD":
+        return cfg.MODEL.SSD.NUM_CLASSES
     raise ValueError(
         f"MODEL.META_ARCHITECTURE={arch!r} is not a torchvision architecture kd2 supports; "
         f"use one of {ARCHITECTURES}"
@@ -61,8 +71,8 @@ def num_classes_of(cfg) -> int:
 
 
 def label_offset(model: nn.Module) -> int:
-    """1 for Faster R-CNN (background is class 0 in torchvision), else 0."""
-    return 1 if isinstance(model, FasterRCNN) else 0
+    """1 for Faster R-CNN and SSD (background is class 0 in torchvision), else 0."""
+    return 1 if isinstance(model, (FasterRCNN, SSD)) else 0
 
 
 def _build_backbone(cfg, arch: str) -> nn.Module:
@@ -140,10 +150,64 @@ def _anchor_generator(cfg, arch: str) -> AnchorGenerator | None:
     return AnchorGenerator(tuple(tuple(s) for s in sizes), tuple(tuple(r) for r in ratios))
 
 
+def ssd_kwargs(cfg) -> Dict[str, object]:
+    """``SSD`` constructor arguments: the components of torchvision's own builders.
+
+    ``vgg16`` is ``ssd300_vgg16`` (fixed 300 px input, its default boxes and steps);
+    ``mobilenet_v3_large`` is ``ssdlite320_mobilenet_v3_large`` at ``MODEL.SSD.SIZE`` (its default
+    boxes are relative to the input size). Weights are never downloaded.
+    """
+    s, k = cfg.MODEL.SSD, cfg.MODEL.SSD.NUM_CLASSES
+    name, size = cfg.MODEL.BACKBONE.NAME, int(cfg.MODEL.SSD.SIZE)
+    common = dict(
+        num_classes=k + 1,
+        weights=None,
+        weights_backbone=None,
+        # kd2 never loads torchvision's pretrained weights, and torchvision trains every layer
+        # of a randomly initialised SSD (it ignores and warns about any other value).
+        trainable_backbone_layers=None,
+        image_mean=list(cfg.MODEL.PIXEL_MEAN),
+        image_std=list(cfg.MODEL.PIXEL_STD),
+        score_thresh=s.SCORE_THRESH_TEST,
+        nms_thresh=s.NMS_THRESH_TEST,
+        detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+        topk_candidates=s.TOPK_CANDIDATES_TEST,
+    )
+    if name == "vgg16":
+        if size != 300:
+            raise ValueError(
+                f"SSD with BACKBONE.NAME 'vgg16' is SSD300 (its default boxes assume 300 px); got "
+                f"MODEL.SSD.SIZE {size}. Use 300, or the 'mobilenet_v3_large' (SSDLite) backbone"
+            )
+        model = ssd300_vgg16(**common)
+    elif name == "mobilenet_v3_large":
+        model = ssdlite320_mobilenet_v3_large(**common)
+    else:
+        raise ValueError(
+            f"SSD supports MODEL.BACKBONE.NAME 'vgg16' (SSD300) or 'mobilenet_v3_large' (SSDLite), "
+            f"got {name!r}"
+        )
+    return dict(
+        backbone=model.backbone,
+        anchor_generator=model.anchor_generator,
+        size=(size, size),
+        num_classes=k + 1,
+        head=model.head,
+        image_mean=list(cfg.MODEL.PIXEL_MEAN),
+        image_std=list(cfg.MODEL.PIXEL_STD),
+        score_thresh=model.score_thresh,
+        nms_thresh=model.nms_thresh,
+        detections_per_img=model.detections_per_img,
+        topk_candidates=model.topk_candidates,
+    )
+
+
 def detector_kwargs(cfg) -> Dict[str, object]:
     """The keyword arguments of the torchvision constructor for ``cfg`` (backbone included)."""
     arch = cfg.MODEL.META_ARCHITECTURE
     k = num_classes_of(cfg)
+    if arch == "SSD":
+        return ssd_kwargs(cfg)
     common = dict(
         backbone=_build_backbone(cfg, arch),
         min_size=tuple(cfg.INPUT.MIN_SIZE_TRAIN),
@@ -215,13 +279,15 @@ def _set_test_size(model: nn.Module, cfg) -> None:
     torchvision resizes to ``min_size[-1]`` in eval mode; a pre-hook on the transform swaps the
     sizes with the mode, so the model itself stays a plain torchvision class.
     """
+    if model.transform.fixed_size is not None:  # SSD: one fixed input size
+        return
     model.transform.kd2_train_size = (tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN)
     model.transform.kd2_test_size = ((cfg.INPUT.MIN_SIZE_TEST,), cfg.INPUT.MAX_SIZE_TEST)
     model.transform.register_forward_pre_hook(_switch_input_size)
 
 
 def _plain_class(arch: str):
-    return {"FasterRCNN": FasterRCNN, "RetinaNet": RetinaNet, "FCOS": FCOS}[arch]
+    return {"FasterRCNN": FasterRCNN, "RetinaNet": RetinaNet, "FCOS": FCOS, "SSD": SSD}[arch]
 
 
 def load_checkpoint_state(path: str, what: str) -> Dict[str, torch.Tensor]:
@@ -308,14 +374,17 @@ def build_teacher(cfg) -> nn.Module:
 
 
 def build_detector(cfg) -> nn.Module:
-    """Plain detector when ``KD.METHODS`` is empty, else its KD subclass holding the teacher."""
+    """Plain detector when ``KD.METHODS`` is empty, else its KD subclass holding the teacher
+    (a detector teacher only when a method reads one)."""
     if not cfg.KD.METHODS:
         return build_plain_detector(cfg)
+    from kd2.modeling.distiller import needs_detector_teacher
+
     from .meta_arch import KD_ARCHITECTURES
 
     arch = cfg.MODEL.META_ARCHITECTURE
     num_classes_of(cfg)
-    teacher = build_teacher(cfg)
+    teacher = build_teacher(cfg) if needs_detector_teacher(cfg.KD) else None
     model = KD_ARCHITECTURES[arch](cfg=cfg, teacher=teacher, **detector_kwargs(cfg))
     _set_test_size(model, cfg)
     return model.to(cfg.MODEL.DEVICE)

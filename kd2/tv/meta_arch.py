@@ -1,8 +1,8 @@
 """Distillation meta-architectures on torchvision detectors.
 
-``KDFasterRCNN``, ``KDRetinaNet`` and ``KDFCOS`` subclass torchvision's classes: in eval mode
-they are the plain student; in train mode they return torchvision's detection losses plus the
-configured ``loss_kd_*`` terms.
+``KDFasterRCNN``, ``KDRetinaNet``, ``KDFCOS`` and ``KDSSD`` subclass torchvision's classes: in
+eval mode they are the plain student; in train mode they return torchvision's detection losses
+plus the configured ``loss_kd_*`` terms.
 
 The teacher lives **outside** the module tree: it is not in ``state_dict()``, ``parameters()``,
 the optimizer or DDP, ``.train()`` never switches it out of eval mode, and ``.to()`` moves it
@@ -10,6 +10,7 @@ along. It runs under ``torch.no_grad()`` on the student's transformed input tens
 transforms once; torchvision's random train-time resize would otherwise give the two networks
 different inputs), and only the parts the configured methods read (features, dense head, RPN
 head, ROI head on the student's sampled proposals) are run — never its losses or its sampling.
+Without a detector teacher (``ClassifierKD`` alone) no teacher runs at all.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import List
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.ssd import SSD
 
 from kd2.modeling.distiller import DistillerMixin
 from kd2.modeling.prototypes import pool_instance_boxes
@@ -27,7 +29,7 @@ from kd2.structures import RoiOutputs, StepRecord
 
 from . import record as R
 
-__all__ = ["KDFasterRCNN", "KDRetinaNet", "KDFCOS", "KD_ARCHITECTURES"]
+__all__ = ["KDFasterRCNN", "KDRetinaNet", "KDFCOS", "KDSSD", "KD_ARCHITECTURES"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +37,23 @@ logger = logging.getLogger(__name__)
 class _KDMixin(DistillerMixin):
     """torchvision side of the KD meta-architectures: record filling and the training forward."""
 
-    def _init_kd(self, cfg, teacher: nn.Module) -> None:
+    def _init_kd(self, cfg, teacher: nn.Module | None) -> None:
         self.kd_strides, s_channels = R.model_strides(self)
-        self.kd_teacher_strides, t_channels = R.model_strides(teacher)
-        self._teacher_mean_std = (
-            torch.tensor(teacher.transform.image_mean).view(1, 3, 1, 1),
-            torch.tensor(teacher.transform.image_std).view(1, 3, 1, 1),
-        )
+        self.kd_teacher_strides, t_channels = [], []
+        if teacher is not None:
+            self.kd_teacher_strides, t_channels = R.model_strides(teacher)
+            self._teacher_mean_std = (
+                torch.tensor(teacher.transform.image_mean).view(1, 3, 1, 1),
+                torch.tensor(teacher.transform.image_std).view(1, 3, 1, 1),
+            )
         self._init_distiller(
             cfg.KD,
             teacher,
             num_classes=_num_classes(self),
-            teacher_num_classes=_num_classes(teacher),
+            teacher_num_classes=_num_classes(teacher) if teacher is not None else None,
             student_channels=dict(zip(self.kd_strides, s_channels)),
             teacher_channels=dict(zip(self.kd_teacher_strides, t_channels)),
+            input_normalization=(self.transform.image_mean, self.transform.image_std, "RGB", 1.0),
         )
         if "roi" in self.teacher_parts and not isinstance(teacher, FasterRCNN):
             raise ValueError("a method needs the teacher's ROI head, but the teacher has none")
@@ -136,7 +141,7 @@ class KDFasterRCNN(_KDMixin, FasterRCNN):
 
     arch_kind = "two_stage"
 
-    def __init__(self, *, cfg, teacher: nn.Module, backbone: nn.Module, **kwargs):
+    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
         super().__init__(backbone, **kwargs)
         self._init_kd(cfg, teacher)
 
@@ -158,6 +163,7 @@ class KDFasterRCNN(_KDMixin, FasterRCNN):
             box_head_features=head,
             cls_logits=R.canonical_roi_logits(logits),
             box_deltas=R.canonical_roi_deltas(deltas),
+            box_coder=self.roi_heads.box_coder,
         )
         return rec, losses
 
@@ -183,20 +189,34 @@ class KDFasterRCNN(_KDMixin, FasterRCNN):
 class _KDDense(_KDMixin):
     """Shared student/teacher steps of the one-stage architectures."""
 
+    #: torchvision's training label of class ``c`` is ``c + label_shift`` (SSD: background 0).
+    label_shift = 0
+
     def _match(self, targets, anchors, counts) -> List[Tensor]:
         raise NotImplementedError
 
+    @staticmethod
+    def _run_head(model, images, maps, strides):
+        return R.run_dense_head(model, images, maps, strides)
+
+    def _detection_losses(self, targets, head_outputs, anchors, matched):
+        return self.head.compute_loss(targets, head_outputs, anchors, matched)
+
     def student_step(self, images, targets):
+        """The architecture's ``forward`` (training) split open."""
         images, targets = self._transform(images, targets)
         feats = self.backbone(images.tensors)
-        rec = self._base_record(images, targets, feats, label_shift=0)
+        rec = self._base_record(images, targets, feats, label_shift=self.label_shift)
         maps = list(feats.values())
-        rec.dense, head_outputs, anchors = R.run_dense_head(self, images, maps, rec.strides)
+        rec.dense, head_outputs, anchors = self._run_head(self, images, maps, rec.strides)
         counts = [t.shape[1] for t in rec.dense.cls_logits]
         matched = self._match(targets, anchors, counts)
-        losses = self.head.compute_loss(targets, head_outputs, anchors, matched)
+        losses = self._detection_losses(targets, head_outputs, anchors, matched)
+        canonical = [
+            {"boxes": t["boxes"], "labels": t["labels"] - self.label_shift} for t in targets
+        ]
         rec.dense.labels, rec.dense.matched_gt_boxes = R.dense_labels_from_matches(
-            matched, targets, self.num_classes_kd
+            matched, canonical, self.num_classes_kd
         )
         return rec, losses
 
@@ -207,7 +227,7 @@ class _KDDense(_KDMixin):
         feats, rec.features = self._teacher_features(student)
         if "dense" in self.teacher_parts:
             t = self._teacher
-            rec.dense, _, _ = R.run_dense_head(
+            rec.dense, _, _ = self._run_head(
                 t, _image_list(student), list(feats.values()), sorted(rec.features)
             )
         return rec
@@ -217,7 +237,7 @@ class KDRetinaNet(_KDDense, RetinaNet):
     """torchvision ``RetinaNet`` student with a frozen teacher (record: ``features``,
     ``dense`` with anchors and the IoU-matcher assignment)."""
 
-    def __init__(self, *, cfg, teacher: nn.Module, backbone: nn.Module, **kwargs):
+    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
         super().__init__(backbone, **kwargs)
         self._init_kd(cfg, teacher)
 
@@ -229,7 +249,7 @@ class KDFCOS(_KDDense, FCOS):
     """torchvision ``FCOS`` student with a frozen teacher (record: ``features``, ``dense`` with
     ``centerness`` and the centre-sampling assignment). Box outputs are post-ReLU distances."""
 
-    def __init__(self, *, cfg, teacher: nn.Module, backbone: nn.Module, **kwargs):
+    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
         super().__init__(backbone, **kwargs)
         self._init_kd(cfg, teacher)
 
@@ -237,7 +257,34 @@ class KDFCOS(_KDDense, FCOS):
         return R.match_fcos(self, targets, anchors, counts)
 
 
-KD_ARCHITECTURES = {"FasterRCNN": KDFasterRCNN, "RetinaNet": KDRetinaNet, "FCOS": KDFCOS}
+class KDSSD(_KDDense, SSD):
+    """torchvision ``SSD`` (SSD300-VGG16, SSDLite) student (record: ``features`` keyed by
+    ``round(size / H_l)``, ``dense`` with **softmax** logits, background last, and SSD's IoU
+    matching). Only methods that support softmax dense heads apply (``ClassifierKD``)."""
+
+    label_shift = 1
+
+    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self._init_kd(cfg, teacher)
+
+    @staticmethod
+    def _run_head(model, images, maps, strides):
+        return R.run_ssd_head(model, images, maps, strides)
+
+    def _match(self, targets, anchors, counts):
+        return R.match_retinanet(self, targets, anchors)
+
+    def _detection_losses(self, targets, head_outputs, anchors, matched):
+        return self.compute_loss(targets, head_outputs, anchors, matched)
+
+
+KD_ARCHITECTURES = {
+    "FasterRCNN": KDFasterRCNN,
+    "RetinaNet": KDRetinaNet,
+    "FCOS": KDFCOS,
+    "SSD": KDSSD,
+}
 
 
 # -- module-level helpers -----------------------------------------------------------------
@@ -246,6 +293,8 @@ KD_ARCHITECTURES = {"FasterRCNN": KDFasterRCNN, "RetinaNet": KDRetinaNet, "FCOS"
 def _num_classes(model: nn.Module) -> int:
     if isinstance(model, FasterRCNN):
         return model.roi_heads.box_predictor.cls_score.out_features - 1
+    if isinstance(model, SSD):
+        return model.head.classification_head.num_columns - 1
     return model.head.classification_head.num_classes
 
 

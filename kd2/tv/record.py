@@ -33,6 +33,7 @@ __all__ = [
     "features_by_stride",
     "run_rpn",
     "run_dense_head",
+    "run_ssd_head",
     "run_roi_head",
     "sample_rois",
     "dense_labels_from_matches",
@@ -72,16 +73,27 @@ def model_strides(model: nn.Module, size: int = 256) -> Tuple[List[int], List[in
     Computed once per model: on small inputs the coarsest levels all collapse to 1x1, so
     strides cannot be read off the feature sizes of an arbitrary batch.
     """
+    fixed = getattr(model.transform, "fixed_size", None)  # SSD: levels at its one input size
+    hw = tuple(fixed) if fixed is not None else (size, size)
     was_training = model.training
     model.eval()
     try:
         p = next(model.backbone.parameters())
         with torch.no_grad():
-            feats = model.backbone(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+            feats = model.backbone(torch.zeros(1, 3, *hw, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
     shapes = [tuple(f.shape[-2:]) for f in feats.values()]
-    return infer_strides(shapes, (size, size)), [f.shape[1] for f in feats.values()]
+    channels = [f.shape[1] for f in feats.values()]
+    if fixed is None:
+        return infer_strides(shapes, hw), channels
+    strides = [round(hw[0] / h) for h, _ in shapes]  # SSD300: 8, 16, 30, 60, 100, 300
+    if len(set(strides)) != len(strides):
+        raise ValueError(
+            f"SSD feature maps {shapes} at input {hw} have repeated strides {strides}; kd2 keys "
+            "levels by stride: use a larger MODEL.SSD.SIZE"
+        )
+    return strides, channels
 
 
 def _split_levels(flat: Tensor, counts: List[int]) -> List[Tensor]:
@@ -167,6 +179,34 @@ def run_dense_head(
     return out, head_outputs, anchors
 
 
+def run_ssd_head(
+    model: nn.Module, images: ImageList, maps: List[Tensor], strides: List[int]
+) -> Tuple[DenseOutputs, Dict[str, Tensor], List[Tensor]]:
+    """Run an SSD head and default-box generator (like :func:`run_dense_head`).
+
+    The record holds softmax logits ``(N, R_l, K + 1)`` with the background moved last
+    (torchvision's is column 0) and one number of default boxes per level.
+    """
+    head_outputs = model.head(maps)
+    anchors = model.anchor_generator(images, maps)
+    grid_sizes = [tuple(m.shape[-2:]) for m in maps]
+    per_level = model.anchor_generator.num_anchors_per_location()
+    counts = [h * w * a for (h, w), a in zip(grid_sizes, per_level)]
+    logits = head_outputs["cls_logits"]
+    out = DenseOutputs(
+        cls_logits=_split_levels(torch.cat([logits[..., 1:], logits[..., :1]], dim=-1), counts),
+        box_deltas=_split_levels(head_outputs["bbox_regression"], counts),
+        anchors=list(torch.split(anchors[0], counts)),
+        strides=strides,
+        num_anchors_per_loc=list(per_level),
+        num_classes=logits.shape[-1] - 1,
+        grid_sizes=grid_sizes,
+        box_coder=model.box_coder,
+        softmax=True,
+    )
+    return out, head_outputs, anchors
+
+
 def dense_labels_from_matches(
     matched_idxs: List[Tensor], targets: List[Dict[str, Tensor]], num_classes: int
 ) -> Tuple[Tensor, Tensor]:
@@ -191,7 +231,8 @@ def dense_labels_from_matches(
 
 def match_retinanet(model: nn.Module, targets, anchors: List[Tensor]) -> List[Tensor]:
     """RetinaNet's anchor matching (``-1`` bg, ``-2`` ignore, else GT index), as in
-    ``torchvision.models.detection.RetinaNet.compute_loss``."""
+    ``torchvision.models.detection.RetinaNet.compute_loss``; SSD's ``forward`` matches with the
+    same code (its ``SSDMatcher`` never returns ``-2``)."""
     out = []
     for a, t in zip(anchors, targets):
         if t["boxes"].numel() == 0:
