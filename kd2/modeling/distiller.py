@@ -63,21 +63,18 @@ class DistillerMixin:
                     f"KD.METHODS {list(kd_cfg.METHODS)} need a detector teacher: set "
                     "KD.TEACHER.CONFIG and KD.TEACHER.WEIGHTS"
                 )
-            teacher_channels = dict(student_channels)
-            teacher_num_classes = num_classes
-        if teacher_num_classes != num_classes:
-            raise ValueError(
-                f"teacher and student disagree on the number of classes: teacher has "
-                f"{teacher_num_classes}, student has {num_classes}. Distillation needs the same "
-                "label space; fix the NUM_CLASSES of one of the configs"
-            )
-        shared = set(student_channels) & set(teacher_channels)
-        if not shared:
-            raise ValueError(
-                f"student FPN strides {sorted(student_channels)} and teacher FPN strides "
-                f"{sorted(teacher_channels)} have none in common; kd2 pairs levels by stride"
-            )
-        if teacher is not None:
+        else:
+            if teacher_num_classes != num_classes:
+                raise ValueError(
+                    f"teacher and student disagree on the number of classes: teacher has "
+                    f"{teacher_num_classes}, student has {num_classes}. Distillation needs the "
+                    "same label space; fix the NUM_CLASSES of one of the configs"
+                )
+            if not set(student_channels) & set(teacher_channels):
+                raise ValueError(
+                    f"student FPN strides {sorted(student_channels)} and teacher FPN strides "
+                    f"{sorted(teacher_channels)} have none in common; kd2 pairs levels by stride"
+                )
             teacher.eval().requires_grad_(False)
         object.__setattr__(self, "_teacher", teacher)  # deliberately not a submodule
         self.num_classes_kd = num_classes

@@ -195,9 +195,11 @@ class _KDDense(_KDMixin):
     def _match(self, targets, anchors, counts) -> List[Tensor]:
         raise NotImplementedError
 
-    @staticmethod
-    def _run_head(model, images, maps, strides):
-        return R.run_dense_head(model, images, maps, strides)
+    #: the dense head is a softmax classifier with a background column (SSD)
+    dense_softmax = False
+
+    def _run_head(self, model, images, maps, strides):
+        return R.run_dense_head(model, images, maps, strides, softmax=self.dense_softmax)
 
     def _detection_losses(self, targets, head_outputs, anchors, matched):
         return self.head.compute_loss(targets, head_outputs, anchors, matched)
@@ -263,14 +265,11 @@ class KDSSD(_KDDense, SSD):
     matching). Only methods that support softmax dense heads apply (``ClassifierKD``)."""
 
     label_shift = 1
+    dense_softmax = True
 
     def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
         super().__init__(backbone, **kwargs)
         self._init_kd(cfg, teacher)
-
-    @staticmethod
-    def _run_head(model, images, maps, strides):
-        return R.run_ssd_head(model, images, maps, strides)
 
     def _match(self, targets, anchors, counts):
         return R.match_retinanet(self, targets, anchors)

@@ -33,7 +33,6 @@ __all__ = [
     "features_by_stride",
     "run_rpn",
     "run_dense_head",
-    "run_ssd_head",
     "run_roi_head",
     "sample_rois",
     "dense_labels_from_matches",
@@ -155,54 +154,39 @@ def run_rpn(
 
 
 def run_dense_head(
-    model: nn.Module, images: ImageList, maps: List[Tensor], strides: List[int]
+    model: nn.Module,
+    images: ImageList,
+    maps: List[Tensor],
+    strides: List[int],
+    softmax: bool = False,
 ) -> Tuple[DenseOutputs, Dict[str, Tensor], List[Tensor]]:
-    """Run a RetinaNet/FCOS head and anchor generator; returns the record part (no labels),
-    torchvision's raw ``head_outputs`` dict and the per-image anchors (for its losses)."""
-    head_outputs = model.head(maps)
-    anchors = model.anchor_generator(images, maps)
-    grid_sizes = [tuple(m.shape[-2:]) for m in maps]
-    a = model.anchor_generator.num_anchors_per_location()[0]
-    counts = [h * w * a for h, w in grid_sizes]
-    ctr = head_outputs.get("bbox_ctrness")
-    out = DenseOutputs(
-        cls_logits=_split_levels(head_outputs["cls_logits"], counts),
-        box_deltas=_split_levels(head_outputs["bbox_regression"], counts),
-        anchors=list(torch.split(anchors[0], counts)),
-        strides=strides,
-        num_anchors_per_loc=a,
-        num_classes=head_outputs["cls_logits"].shape[-1],
-        grid_sizes=grid_sizes,
-        centerness=_split_levels(ctr, counts) if ctr is not None else None,
-        box_coder=model.box_coder,
-    )
-    return out, head_outputs, anchors
+    """Run a RetinaNet/FCOS/SSD head and its anchor (default-box) generator; returns the record
+    part (no labels), torchvision's raw ``head_outputs`` dict and the per-image anchors (for its
+    losses).
 
-
-def run_ssd_head(
-    model: nn.Module, images: ImageList, maps: List[Tensor], strides: List[int]
-) -> Tuple[DenseOutputs, Dict[str, Tensor], List[Tensor]]:
-    """Run an SSD head and default-box generator (like :func:`run_dense_head`).
-
-    The record holds softmax logits ``(N, R_l, K + 1)`` with the background moved last
-    (torchvision's is column 0) and one number of default boxes per level.
+    ``softmax``: an SSD head, whose ``(N, R, K + 1)`` logits carry the background in column 0;
+    the record moves it last. SSD places a different number of default boxes on each level.
     """
     head_outputs = model.head(maps)
     anchors = model.anchor_generator(images, maps)
     grid_sizes = [tuple(m.shape[-2:]) for m in maps]
-    per_level = model.anchor_generator.num_anchors_per_location()
+    per_level = list(model.anchor_generator.num_anchors_per_location())
     counts = [h * w * a for (h, w), a in zip(grid_sizes, per_level)]
     logits = head_outputs["cls_logits"]
+    if softmax:
+        logits = canonical_roi_logits(logits)
+    ctr = head_outputs.get("bbox_ctrness")
     out = DenseOutputs(
-        cls_logits=_split_levels(torch.cat([logits[..., 1:], logits[..., :1]], dim=-1), counts),
+        cls_logits=_split_levels(logits, counts),
         box_deltas=_split_levels(head_outputs["bbox_regression"], counts),
         anchors=list(torch.split(anchors[0], counts)),
         strides=strides,
-        num_anchors_per_loc=list(per_level),
-        num_classes=logits.shape[-1] - 1,
+        num_anchors_per_loc=per_level[0] if len(set(per_level)) == 1 else per_level,
+        num_classes=logits.shape[-1] - int(softmax),
         grid_sizes=grid_sizes,
+        centerness=_split_levels(ctr, counts) if ctr is not None else None,
         box_coder=model.box_coder,
-        softmax=True,
+        softmax=softmax,
     )
     return out, head_outputs, anchors
 
@@ -309,8 +293,9 @@ def run_roi_head(
 
 
 def canonical_roi_logits(logits: Tensor) -> Tensor:
-    """``(M, K+1)`` background-first -> background-last."""
-    return torch.cat([logits[:, 1:], logits[:, :1]], dim=1)
+    """``(..., K+1)`` background-first -> background-last (ROI ``(M, K+1)``, SSD
+    ``(N, R, K+1)``)."""
+    return torch.cat([logits[..., 1:], logits[..., :1]], dim=-1)
 
 
 def canonical_roi_deltas(deltas: Tensor) -> Tensor:
