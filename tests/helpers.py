@@ -110,3 +110,35 @@ def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6):
     cfg.SOLVER.CHECKPOINT_PERIOD = 2
     cfg.OUTPUT_DIR = str(out)
     return cfg
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_cfg(cfg, path) -> str:
+    """Dump ``cfg`` to ``path`` (a yaml the CLI can read); returns the path."""
+    with open(path, "w") as f:
+        f.write(cfg.dump())
+    return str(path)
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a CLI subprocess: no progress bar, one thread, no GPU."""
+    env = dict(os.environ, KD2_NO_PROGRESS="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+def run_cli(args, tool: str = "train_net.py", timeout: int = 300, **env_extra):
+    """Run ``tools/<tool> args`` to completion; returns the ``CompletedProcess``."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / tool), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(**env_extra),
+        cwd=REPO,
+    )

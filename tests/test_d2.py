@@ -465,3 +465,126 @@ def test_globalkd_trains_with_prototype_refresh_on_real_coco(tmp_path):
     assert int(kd["GlobalKD.refreshed_at"]) == 2
     valid = [v for k, v in kd.items() if k.startswith("GlobalKD.valid_")]
     assert valid and any(bool(v.any()) for v in valid)
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this creates ``marker``: what a hostile teacher file could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _load_teacher_lazy(cfg):
+    from kd2.d2.lazy import load_teacher
+
+    return load_teacher(build_model(d2_cfg(depth=34, fpn=64)), cfg.KD.TEACHER.WEIGHTS)
+
+
+def _load_student_weights(cfg):
+    from kd2.d2 import student_checkpointer
+
+    return student_checkpointer(build_model(d2_cfg())).load(cfg.KD.TEACHER.WEIGHTS)
+
+
+@pytest.mark.parametrize("load", [build_model, _load_teacher_lazy, _load_student_weights])
+def test_pth_that_would_run_code_is_refused_and_never_run(tmp_path, monkeypatch, load):
+    cfg = kd_cfg(tmp_path)
+    state = torch.load(cfg.KD.TEACHER.WEIGHTS, weights_only=True)
+    marker = tmp_path / "pwned"
+    state["extra"] = _RunsCodeWhenUnpickled(marker)
+    torch.save(state, cfg.KD.TEACHER.WEIGHTS)
+    # torch's own default (weights_only=True since torch 2.6) is not what protects kd2: older
+    # torch and this variable make a plain DetectionCheckpointer run the file's code.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ValueError, match="refuses to unpickle arbitrary objects") as e:
+        load(cfg)
+    assert cfg.KD.TEACHER.WEIGHTS in str(e.value) and "weights_only=True" in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"model": sd}])
+def test_teacher_pth_state_dict_or_model_dict_loads(tmp_path, wrap):
+    cfg = kd_cfg(tmp_path)
+    sd = torch.load(cfg.KD.TEACHER.WEIGHTS, weights_only=True)["model"]
+    torch.save(wrap(sd), cfg.KD.TEACHER.WEIGHTS)
+    teacher = build_model(cfg).teacher
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0, msg=k)
+
+
+def test_student_checkpoint_with_optimizer_and_scheduler_resumes_weights_only(tmp_path):
+    from detectron2.solver import build_lr_scheduler, build_optimizer
+
+    from kd2.d2 import student_checkpointer
+
+    cfg = kd_cfg(tmp_path)
+
+    def checkpointer():
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_lr_scheduler(cfg, optimizer)
+        return student_checkpointer(model, str(tmp_path), optimizer=optimizer, scheduler=scheduler)
+
+    saved = checkpointer()
+    saved.checkpointables["optimizer"].step()
+    saved.checkpointables["scheduler"].step()
+    saved.save("model_0000001", iteration=1)
+    resumed = checkpointer()
+    assert resumed.resume_or_load("", resume=True) == {"iteration": 1}
+    assert resumed.checkpointables["scheduler"].last_epoch == 1
+
+
+def test_teacher_with_non_finite_weights_is_refused(tmp_path):
+    cfg = kd_cfg(tmp_path)
+    state = torch.load(cfg.KD.TEACHER.WEIGHTS, weights_only=True)
+    name = next(k for k, v in state["model"].items() if k.startswith("roi_heads"))
+    state["model"][name].fill_(float("nan"))
+    torch.save(state, cfg.KD.TEACHER.WEIGHTS)
+    with pytest.raises(ValueError, match=f"teacher's weights are non-finite.*{name}"):
+        build_model(cfg)
+
+
+def test_dataset_categories_must_match_num_classes(tmp_path):
+    from detectron2.data import MetadataCatalog
+
+    from kd2.d2 import KDTrainer
+
+    MetadataCatalog.get("kd2_test_four_classes").thing_classes = ["a", "b", "c", "d"]
+    cfg = d2_cfg()
+    cfg.DATASETS.TRAIN = ("kd2_test_four_classes",)
+    with pytest.raises(ValueError, match=r"4 categories.*MODEL.ROI_HEADS.NUM_CLASSES 4"):
+        KDTrainer.build_model(cfg)
+
+
+def test_train_net_refuses_a_busy_output_dir(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "busy"
+    code = (
+        "import sys, time; from kd2.engine.run_dir import lock_output_dir; "
+        "lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        r = subprocess.run(
+            [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file"]
+            + [
+                os.path.join(QUICK, "faster_rcnn_R18_FPN_student_quick.yaml"),
+                "OUTPUT_DIR",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode != 0 and f"pid {holder.pid}" in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(out / "config.yaml")

@@ -126,3 +126,164 @@ def test_test_loader_in_order(records: list) -> None:
     assert ids == [r["image_id"] for r in records]
     images, targets = next(iter(loader))
     assert len(images) == 3 and images[0].shape == (3, 64, 64)
+
+
+# --- corrupt images and EXIF orientation (issue 11, item 15) ---------------------------------
+
+
+def _truncate(path: str, keep: float = 0.5) -> None:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture()
+def jpg_records(tmp_path: Path) -> list:
+    paths = generate_synthetic_dataset(
+        str(tmp_path / "syn"), num_train=5, num_val=0, image_size=32, image_format="jpg"
+    )
+    recs, _ = load_coco_json(paths["train_json"], paths["train_image_root"])
+    return recs
+
+
+def test_truncated_image_raises_naming_file(
+    jpg_records: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    from PIL import ImageFile
+
+    from kd2.data import loader
+    from kd2.data.loader import CorruptImageError
+
+    rec = jpg_records[1]
+    _truncate(rec["file_name"])  # OpenCV decodes this silently with a grey bottom
+    with pytest.raises(CorruptImageError) as e:
+        read_image(rec["file_name"], json_file=rec["json_file"])
+    msg = str(e.value)
+    assert rec["file_name"] in msg and rec["json_file"] in msg and "truncated" in msg
+    assert "DATALOADER.CORRUPT_IMAGES" in msg and isinstance(e.value, ValueError)
+    assert e.value.path == rec["file_name"] and "truncated" in e.value.reason
+    with pytest.raises(CorruptImageError, match=r"000002\.jpg"):
+        DetectionDataset(jpg_records, train=True)[(1, 7)]  # "error" is the default
+    for keep in (0.05, 0.9, 0.999):  # other cut points, and a JPEG lacking only its end marker
+        bad = tmp_path / f"cut{keep}.jpg"
+        data = Path(jpg_records[0]["file_name"]).read_bytes()
+        bad.write_bytes(data[: min(int(len(data) * keep), len(data) - 2)])
+        with pytest.raises(CorruptImageError, match=f"cut{keep}"):
+            read_image(str(bad))
+    png = tmp_path / "cut.png"
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    cv2.imwrite(str(png), rgb)
+    _truncate(str(png))
+    with pytest.raises(CorruptImageError, match=r"cut\.png"):
+        read_image(str(png))
+    # detection needs Pillow's default LOAD_TRUNCATED_IMAGES=False; if other code changed it,
+    # say so once instead of failing silently
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(loader, "_truncated_check_warned", False)
+    with caplog.at_level("WARNING", logger="kd2.data.loader"):
+        read_image(rec["file_name"])
+    assert "LOAD_TRUNCATED_IMAGES" in caplog.text
+
+
+def test_skip_corrupt_training_images(jpg_records: list, caplog) -> None:
+    from kd2.data.loader import CorruptImageError
+
+    good = DetectionDataset(jpg_records, train=True)
+    expected = {i: good[(i, 11)] for i in range(5)}
+    for i in (1, 2, 4):
+        _truncate(jpg_records[i]["file_name"])
+    ds = DetectionDataset(jpg_records, train=True, corrupt_images="skip")
+    with caplog.at_level("WARNING", logger="kd2.data.loader"):
+        # i -> first decodable (i + k) % N, same aug_seed: 1, 2 -> 3 and 4 -> 0 (wraps)
+        for i, j in ((0, 0), (1, 3), (2, 3), (3, 3), (4, 0), (1, 3)):
+            image, target = ds[(i, 11)]
+            assert torch.equal(image, expected[j][0])
+            assert torch.equal(target["boxes"], expected[j][1]["boxes"])
+            assert target["image_id"] == jpg_records[j]["image_id"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3  # once per file, not per use
+    assert jpg_records[1]["file_name"] in warnings[0] and "skipped 1 corrupt" in warnings[0]
+    assert jpg_records[4]["file_name"] in warnings[2] and "skipped 3 corrupt" in warnings[2]
+    assert ds.num_corrupt_skipped == 3
+    assert sorted(ds.corrupt_skipped) == [1, 2, 4]
+
+    # the stream stays a pure function of (seed, iteration): resume is exact
+    fresh = DetectionDataset(jpg_records, train=True, corrupt_images="skip")
+    full = list(islice(build_train_loader(fresh, batch_size_per_rank=2, seed=3), 5))
+    resumed = list(islice(build_train_loader(ds, batch_size_per_rank=2, seed=3, start_iter=2), 3))
+    assert _same_batches(full[2:], resumed)
+
+    # evaluation never skips (an AP over a different image set would be silently wrong)
+    ev = DetectionDataset(jpg_records, train=False, corrupt_images="skip")
+    with pytest.raises(CorruptImageError, match="evaluation datasets never skip"):
+        ev[1]
+    assert torch.equal(ev[0][0], good[0][0])
+
+
+def test_skip_when_every_image_is_corrupt(jpg_records: list) -> None:
+    from kd2.data.loader import CorruptImageError
+
+    for r in jpg_records:
+        _truncate(r["file_name"])
+    ds = DetectionDataset(jpg_records, train=True, corrupt_images="skip")
+    with pytest.raises(CorruptImageError, match="All 5 training images are corrupt"):
+        ds[(2, 0)]
+
+
+def test_exif_orientation_not_applied(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    rgb[:, :20, 0] = 255  # stored: left half red, right half blue
+    rgb[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = str(tmp_path / "rotated.jpg")
+    Image.fromarray(rgb).save(path, exif=exif, quality=95)
+    img = read_image(path)
+    assert img.shape == (3, 20, 40)  # the stored pixel grid, as COCO annotations assume
+    assert img[0, :, :16].mean() > 0.9 and img[2, :, :16].mean() < 0.1
+    assert img[2, :, 24:].mean() > 0.9 and img[0, :, 24:].mean() < 0.1
+    rec = {
+        "file_name": path,
+        "image_id": 1,
+        "height": 20,
+        "width": 40,
+        "boxes": np.array([[0, 0, 20, 20]], np.float32),
+        "labels": np.array([0]),
+    }
+    image, target = DetectionDataset([rec], train=False)[0]
+    assert target["orig_size"] == (20, 40) and torch.equal(image, img)
+
+
+def test_png_bit_identical_to_opencv(records: list, tmp_path: Path) -> None:
+    # the synthetic benchmark data is PNG: its decoded values must not change
+    def opencv(path: str) -> torch.Tensor:
+        rgb = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+
+    paths = [r["file_name"] for r in records]
+    rng = np.random.default_rng(1)
+    for name, arr in {
+        "gray8": rng.integers(0, 256, (9, 11), dtype=np.uint8),
+        "gray16": rng.integers(0, 65536, (9, 11), dtype=np.uint16),
+        "bgr16": rng.integers(0, 65536, (9, 11, 3), dtype=np.uint16),
+        "bgra8": rng.integers(0, 256, (9, 11, 4), dtype=np.uint8),
+    }.items():
+        paths.append(str(tmp_path / f"{name}.png"))
+        cv2.imwrite(paths[-1], arr)
+    for path in paths:
+        ours, ref = read_image(path), opencv(path)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape, path
+        assert torch.equal(ours, ref) and ours.stride() == ref.stride(), path
+
+
+def test_corrupt_images_config_key(records: list) -> None:
+    from kd2.config import get_cfg
+
+    cfg = get_cfg()
+    assert cfg.DATALOADER.CORRUPT_IMAGES == "error"
+    cfg.merge_from_list(["DATALOADER.CORRUPT_IMAGES", "skip"])
+    ds = DetectionDataset(records, train=True, corrupt_images=cfg.DATALOADER.CORRUPT_IMAGES)
+    assert ds.corrupt_images == "skip" and ds.num_corrupt_skipped == 0
+    with pytest.raises(ValueError, match=r"DATALOADER\.CORRUPT_IMAGES.*'ignore'"):
+        DetectionDataset(records, train=True, corrupt_images="ignore")

@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from kd2.config import get_cfg
-from kd2.data import DatasetCatalog, generate_synthetic_dataset
+from kd2.data import DatasetCatalog
 from kd2.engine import Trainer
 from kd2.engine.checkpoint import last_checkpoint
 from kd2.modeling.distiller import needs_detector_teacher
 from kd2.tv.build import build_plain_detector
 
-from .helpers import engine_cfg, save_teacher
+from .helpers import engine_cfg, run_cli, save_teacher, write_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    paths = generate_synthetic_dataset(str(root), num_train=12, num_val=4, image_size=64, seed=3)
-    train = f"{paths['train_json']}:{paths['train_image_root']}"
-    val = f"{paths['val_json']}:{paths['val_image_root']}"
-    return train, val
 
 
 def _weights(trainer):
@@ -168,7 +158,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_data, tmp_pat
                 head.weight.fill_(float("nan"))
 
     trainer.after_step.append(poison)
-    with pytest.raises(FloatingPointError, match="non-finite at iteration 3.*model_0000002.pth"):
+    # the advice is true: a new BASE_LR applies on resume (tests/test_run_safety.py)
+    advice = "non-finite at iteration 3.*model_0000002.pth.*--resume SOLVER.BASE_LR 0.005"
+    with pytest.raises(FloatingPointError, match=advice):
         trainer.train()
     good = torch.load(last_checkpoint(cfg.OUTPUT_DIR), weights_only=False)
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
@@ -231,44 +223,25 @@ def test_every_shipped_config_loads(path):
         assert not teacher.KD.METHODS
 
 
-def _run_cli(args, env_extra=None, timeout=300):
-    env = dict(os.environ, KD2_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "train_net.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
-
-
-def _write_cfg(cfg, path):
-    with open(path, "w") as f:
-        f.write(cfg.dump())
-    return str(path)
-
-
 def test_train_net_cli_trains_resumes_and_evaluates(tiny_data, tmp_path):
     cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=2)
     cfg.DATASETS.TEST = (tiny_data[1],)
-    yaml = _write_cfg(cfg, tmp_path / "c.yaml")
-    r = _run_cli(["--config-file", yaml])
+    yaml = write_cfg(cfg, tmp_path / "c.yaml")
+    r = run_cli(["--config-file", yaml])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run_cli(["--config-file", yaml, "--resume", "SOLVER.MAX_ITER", "4"])
+    r = run_cli(["--config-file", yaml, "--resume", "SOLVER.MAX_ITER", "4"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr
     final = str(tmp_path / "out" / "model_final.pth")
-    r = _run_cli(["--config-file", yaml, "--eval-only", "MODEL.WEIGHTS", final])
+    r = run_cli(["--config-file", yaml, "--eval-only", "MODEL.WEIGHTS", final])
     assert r.returncode == 0, r.stderr[-3000:]
     assert '"AP50"' in r.stdout
 
 
 def test_two_process_gloo_training_keeps_replicas_identical(tiny_data, tmp_path):
     cfg = engine_cfg(tiny_data, tmp_path / "ddp", max_iter=2)
-    yaml = _write_cfg(cfg, tmp_path / "ddp.yaml")
-    r = _run_cli(["--config-file", yaml, "--num-gpus", "2"], env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    yaml = write_cfg(cfg, tmp_path / "ddp.yaml")
+    r = run_cli(["--config-file", yaml, "--num-gpus", "2"])
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     ckpt = torch.load(tmp_path / "ddp" / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 2

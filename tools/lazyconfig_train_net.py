@@ -24,6 +24,8 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from kd2.d2 import kd_step_hook, student_checkpointer
+from kd2.engine.launch import die_with_parent
+from kd2.engine.run_dir import lock_output_dir
 
 logger = logging.getLogger("kd2.lazyconfig_train_net")
 
@@ -73,6 +75,10 @@ def do_train(args, cfg):
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if comm.get_world_size() > 1:  # a spawned worker: die with the launcher, never orphaned
+        die_with_parent()
+    if comm.is_main_process():  # one run per output directory, before anything is written
+        lock_output_dir(cfg.train.output_dir)
     default_setup(cfg, args)
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)

@@ -8,9 +8,9 @@ yaml — runs on Detectron2 with :class:`kd2.d2.KDTrainer` (detectron2 must be i
 Examples::
 
     # a teacher (no KD section)
-    python tools/train_net.py --config-file configs/synthetic/retinanet_R50_teacher.yaml
+    python tools/train_net.py --config-file configs/synthetic/faster_rcnn_R18_teacher.yaml
     # a distilled student (the config's KD section names the teacher config and weights)
-    python tools/train_net.py --config-file configs/synthetic/retinanet_R18_DeFeat.yaml \
+    python tools/train_net.py --config-file configs/synthetic/faster_rcnn_MNv3_DeFeat.yaml \
         KD.TEACHER.WEIGHTS output/teacher/model_final.pth
     # resume after an interruption, evaluate only, or train on 2 processes
     python tools/train_net.py --config-file ... --resume
@@ -18,36 +18,98 @@ Examples::
     python tools/train_net.py --config-file ... --num-gpus 2
 """
 
+import difflib
 import json
 import logging
 import os
 
-import yaml
-
+from kd2.config import base_chain
 from kd2.engine import Trainer, default_argument_parser, default_setup, evaluate, launch, setup_cfg
 from kd2.engine.checkpoint import last_checkpoint
+from kd2.engine.launch import die_with_parent
+from kd2.engine.run_dir import lock_output_dir
 from kd2.tv.build import build_plain_detector, load_checkpoint_state
 
 logger = logging.getLogger("kd2.train_net")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = ("torchvision", "detectron2")
+EXAMPLE = "python tools/train_net.py --config-file configs/synthetic/retinanet_R34_teacher.yaml"
+
+
+def _yaml_files(folder: str, recursive: bool):
+    if not os.path.isdir(folder):
+        return []
+    if not recursive:
+        names = sorted(os.listdir(folder))
+        return [os.path.join(folder, n) for n in names if n.endswith((".yaml", ".yml"))]
+    return [
+        os.path.join(root, n)
+        for root, _, names in sorted(os.walk(folder))
+        for n in sorted(names)
+        if n.endswith((".yaml", ".yml"))
+    ]
+
+
+def closest_config_files(path: str, n: int = 3):
+    """Existing config files whose path or name is closest to ``path``: the ``.yaml`` files under
+    the repository's ``configs/`` and in ``path``'s own directory."""
+    found = _yaml_files(os.path.join(REPO, "configs"), True)
+    found += _yaml_files(os.path.dirname(path) or ".", False)
+    rel = {f: os.path.relpath(f) for f in found}
+    shown = sorted({r if not r.startswith("..") else f for f, r in rel.items()})
+    name = os.path.basename(path)
+
+    def score(candidate: str) -> float:
+        whole = difflib.SequenceMatcher(None, os.path.normpath(path), candidate).ratio()
+        base = difflib.SequenceMatcher(None, name, os.path.basename(candidate)).ratio()
+        return max(whole, base)
+
+    ranked = sorted(((score(c), c) for c in shown), key=lambda x: -x[0])
+    return [c for s, c in ranked[:n] if s >= 0.6]
+
+
+def check_config_file(path: str) -> None:
+    """``SystemExit`` with what is wrong when ``--config-file`` is missing or names no file."""
+    if not path:
+        raise SystemExit(f"error: no --config-file given. Example:\n  {EXAMPLE}")
+    if not os.path.isfile(path):
+        close = closest_config_files(path)
+        hint = (
+            "; closest existing config files: " + ", ".join(close)
+            if close
+            else f"; no config file with a similar name under {os.path.join(REPO, 'configs')}"
+        )
+        what = "is a directory, not a config file" if os.path.isdir(path) else "does not exist"
+        raise SystemExit(f"error: --config-file {path!r} {what}{hint}")
+
+
 def config_backend(config_file: str, opts=()) -> str:
-    """``MODEL.BACKEND`` from the overrides, the file or its ``_BASE_`` chain; else detectron2."""
+    """``MODEL.BACKEND`` from the overrides, the file or its ``_BASE_`` chain; else detectron2
+    (Detectron2 yaml configs do not set it). Raises ``ValueError`` for an unknown backend (with
+    the valid ones) or a cyclic ``_BASE_`` chain (with its files), ``FileNotFoundError`` for a
+    missing base."""
+    backend, source = None, None
     for key, value in zip(opts[::2], opts[1::2]):
         if key == "MODEL.BACKEND":
-            return value
-    path = config_file
-    while path and os.path.isfile(path):
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        backend = (data.get("MODEL") or {}).get("BACKEND")
-        if backend:
-            return backend
-        base = data.get("_BASE_")
-        if not base:
-            break
-        path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-    return "detectron2"
+            backend, source = value, "the command-line overrides"
+    if backend is None:
+        # merge order: bases first; the last file that sets it wins
+        for path, data in reversed(base_chain(config_file)):
+            value = (data.get("MODEL") or {}).get("BACKEND")
+            if value:
+                backend, source = value, path
+                break
+    if backend is None:
+        return "detectron2"
+    if backend not in BACKENDS:
+        best = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.0)
+        raise ValueError(
+            f"unknown MODEL.BACKEND {backend!r} (in {source}); valid backends: "
+            f"{', '.join(BACKENDS)}; did you mean {best[0]!r}?"
+        )
+    return backend
 
 
 def d2_main(args):
@@ -61,6 +123,8 @@ def d2_main(args):
             "is not installed: install it from its official repository (README, 'Detectron2'), "
             "or set MODEL.BACKEND torchvision for kd2's torchvision backend"
         ) from None
+    from detectron2.utils import comm
+
     from kd2.d2 import KDTrainer, add_kd_config, student_checkpointer
 
     cfg = get_cfg()
@@ -68,6 +132,10 @@ def d2_main(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    if comm.get_world_size() > 1:  # a spawned worker: die with the launcher, never orphaned
+        die_with_parent()
+    if comm.is_main_process():  # one run per output directory, before anything is written
+        lock_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     if args.eval_only:
         model = KDTrainer.build_model(cfg)
@@ -100,8 +168,21 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    if config_backend(args.config_file, args.opts) != "torchvision":
-        from detectron2.engine import launch as d2_launch
+    check_config_file(args.config_file)
+    try:
+        backend = config_backend(args.config_file, args.opts)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if backend != "torchvision":
+        try:
+            from detectron2.engine import launch as d2_launch
+        except ImportError:
+            raise SystemExit(
+                f"error: {args.config_file} is a Detectron2 config (it does not set "
+                "MODEL.BACKEND torchvision), but detectron2 is not installed: install it from its "
+                "official repository (README, 'Detectron2'), or set MODEL.BACKEND torchvision for "
+                "kd2's torchvision backend"
+            ) from None
 
         d2_launch(
             d2_main,

@@ -1,3 +1,3 @@
-from .config import CfgNode, get_cfg, method_node_name
+from .config import CfgNode, base_chain, get_cfg, method_node_name, validate_values
 
-__all__ = ["CfgNode", "get_cfg", "method_node_name"]
+__all__ = ["CfgNode", "base_chain", "get_cfg", "method_node_name", "validate_values"]

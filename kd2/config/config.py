@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
-from typing import List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
+import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "get_cfg", "method_node_name"]
+__all__ = ["CfgNode", "base_chain", "get_cfg", "method_node_name", "validate_values"]
 
 
 def _all_keys(node: _FvCfgNode, prefix: str = "") -> List[str]:
@@ -26,12 +28,66 @@ def _closest(name: str, candidates: Sequence[str]) -> str:
     return match[0] if match else ""
 
 
+def _resolve_base(base: str, child: str) -> str:
+    """fvcore's rule: ``~`` expanded, else relative to the file that names the base."""
+    if base.startswith("~"):
+        base = os.path.expanduser(base)
+    if not base.startswith(("/", "https://", "http://")):
+        base = os.path.join(os.path.dirname(child), base)
+    return os.path.normpath(base) if not base.startswith(("https://", "http://")) else base
+
+
+def _load_yaml(path: str, allow_unsafe: bool) -> Any:
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.constructor.ConstructorError:
+            if not allow_unsafe:
+                raise
+            f.seek(0)
+            return yaml.unsafe_load(f)
+
+
+def base_chain(cfg_filename: str, allow_unsafe: bool = False) -> List[Tuple[str, Dict]]:
+    """Every file of ``cfg_filename``'s ``_BASE_`` tree with its raw yaml, in merge order
+    (bases first, ``cfg_filename`` last; a list-valued ``_BASE_`` is merged in list order).
+
+    Raises ``ValueError`` naming the files of a cyclic chain (``a.yaml -> b.yaml -> a.yaml``;
+    fvcore itself would recurse until ``RecursionError``) and ``FileNotFoundError`` naming a
+    missing base and the file that names it. ``http(s)://`` bases are not followed."""
+    chain: List[Tuple[str, Dict]] = []
+
+    def walk(path: str, stack: List[Tuple[str, str]]) -> None:
+        real = os.path.realpath(path)
+        seen = [r for r, _ in stack]
+        if real in seen:
+            cycle = [p for _, p in stack[seen.index(real) :]] + [path]
+            raise ValueError(f"cyclic _BASE_ chain: {' -> '.join(cycle)}")
+        data = _load_yaml(path, allow_unsafe)
+        data = data if isinstance(data, dict) else {}
+        bases = data.get("_BASE_") or []
+        for base in bases if isinstance(bases, list) else [bases]:
+            resolved = _resolve_base(str(base), path)
+            if resolved.startswith(("https://", "http://")):
+                continue
+            if not os.path.isfile(resolved):
+                raise FileNotFoundError(
+                    f"_BASE_ {base!r} of config file {path!r} does not exist ({resolved!r})"
+                )
+            walk(resolved, stack + [(real, path)])
+        chain.append((path, data))
+
+    walk(cfg_filename, [])
+    return chain
+
+
 class CfgNode(_FvCfgNode):
     """fvcore's ``CfgNode`` (``_BASE_`` inheritance) whose unknown-key errors suggest a fix."""
 
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
         if not os.path.isfile(cfg_filename):
             raise FileNotFoundError(f"config file {cfg_filename!r} does not exist")
+        base_chain(cfg_filename, allow_unsafe=allow_unsafe)  # a cycle: name it, never recurse
         try:
             super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
         except (KeyError, AssertionError) as e:
@@ -85,3 +141,75 @@ def get_cfg() -> CfgNode:
     from .defaults import _C
 
     return CfgNode(_C.clone())
+
+
+# KD keys that are temperatures (finite > 0); DeFeat's T_POS / T_NEG are its two temperatures.
+_TEMPERATURE_KEYS = frozenset({"TEMPERATURE", "TAU", "T_POS", "T_NEG"})
+# FRS: a negative weight is the documented sentinel "the paper's value for the detector".
+_NEGATIVE_SENTINEL_KEYS = frozenset({"KD.FRS.WEIGHT_FEAT", "KD.FRS.WEIGHT_CLS"})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(cfg, key: str, rule: str, hint: str = "") -> None:
+    """``rule``: ``"> 0"`` / ``">= 0"`` (finite numbers) or ``"finite"``; missing keys pass."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    value = node
+    if not _is_number(value):
+        raise ValueError(f"{key} must be a number{hint}, got {value!r}")
+    ok = math.isfinite(value) and (rule == "finite" or (value > 0 if rule == "> 0" else value >= 0))
+    if not ok:
+        what = "finite" if rule == "finite" else rule
+        if isinstance(value, float) and rule != "finite":
+            what = f"a finite number {rule}"
+        raise ValueError(f"{key} must be {what}{hint}, got {value!r}")
+
+
+def validate_values(cfg) -> None:
+    """Refuse values that cannot train: each error names the key and its valid range.
+
+    ``SOLVER.MAX_ITER`` / ``IMS_PER_BATCH`` / ``BASE_LR`` / ``GAMMA`` > 0;
+    ``SOLVER.CHECKPOINT_PERIOD`` / ``WARMUP_ITERS`` / ``MOMENTUM`` / ``WEIGHT_DECAY``,
+    ``TEST.EVAL_PERIOD`` and ``KD.WARMUP_ITERS`` >= 0; every KD loss weight (a key under
+    ``KD.<METHOD>`` whose name contains ``WEIGHT``, except the ``WEIGHTS`` paths) finite and
+    >= 0 — ``KD.FRS.WEIGHT_FEAT`` / ``WEIGHT_CLS`` may be negative (= the paper's value for the
+    detector) but must be finite; every temperature (``TEMPERATURE``, ``TAU``, DeFeat's ``T_POS``
+    / ``T_NEG``) finite and > 0. Keys the config does not have are skipped (Detectron2 configs).
+    """
+    for key in ("SOLVER.MAX_ITER", "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.GAMMA"):
+        _check(cfg, key, "> 0")
+    for key in (
+        "SOLVER.CHECKPOINT_PERIOD",
+        "SOLVER.WARMUP_ITERS",
+        "SOLVER.MOMENTUM",
+        "SOLVER.WEIGHT_DECAY",
+        "TEST.EVAL_PERIOD",
+        "KD.WARMUP_ITERS",
+    ):
+        _check(cfg, key, ">= 0")
+    kd = cfg.get("KD") if isinstance(cfg, dict) else None
+    if not isinstance(kd, dict):
+        return
+
+    def walk(node, prefix: str) -> None:
+        for name, value in node.items():
+            key = f"{prefix}.{name}"
+            if isinstance(value, dict):
+                walk(value, key)
+            elif name in _TEMPERATURE_KEYS:
+                _check(cfg, key, "> 0")
+            elif "WEIGHT" in name and name != "WEIGHTS" and _is_number(value):
+                if key in _NEGATIVE_SENTINEL_KEYS:
+                    _check(cfg, key, "finite", " (< 0 = the paper's value for the detector)")
+                else:
+                    _check(cfg, key, ">= 0")
+
+    for name, node in kd.items():
+        if isinstance(node, dict):
+            walk(node, f"KD.{name}")

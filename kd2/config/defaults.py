@@ -29,9 +29,6 @@ _C.MODEL.BACKBONE.NAME = "resnet50"
 _C.MODEL.BACKBONE.TRAINABLE_LAYERS = 5
 # "BN" (trainable BatchNorm, for from-scratch training) or "FrozenBN".
 _C.MODEL.BACKBONE.NORM = "BN"
-# Width multiplier of the ResNet stem/stages (1.0 = the standard network); < 1 gives the small
-# CPU-friendly networks of the demo.
-_C.MODEL.BACKBONE.WIDTH = 1.0
 
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.OUT_CHANNELS = 256
@@ -94,6 +91,10 @@ _C.DATASETS.TEST = ()
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 0
+# A truncated/corrupt image file: "error" stops with an error naming the file; "skip" replaces
+# it (training only, deterministically: the next decodable index) and logs a running count.
+# Evaluation never skips. See kd2.data.loader.
+_C.DATALOADER.CORRUPT_IMAGES = "error"  # "error" | "skip"
 
 _C.SOLVER = CN()
 _C.SOLVER.MAX_ITER = 40000

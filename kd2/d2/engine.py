@@ -23,6 +23,8 @@ from detectron2.evaluation import COCOEvaluator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .teacher import _WeightsOnlyCheckpointer
+
 __all__ = [
     "KDTrainer",
     "StudentView",
@@ -48,13 +50,14 @@ class StudentView(nn.Module):
 
 
 def student_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> DetectionCheckpointer:
-    """A ``DetectionCheckpointer`` writing the student alone (+ ``"kd"`` adapters if any)."""
+    """A ``DetectionCheckpointer`` writing the student alone (+ ``"kd"`` adapters if any); it
+    reads ``.pth`` files (MODEL.WEIGHTS, resumed checkpoints) with ``weights_only=True``."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
     if hasattr(model, "kd_methods"):
         kwargs.setdefault("kd", model.kd_methods)
         model = StudentView(model)
-    return DetectionCheckpointer(model, save_dir, **kwargs)
+    return _WeightsOnlyCheckpointer(model, save_dir, **kwargs)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -116,8 +119,30 @@ def prototype_refresh_hook(cfg) -> hooks.HookBase:
     return hooks.CallbackHook(before_train=before_train, before_step=before_step)
 
 
+def check_dataset_classes(cfg) -> None:
+    """The datasets whose metadata already lists ``thing_classes`` have the model's number of
+    classes (Detectron2 only fails at the first step, or at evaluation, otherwise)."""
+    from detectron2.data import MetadataCatalog
+
+    retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+    key = "MODEL.RETINANET.NUM_CLASSES" if retina else "MODEL.ROI_HEADS.NUM_CLASSES"
+    k = cfg.MODEL.RETINANET.NUM_CLASSES if retina else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != k:
+            raise ValueError(
+                f"dataset {name!r} has {len(classes)} categories, but the model is built for {k} "
+                f"({key} {k}). Set {key} {len(classes)}, or use a dataset with {k} categories"
+            )
+
+
 class KDTrainer(DefaultTrainer):
     """``DefaultTrainer`` + student-only checkpoints + KD warm-up + COCO evaluation."""
+
+    @classmethod
+    def build_model(cls, cfg):
+        check_dataset_classes(cfg)
+        return super().build_model(cfg)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ built a checkpointer over the whole model (adapters included)

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
+import re
 
+import torch
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch import nn
+
+from kd2.modeling.weights_check import check_teacher_finite
 
 from .config import add_kd_config
 
@@ -44,7 +49,30 @@ def resolve_config_file(name: str) -> str:
         ) from None
 
 
-class _RecordingCheckpointer(DetectionCheckpointer):
+class _WeightsOnlyCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that reads torch-format files (``.pth``, ``.pt``, any name but
+    ``.pkl``/``.pyth``) with ``torch.load(weights_only=True)``, whatever torch's default: such a
+    file holds tensors and plain containers and cannot run code when loaded. ``.pkl`` files
+    (Detectron2 model zoo, Caffe2-converted weights, ``detectron2://`` URLs) still go through
+    Detectron2's own ``pickle.load``: they are trusted code."""
+
+    def _torch_load(self, f):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = re.search(r"(Unsupported global|WeightsUnpickler error)[^\n]*", str(e))
+            raise ValueError(
+                f"checkpoint {f!r} holds objects other than tensors and plain containers"
+                f"{' (' + reason.group(0) + ')' if reason else ''}. kd2 loads .pth/.pt weights "
+                "(teacher weights, MODEL.WEIGHTS, resumed checkpoints) with "
+                "torch.load(weights_only=True) and refuses to unpickle arbitrary objects, which "
+                "can run code. If you trust the file, convert it once in a trusted session: "
+                "load it with torch.load(path, weights_only=False) and re-save the weights alone, "
+                "torch.save({'model': state_dict}, new_path)"
+            ) from e
+
+
+class _RecordingCheckpointer(_WeightsOnlyCheckpointer):
     """``DetectionCheckpointer`` that keeps the incompatible keys instead of only logging them."""
 
     def _load_model(self, checkpoint):
@@ -57,7 +85,8 @@ def build_teacher(cfg) -> nn.Module:
 
     Weights: ``KD.TEACHER.WEIGHTS``, else the teacher config's own ``MODEL.WEIGHTS``. A
     checkpoint that leaves any teacher parameter missing is an error (never a silently random
-    teacher).
+    teacher). A ``.pth``/``.pt`` file is read with ``torch.load(weights_only=True)``; a ``.pkl``
+    file (``detectron2://`` model zoo) is unpickled by Detectron2: trust its source.
     """
     if not cfg.KD.TEACHER.CONFIG:
         raise ValueError("KD.METHODS is set but KD.TEACHER.CONFIG is empty")
@@ -85,6 +114,7 @@ def build_teacher(cfg) -> nn.Module:
             f"{len(shapes)} shape mismatches (e.g. {shapes[:3]}). A teacher with random "
             "parameters would teach noise; check the config and the weights"
         )
+    check_teacher_finite(teacher, weights)
     teacher.eval().requires_grad_(False)
     teacher.kd2_cfg = tcfg
     return teacher

@@ -15,6 +15,7 @@ from kd2.data.catalog import (
 )
 from kd2.data.coco import load_coco_json
 from kd2.data.loader import (
+    CorruptImageError,
     DetectionDataset,
     TrainingSampler,
     build_test_loader,
@@ -30,6 +31,7 @@ __all__ = [
     "datasets_root",
     "register_coco_instances",
     "load_coco_json",
+    "CorruptImageError",
     "DetectionDataset",
     "TrainingSampler",
     "build_test_loader",

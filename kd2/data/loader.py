@@ -16,11 +16,18 @@ Training stream (the contract that makes resuming exact):
 Batches are ``(images, targets)``: ``images`` a list of ``(3, H, W)`` float tensors (RGB, values
 in ``[0, 1]``, original size), ``targets`` a list of dicts ``{"boxes": float32 (G, 4) XYXY
 pixels, "labels": int64 (G,) contiguous 0..K-1, "image_id": int, "orig_size": (H, W)}``.
+
+Corrupt images (``DATALOADER.CORRUPT_IMAGES``): a file that cannot be decoded completely raises
+:class:`CorruptImageError` naming it (``"error"``, the default). With ``"skip"`` a *training*
+dataset replaces it by the next decodable index ``(i + 1) % N, (i + 2) % N, ...`` with the same
+augmentation seed, so the stream stays a pure function of ``(seed, iteration)`` and resuming stays
+exact; evaluation datasets always raise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
@@ -28,9 +35,11 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
 import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "CorruptImageError",
     "read_image",
     "DetectionDataset",
     "TrainingSampler",
@@ -47,8 +56,61 @@ def _source(json_file: str | None) -> str:
     return f" (listed in {json_file})" if json_file else ""
 
 
+logger = logging.getLogger(__name__)
+
+CORRUPT_IMAGE_POLICIES = ("error", "skip")
+
+_SKIP_HINT = (
+    "To train without such files, set DATALOADER.CORRUPT_IMAGES skip: each corrupt training "
+    "image is then replaced by the next decodable one and logged (evaluation never skips)."
+)
+_truncated_check_warned = False
+
+
+class CorruptImageError(ValueError):
+    """An image file exists but cannot be decoded completely (truncated, corrupt, not an image).
+
+    Attributes ``path``, ``json_file`` (the annotation file that listed it, or ``None``) and
+    ``reason`` (the decoder's message) are set.
+    """
+
+    def __init__(self, message: str, *, path: str, json_file: str | None, reason: str):
+        super().__init__(message)
+        self.path = path
+        self.json_file = json_file
+        self.reason = reason
+
+
+def _rgb_uint8(im: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB array of a loaded Pillow image, equal to OpenCV's IMREAD_COLOR."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        # 16-bit grayscale: keep the high byte, as OpenCV's IMREAD_COLOR does (Pillow's
+        # convert("RGB") would clip instead).
+        gray = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # grayscale, palette, RGBA (alpha dropped), CMYK, 1-bit
+    return np.asarray(im)
+
+
 def read_image(path: str, *, json_file: str | None = None) -> torch.Tensor:
-    """Read an image file with OpenCV.
+    """Read an image file with Pillow, refusing truncated or corrupt files.
+
+    The pixels are returned **as stored**: EXIF orientation is *not* applied, because COCO-format
+    annotations (boxes, ``height``/``width``) refer to the stored pixel grid, and
+    :class:`DetectionDataset` checks the decoded size against the annotation. (OpenCV's
+    ``imread``, which kd2 used before, applies EXIF orientation; so does Detectron2's own
+    ``detectron2.data.detection_utils.read_image``, which the Detectron2 backend uses.)
+
+    Values equal OpenCV's ``imread(IMREAD_COLOR)`` + BGR->RGB for PNG (8- and 16-bit, gray,
+    palette, alpha dropped) and, with the same libjpeg-turbo, for baseline JPEG.
+
+    Corruption detection: a truncated JPEG or PNG (any cut point, including a JPEG that only
+    lacks its end marker) and a file that is not an image raise :class:`CorruptImageError`.
+    Bytes altered *inside* a JPEG's entropy-coded data are often undetectable: the file decodes
+    without any error (wrong pixels in some blocks); kd2 does not try to detect that.
+    Detection relies on ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` being False (Pillow's default);
+    if other code set it True, truncated files decode silently again and a warning is logged once.
 
     Args:
         path: image file path.
@@ -56,25 +118,43 @@ def read_image(path: str, *, json_file: str | None = None) -> torch.Tensor:
 
     Returns:
         ``(3, H, W)`` float32 tensor, RGB, values in ``[0, 1]``. Grayscale files are expanded
-        to 3 channels; EXIF orientation is applied (OpenCV's default).
+        to 3 channels.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file exists but cannot be decoded as an image.
+        CorruptImageError: (a ``ValueError``) the file exists but cannot be decoded completely;
+            the message names the file, the annotation file and the decoder's reason.
     """
+    global _truncated_check_warned
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Image file not found: {path}{_source(json_file)}. Check the dataset's image root "
             "(or DETECTRON2_DATASETS for builtin datasets)."
         )
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(
-            f"Cannot decode image file {path}{_source(json_file)}: the file is corrupt or not an "
-            "image format OpenCV can read."
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _truncated_check_warned:
+        _truncated_check_warned = True
+        logger.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code): truncated image "
+            "files will decode silently (grey or black bottom) instead of raising "
+            "CorruptImageError."
         )
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = _rgb_uint8(im)
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
+        reason = f"{type(e).__name__}: {e}"
+        raise CorruptImageError(
+            f"Cannot decode image file {path}{_source(json_file)}: {reason}. The file is "
+            f"truncated, corrupt or not an image format Pillow can read. {_SKIP_HINT}",
+            path=path,
+            json_file=json_file,
+            reason=reason,
+        ) from e
+    # float32 copy first (Pillow's array is read-only); same values and strides as before
+    return torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1).div_(255.0)
 
 
 class DetectionDataset(Dataset):
@@ -89,13 +169,33 @@ class DetectionDataset(Dataset):
             ``boxes`` (G, 4) XYXY, ``labels`` (G,); optional ``json_file``).
         train: enable augmentation for ``(index, aug_seed)`` items.
         flip_prob: probability of a horizontal flip in training.
+        corrupt_images: ``"error"`` (raise :class:`CorruptImageError`) or ``"skip"``
+            (``DATALOADER.CORRUPT_IMAGES``). With ``"skip"`` a training dataset
+            replaces a corrupt image ``i`` by the first decodable ``(i + k) % N``,
+            ``k = 1, 2, ...``, augmented with the same ``aug_seed`` (so batches stay a pure
+            function of ``(seed, iteration)``), logs a warning the first time each file is
+            skipped, and records it in ``corrupt_skipped`` (``{index: file_name}``; per
+            process: each DataLoader worker keeps and logs its own). Evaluation datasets
+            (``train=False``) always raise.
     """
 
     _REQUIRED = ("file_name", "image_id", "height", "width", "boxes", "labels")
 
-    def __init__(self, records: Sequence[Dict[str, Any]], *, train: bool, flip_prob: float = 0.5):
+    def __init__(
+        self,
+        records: Sequence[Dict[str, Any]],
+        *,
+        train: bool,
+        flip_prob: float = 0.5,
+        corrupt_images: str = "error",
+    ):
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if corrupt_images not in CORRUPT_IMAGE_POLICIES:
+            raise ValueError(
+                f"DATALOADER.CORRUPT_IMAGES (corrupt_images) must be one of "
+                f"{CORRUPT_IMAGE_POLICIES}, got {corrupt_images!r}"
+            )
         self.records = list(records)
         for r in self.records[:1]:
             missing = [k for k in self._REQUIRED if k not in r]
@@ -103,6 +203,13 @@ class DetectionDataset(Dataset):
                 raise KeyError(f"Dataset records lack keys {missing}; got keys {sorted(r)}")
         self.train = bool(train)
         self.flip_prob = float(flip_prob)
+        self.corrupt_images = corrupt_images
+        self.corrupt_skipped: Dict[int, str] = {}
+
+    @property
+    def num_corrupt_skipped(self) -> int:
+        """Number of distinct corrupt images skipped so far (in this process)."""
+        return len(self.corrupt_skipped)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -113,6 +220,46 @@ class DetectionDataset(Dataset):
             index, aug_seed = int(item[0]), int(item[1])
         else:
             index, aug_seed = int(item), None
+        if not (self.train and self.corrupt_images == "skip"):
+            try:
+                return self._load(index, aug_seed)
+            except CorruptImageError as e:
+                if self.corrupt_images != "skip":
+                    raise
+                raise CorruptImageError(
+                    f"{e} DATALOADER.CORRUPT_IMAGES is 'skip', but evaluation datasets never "
+                    "skip images: an AP over a different image set would be silently wrong.",
+                    path=e.path,
+                    json_file=e.json_file,
+                    reason=e.reason,
+                ) from e.__cause__
+        n = len(self.records)
+        for k in range(n):
+            j = (index + k) % n
+            if j in self.corrupt_skipped:
+                continue
+            try:
+                return self._load(j, aug_seed)
+            except CorruptImageError as e:
+                self.corrupt_skipped[j] = e.path
+                logger.warning(
+                    "Skipping corrupt training image %s%s (%s): it is replaced by the next "
+                    "decodable image (DATALOADER.CORRUPT_IMAGES skip); skipped %d corrupt "
+                    "image(s) so far.",
+                    e.path,
+                    _source(e.json_file),
+                    e.reason,
+                    len(self.corrupt_skipped),
+                )
+        raise CorruptImageError(
+            f"All {n} training images are corrupt (DATALOADER.CORRUPT_IMAGES skip skipped every "
+            f"one), e.g. {self.corrupt_skipped[index]}.",
+            path=self.corrupt_skipped[index],
+            json_file=self.records[index].get("json_file"),
+            reason="all images corrupt",
+        )
+
+    def _load(self, index: int, aug_seed: int | None) -> Tuple[torch.Tensor, Target]:
         rec = self.records[index]
         json_file = rec.get("json_file")
         image = read_image(rec["file_name"], json_file=json_file)

@@ -1,54 +1,89 @@
-"""Atomic checkpoint files.
+"""Atomic checkpoint files, and finding the checkpoint to resume from.
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk, and then
 renamed over its final name (``os.replace`` is atomic on POSIX), and only then is the
 ``last_checkpoint`` pointer updated the same way. A kill at any moment therefore leaves the
-previous good checkpoint and pointer intact.
+previous good checkpoint and pointer intact; a full disk does too, and says so. Files get the
+user's umask (``mkstemp`` alone would make them 0600).
+
+:func:`find_resume_checkpoint` reads the checkpoint ``last_checkpoint`` names and, when that file
+is missing or unreadable, falls back to the newest readable ``model_*.pth`` with a warning that
+names both: ``--resume`` never trains from scratch while a checkpoint exists.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
 import tempfile
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-__all__ = ["atomic_save", "write_text_atomic", "last_checkpoint", "save_checkpoint"]
+__all__ = [
+    "atomic_save",
+    "write_text_atomic",
+    "last_checkpoint",
+    "save_checkpoint",
+    "find_resume_checkpoint",
+    "CheckpointWriteError",
+]
+
+logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
+_CHECKPOINT_NAME = re.compile(r"^model_(\d+|final)\.pth$")
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (the disk is full, typically); earlier files are intact."""
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` that never leaves a truncated file at ``path``."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch's C++ writer: "[enforce fail at inline_container.cc:...] ... file write failed"
+    return isinstance(err, RuntimeError) and "file write failed" in str(err)
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
     os.close(fd)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _is_disk_full(e):
+            raise CheckpointWriteError(
+                errno.ENOSPC,
+                f"no space left on device while writing {path}; earlier checkpoints are intact "
+                f"(last: {last_checkpoint(d) or 'none'}). Free space, then resume with --resume",
+            ) from e
         raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` that never leaves a truncated file at ``path``."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def save_checkpoint(output_dir: str, name: str, state: Dict[str, Any]) -> str:
@@ -59,12 +94,76 @@ def save_checkpoint(output_dir: str, name: str, state: Dict[str, Any]) -> str:
     return path
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """Path of the checkpoint ``last_checkpoint`` points to, or ``None``."""
+def _pointer_target(output_dir: str) -> str | None:
     pointer = os.path.join(output_dir, LAST_CHECKPOINT)
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(output_dir, name)
-    return path if os.path.isfile(path) else None
+        return os.path.join(output_dir, f.read().strip())
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """Path of the checkpoint ``last_checkpoint`` points to, or ``None``."""
+    path = _pointer_target(output_dir)
+    return path if path and os.path.isfile(path) else None
+
+
+def _checkpoints_newest_first(output_dir: str) -> List[str]:
+    """``model_*.pth`` files, ``model_final`` first, then by iteration (then mtime) descending."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        m = _CHECKPOINT_NAME.match(name)
+        if m:
+            path = os.path.join(output_dir, name)
+            it = float("inf") if m.group(1) == "final" else int(m.group(1))
+            found.append((it, os.path.getmtime(path), path))
+    return [p for _, _, p in sorted(found, reverse=True)]
+
+
+def _load(path: str) -> Dict[str, Any]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "iteration" not in ckpt or "model" not in ckpt:
+        raise ValueError("not a kd2 training checkpoint (no 'model' / 'iteration')")
+    return ckpt
+
+
+def find_resume_checkpoint(output_dir: str) -> Tuple[str, Dict[str, Any]] | None:
+    """The checkpoint to resume from and its contents, or ``None`` when there is none.
+
+    ``last_checkpoint``'s file first; if it is missing or unreadable (truncated, not a
+    checkpoint), the newest readable ``model_*.pth`` with a warning naming both files. Raises
+    ``RuntimeError`` when checkpoints exist but none can be read (rather than train from
+    scratch over them).
+    """
+    named = _pointer_target(output_dir)
+    candidates = _checkpoints_newest_first(output_dir)
+    if named is not None:
+        candidates = [named] + [c for c in candidates if c != named]
+    failures = []
+    for path in candidates:
+        if not os.path.isfile(path):
+            failures.append((path, "missing"))
+            continue
+        try:
+            ckpt = _load(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped with its reason
+            failures.append((path, f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
+        if failures:
+            logger.warning(
+                "cannot resume from %s; resuming from the newest readable checkpoint %s "
+                "(iteration %d) instead. Skipped: %s",
+                failures[0][0],
+                path,
+                ckpt["iteration"],
+                "; ".join(f"{p} ({why})" for p, why in failures),
+            )
+        return path, ckpt
+    if failures:
+        skipped = "; ".join(f"{p} ({why})" for p, why in failures)
+        raise RuntimeError(
+            f"--resume: no checkpoint in {output_dir} can be read, so nothing was trained or "
+            f"overwritten: {skipped}. Remove the broken files to start from scratch, or restore "
+            "a checkpoint"
+        )
+    return None

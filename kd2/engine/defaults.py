@@ -11,9 +11,11 @@ import sys
 import numpy as np
 import torch
 
-from kd2.config import get_cfg
+from kd2.config import get_cfg, validate_values
 
+from .checkpoint import write_text_atomic
 from .launch import get_rank
+from .run_dir import lock_output_dir
 
 __all__ = ["default_argument_parser", "setup_cfg", "default_setup", "setup_logger"]
 
@@ -25,7 +27,7 @@ def default_argument_parser(description: str = "kd2 training") -> argparse.Argum
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example:\n  python tools/train_net.py --config-file configs/synthetic/"
-        "retinanet_R18_student.yaml SOLVER.MAX_ITER 100 OUTPUT_DIR output/run",
+        "faster_rcnn_MNv3_student.yaml SOLVER.MAX_ITER 100 OUTPUT_DIR output/run",
     )
     p.add_argument("--config-file", default="", metavar="FILE", help="path to a config file")
     p.add_argument("--resume", action="store_true", help="resume from OUTPUT_DIR/last_checkpoint")
@@ -43,6 +45,7 @@ def setup_cfg(config_file: str, opts=()):
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    validate_values(cfg)
     cfg.freeze()
     return cfg
 
@@ -69,14 +72,18 @@ def setup_logger(output_dir: str | None = None, rank: int = 0) -> logging.Logger
 
 
 def default_setup(cfg, args=None) -> None:
-    """Create ``OUTPUT_DIR``, set up logging, save the full config and seed every RNG."""
+    """Lock and create ``OUTPUT_DIR`` (rank 0), set up logging, save the full config and seed
+    every RNG. A directory in use by another run stops here, before anything is written."""
     rank = get_rank()
+    if rank == 0:
+        lock_output_dir(cfg.OUTPUT_DIR)  # held for the life of the process
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     logger = setup_logger(cfg.OUTPUT_DIR, rank)
     logger.info("command line: %s", " ".join(sys.argv))
     if rank == 0:
-        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
+        path, text = os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump()
+        if not os.path.isfile(path) or open(path).read() != text:  # resumes keep it untouched
+            write_text_atomic(path, text)
     seed = cfg.SEED + rank
     random.seed(seed)
     np.random.seed(seed)

@@ -4,12 +4,17 @@
 ``torch.multiprocessing.start_processes`` (Detectron2's ``launch`` pattern); under ``torchrun``
 the processes already exist and ``launch`` only joins the process group from the environment.
 Without CUDA the ``gloo`` backend runs the same code on CPU processes.
+
+The worker processes die with their launcher (:func:`die_with_parent`): a ``kill -9`` of the
+launcher never leaves orphaned training processes writing checkpoints.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 from datetime import timedelta
 from typing import Callable, Tuple
@@ -18,7 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["launch", "get_rank", "get_world_size", "is_main_process", "synchronize"]
+__all__ = [
+    "launch",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "synchronize",
+    "die_with_parent",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +50,25 @@ def is_main_process() -> bool:
 def synchronize() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Make the kernel send SIGKILL to this process when its parent dies (Linux).
+
+    ``parent_pid``: the launcher's pid as the launcher saw it; if the parent is already gone
+    (it died before this call), exit at once.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: no orphan protection beyond the dir lock
+        logger.warning("cannot tie worker processes to their launcher on this platform")
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _free_port() -> int:
@@ -82,13 +113,25 @@ def launch(
     mp.start_processes(
         _worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        args=(
+            main_func,
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+            os.getpid(),
+        ),
         daemon=False,
         start_method="spawn",
     )
 
 
-def _worker(local_rank, main_func, world_size, gpus, machine_rank, dist_url, args, timeout):
+def _worker(
+    local_rank, main_func, world_size, gpus, machine_rank, dist_url, args, timeout, parent_pid
+):
+    die_with_parent(parent_pid)
     rank = machine_rank * gpus + local_rank
     dist.init_process_group(
         _backend(), init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout

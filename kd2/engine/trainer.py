@@ -4,11 +4,19 @@ Detectron2's ``DefaultTrainer`` shape on a plain PyTorch loop: build model / opt
 scheduler / loader from the config, ``resume_or_load``, ``train``, ``test``. What it guarantees:
 
 * **exact resume** — a checkpoint holds the model, the KD adapters, the optimizer, the
-  scheduler, the iteration and every RNG state; the data stream is a pure function of
-  (seed, iteration), so resuming after a kill reproduces the uninterrupted run's weights on CPU;
-* **atomic checkpoints** (:mod:`kd2.engine.checkpoint`);
+  scheduler, the iteration and every RNG state of every process; the data stream is a pure
+  function of (seed, iteration), so resuming after a kill reproduces the uninterrupted run's
+  weights on CPU, with one process or several (the same number as before);
+* resuming a **finished** run trains nothing and writes nothing; a missing or unreadable
+  ``last_checkpoint`` target falls back to the newest readable checkpoint (with a warning);
+  a ``SOLVER`` learning rate, momentum or weight decay changed on resume is applied (and logged);
+* **one run per** ``OUTPUT_DIR`` (:mod:`kd2.engine.run_dir`), **atomic checkpoints** with the
+  user's umask (:mod:`kd2.engine.checkpoint`);
 * a non-finite loss stops training with a clear error, before the optimizer touches the
-  weights and without writing a checkpoint, so the last good checkpoint stays intact;
+  weights and without writing a checkpoint, so the last good checkpoint stays intact; the
+  message says whether the teacher, the student or the distillation terms are at fault;
+* with several processes, rank 0's buffers (BatchNorm statistics) are broadcast before every
+  evaluation and checkpoint, so the evaluated model is the saved model on every rank;
 * ``metrics.json`` lines and TensorBoard events in ``OUTPUT_DIR``, tqdm progress with ETA;
 * optional AMP (KD losses are computed in fp32 by the methods) and gradient clipping;
 * DDP through ``torch.distributed`` when launched on several processes.
@@ -32,14 +40,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd2.data import DatasetCatalog, DetectionDataset, build_test_loader, build_train_loader
+from kd2.config import validate_values
+from kd2.data import (
+    DatasetCatalog,
+    DetectionDataset,
+    MetadataCatalog,
+    build_test_loader,
+    build_train_loader,
+)
 from kd2.data.loader import read_image
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
 from kd2.modeling.prototypes import build_prototype_refresher
-from kd2.tv.build import build_detector, label_offset, load_checkpoint_state
+from kd2.modeling.weights_check import first_non_finite
+from kd2.tv.build import build_detector, label_offset, load_checkpoint_state, num_classes_of
 
-from .checkpoint import last_checkpoint, save_checkpoint
+from .checkpoint import find_resume_checkpoint, last_checkpoint, save_checkpoint
 from .launch import get_rank, get_world_size, is_main_process
+from .run_dir import lock_output_dir, release_output_dir
 
 __all__ = ["Trainer", "build_lr_lambda", "ContiguousLabels", "evaluate", "unwrap"]
 
@@ -97,7 +114,8 @@ def evaluate(cfg, model: nn.Module, dataset_names=None, output_dir: str | None =
     for name in dataset_names if dataset_names is not None else cfg.DATASETS.TEST:
         records = DatasetCatalog.get(name)[rank::world]
         loader = build_test_loader(
-            DetectionDataset(records, train=False), num_workers=cfg.DATALOADER.NUM_WORKERS
+            DetectionDataset(records, train=False, corrupt_images=cfg.DATALOADER.CORRUPT_IMAGES),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
         evaluator = COCOEvaluator(name, output_dir=output_dir)
         res = inference_on_dataset(ContiguousLabels(model), _to_device(loader, cfg), evaluator)
@@ -131,6 +149,51 @@ def _rng_state() -> Dict:
     return state
 
 
+def _all_rank_rng_states() -> List[Dict]:
+    """Every rank's :func:`_rng_state`, in rank order (collective: call on every rank)."""
+    state = _rng_state()
+    if get_world_size() == 1:
+        return [state]
+    import torch.distributed as dist
+
+    gathered: List = [None] * get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics, prototypes)."""
+    if get_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf.data, 0)
+
+
+_NUM_CLASSES_KEY = {
+    "FasterRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "FCOS": "MODEL.FCOS.NUM_CLASSES",
+    "SSD": "MODEL.SSD.NUM_CLASSES",
+}
+
+
+def check_dataset_classes(cfg) -> None:
+    """Each dataset of ``DATASETS.TRAIN`` / ``TEST`` has the model's number of classes."""
+    k = num_classes_of(cfg)
+    key = _NUM_CLASSES_KEY[cfg.MODEL.META_ARCHITECTURE]
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != k:
+            shown = list(classes[:8]) + (["..."] if len(classes) > 8 else [])
+            raise ValueError(
+                f"dataset {name!r} has {len(classes)} categories {shown}, but the model is built "
+                f"for {k} ({key} {k}). Set {key} {len(classes)}, or use a dataset with {k} "
+                "categories (a distilled student needs its teacher's categories too)"
+            )
+
+
 def _set_rng_state(state: Dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
@@ -153,6 +216,8 @@ class Trainer:
     """
 
     def __init__(self, cfg):
+        validate_values(cfg)
+        check_dataset_classes(cfg)
         self.cfg = cfg
         self.device = torch.device(cfg.MODEL.DEVICE)
         self.rank, self.world_size = get_rank(), get_world_size()
@@ -161,7 +226,13 @@ class Trainer:
                 f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
                 f"number of processes ({self.world_size})"
             )
-        logger.info("world size %d, rank %d, device %s", self.world_size, self.rank, self.device)
+        logger.info(
+            "world size %d, rank %d, pid %d, device %s",
+            self.world_size,
+            self.rank,
+            os.getpid(),
+            self.device,
+        )
         torch.manual_seed(cfg.SEED)
         self.model = build_detector(cfg)
         self.label_offset = label_offset(self.model)
@@ -185,7 +256,8 @@ class Trainer:
                 broadcast_buffers=False,
             )
         self.start_iter = 0
-        self._resume_rng: Dict | None = None  # RNG state of the checkpoint resumed from
+        self._resume_rng: Dict | None = None  # this rank's RNG state in the checkpoint
+        self.resumed_from: str | None = None
         self.prototype_refresher = None  # set by train() when a method needs prototypes
         self.iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -194,7 +266,10 @@ class Trainer:
         self.teacher_results: Dict = {}
 
     # -- checkpoints ----------------------------------------------------------------------
-    def state_dict(self) -> Dict:
+    def state_dict(self, rng_per_rank: List[Dict] | None = None) -> Dict:
+        """The checkpoint. ``rng_per_rank``: every rank's RNG state (:func:`_all_rank_rng_states`,
+        gathered by :meth:`save`); this process's alone when not given."""
+        rngs = rng_per_rank if rng_per_rank is not None else [_rng_state()]
         model = self.model
         if hasattr(model, "student_state_dict"):
             model_state = model.student_state_dict()
@@ -208,20 +283,24 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
             "iteration": self.iter,
-            "rng": _rng_state(),
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
             "config": self.cfg.dump(),
         }
 
     def save(self, name: str) -> None:
+        """Write a checkpoint (collective with several processes: call on every rank)."""
+        broadcast_buffers(self.model)
+        rngs = _all_rank_rng_states()
         if is_main_process():
-            path = save_checkpoint(self.cfg.OUTPUT_DIR, name, self.state_dict())
+            path = save_checkpoint(self.cfg.OUTPUT_DIR, name, self.state_dict(rngs))
             logger.info("saved checkpoint %s", path)
 
     def resume_or_load(self, resume: bool = True) -> None:
         """With ``resume`` and a checkpoint in ``OUTPUT_DIR``, restore everything and continue
         from its iteration; otherwise load ``MODEL.WEIGHTS`` (model only) if given."""
-        path = last_checkpoint(self.cfg.OUTPUT_DIR) if resume else None
-        if path is None:
+        found = find_resume_checkpoint(self.cfg.OUTPUT_DIR) if resume else None
+        if found is None:
             if self.cfg.MODEL.WEIGHTS:
                 state = load_checkpoint_state(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
                 result = self.model.load_state_dict(state, strict=False)
@@ -232,16 +311,62 @@ class Trainer:
                         f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
                     )
             return
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        path, ckpt = found
         self.model.load_state_dict(ckpt["model"], strict=not hasattr(self.model, "kd_methods"))
         if hasattr(self.model, "kd_methods"):
             self.model.kd_methods.load_state_dict(ckpt["kd"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["grad_scaler"])
-        self._resume_rng = ckpt["rng"]  # restored in train(), once the data iterator exists
         self.start_iter = ckpt["iteration"]
+        self.resumed_from = path
+        self._apply_solver_on_resume(ckpt)
+        # restored in train(), once the data iterator exists
+        self._resume_rng = self._rank_rng_state(ckpt)
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    def _rank_rng_state(self, ckpt: Dict) -> Dict:
+        states = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        if len(states) != self.world_size:
+            logger.warning(
+                "the checkpoint was written by %d process(es), this run has %d: training "
+                "continues, but not bit-identically to an uninterrupted run",
+                len(states),
+                self.world_size,
+            )
+        return states[self.rank] if self.rank < len(states) else states[0]
+
+    def _apply_solver_on_resume(self, ckpt: Dict) -> None:
+        """The config's learning rate, momentum and weight decay apply from the resumed
+        iteration on (the optimizer's state would otherwise keep the checkpoint's), and every
+        change is logged; the schedule's shape (steps, warm-up) always comes from the config."""
+        s = self.cfg.SOLVER
+        wanted = {"momentum": s.MOMENTUM, "weight_decay": s.WEIGHT_DECAY}
+        old_base = list(self.scheduler.base_lrs)
+        if any(b != s.BASE_LR for b in old_base):
+            logger.warning(
+                "SOLVER.BASE_LR is %g in this config but %g in the checkpoint: the new rate "
+                "applies from iteration %d on",
+                s.BASE_LR,
+                old_base[0],
+                self.start_iter,
+            )
+        self.scheduler.base_lrs = [float(s.BASE_LR)] * len(old_base)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = float(s.BASE_LR)
+            group["lr"] = float(s.BASE_LR) * factor
+            for key, value in wanted.items():
+                if group[key] != value:
+                    logger.warning(
+                        "SOLVER.%s is %g in this config but %g in the checkpoint: the new value "
+                        "applies from iteration %d on",
+                        key.upper(),
+                        value,
+                        group[key],
+                        self.start_iter,
+                    )
+                    group[key] = value
 
     # -- training -------------------------------------------------------------------------
     def train_records(self) -> List[Dict]:
@@ -257,7 +382,9 @@ class Trainer:
         records = self.train_records() if records is None else records
         flip = 0.5 if cfg.INPUT.RANDOM_FLIP == "horizontal" else 0.0
         return build_train_loader(
-            DetectionDataset(records, train=True, flip_prob=flip),
+            DetectionDataset(
+                records, train=True, flip_prob=flip, corrupt_images=cfg.DATALOADER.CORRUPT_IMAGES
+            ),
             batch_size_per_rank=cfg.SOLVER.IMS_PER_BATCH // self.world_size,
             seed=cfg.SEED,
             start_iter=self.start_iter,
@@ -267,6 +394,29 @@ class Trainer:
         )
 
     def train(self) -> Dict:
+        """Train from ``start_iter`` to ``SOLVER.MAX_ITER``, holding ``OUTPUT_DIR``'s lock."""
+        cfg = self.cfg
+        if self.start_iter >= self.max_iter:
+            logger.warning(
+                "the run in %s is finished: %s is at iteration %d and SOLVER.MAX_ITER is %d. "
+                "Nothing was trained and no file was written. Evaluate it with --eval-only "
+                "--resume, or raise SOLVER.MAX_ITER to train longer",
+                cfg.OUTPUT_DIR,
+                self.resumed_from,
+                self.start_iter,
+                self.max_iter,
+            )
+            return self.last_results
+        locked = is_main_process()
+        if locked:
+            lock_output_dir(cfg.OUTPUT_DIR)
+        try:
+            return self._train()
+        finally:
+            if locked:
+                release_output_dir(cfg.OUTPUT_DIR)
+
+    def _train(self) -> Dict:
         cfg = self.cfg
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         teacher = getattr(self.model, "teacher", None)
@@ -320,6 +470,7 @@ class Trainer:
                     and done % cfg.TEST.EVAL_PERIOD == 0
                     and done < self.max_iter
                 ):
+                    broadcast_buffers(self.model)
                     self._evaluate_and_log(done, writer)
                 if cfg.SOLVER.CHECKPOINT_PERIOD and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
                     self.save(f"model_{done:07d}.pth")
@@ -327,11 +478,17 @@ class Trainer:
                     fn(self)
         finally:
             bar.close()
-        self.save("model_final.pth")
-        # Parameters only: BatchNorm running statistics stay per-rank (broadcast_buffers=False,
-        # as in Detectron2), so only the parameters are guaranteed identical across replicas.
+        self.save("model_final.pth")  # broadcasts rank 0's buffers first
+        # Between checkpoints BatchNorm running statistics are per rank (DDP with
+        # broadcast_buffers=False, as in Detectron2); save() made them rank 0's everywhere.
         checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())
-        logger.info("rank %d final parameter checksum %.10e", self.rank, checksum)
+        buffers = sum(float(b.detach().double().sum()) for b in self.model.buffers())
+        logger.info(
+            "rank %d final parameter checksum %.10e buffer checksum %.10e",
+            self.rank,
+            checksum,
+            buffers,
+        )
         if cfg.DATASETS.TEST:
             self._evaluate_and_log(self.max_iter, writer)
         if writer is not None:
@@ -351,13 +508,7 @@ class Trainer:
         total = sum(loss_dict.values())
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
         if not math.isfinite(float(total.detach())):
-            last = last_checkpoint(self.cfg.OUTPUT_DIR)
-            raise FloatingPointError(
-                f"loss became non-finite at iteration {self.iter}: {values}. Training stopped "
-                f"before updating the weights; the last good checkpoint is "
-                f"{last or '(none written yet)'}. Try a lower SOLVER.BASE_LR, a longer "
-                "SOLVER.WARMUP_ITERS, SOLVER.CLIP_GRADIENTS.ENABLED True, or smaller KD weights."
-            )
+            raise FloatingPointError(self._non_finite_message(values))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         clip = self.cfg.SOLVER.CLIP_GRADIENTS
@@ -377,6 +528,44 @@ class Trainer:
         self.scheduler.step()
         values["total_loss"] = float(total.detach())
         return values
+
+    def _non_finite_message(self, values: Dict[str, float]) -> str:
+        """What went non-finite, and advice that fits the cause."""
+        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+        head = (
+            f"loss became non-finite at iteration {self.iter} ({', '.join(bad)}; all terms: "
+            f"{values}). Training stopped before updating the weights"
+        )
+        teacher = getattr(self.model, "teacher", None)
+        bad_teacher = first_non_finite(teacher) if teacher is not None else None
+        if bad_teacher:
+            return (
+                f"{head}: the teacher's weights are non-finite ({bad_teacher}), so "
+                f"KD.TEACHER.WEIGHTS {self.cfg.KD.TEACHER.WEIGHTS!r} is broken — retrain or "
+                "re-export the teacher; no learning rate can fix this"
+            )
+        bad_student = first_non_finite(self.model)
+        last = last_checkpoint(self.cfg.OUTPUT_DIR)
+        where = (
+            f"The last good checkpoint is {last}: resume from it with a lower rate, e.g. "
+            f"`--resume SOLVER.BASE_LR {self.cfg.SOLVER.BASE_LR / 2:g}` (a new BASE_LR applies "
+            "on resume)"
+            if last
+            else "No checkpoint was written yet: restart with a lower SOLVER.BASE_LR"
+        )
+        if bad_student:
+            cause = f"the student's weights are already non-finite ({bad_student}). "
+        elif all(k.startswith("loss_kd") for k in bad):
+            cause = (
+                "only distillation terms are non-finite (the detection losses are finite): "
+                "lower those methods' KD weights or set KD.WARMUP_ITERS. "
+            )
+        else:
+            cause = ""
+        return (
+            f"{head}. {cause}{where}; a longer SOLVER.WARMUP_ITERS or "
+            "SOLVER.CLIP_GRADIENTS.ENABLED True also help against divergence."
+        )
 
     def _evaluate_and_log(self, it: int, writer) -> None:
         self.last_results = evaluate(self.cfg, self.model, output_dir=self.cfg.OUTPUT_DIR)

@@ -40,6 +40,27 @@ class KDMethod(nn.Module):
     #: Teacher parts this method reads; the teacher runs only the union over methods.
     teacher_parts: FrozenSet[str] = frozenset({"features"})
 
+    #: Whether the method's dense-head terms handle a softmax dense head with a background class
+    #: (SSD). A method reading the teacher's ``dense`` part is assumed to be written for sigmoid
+    #: heads (RetinaNet, FCOS) unless it sets this.
+    supports_softmax_dense: bool = False
+
+    def unsupported_reason(self, arch: str, dense_softmax: bool) -> str | None:
+        """Why this built method cannot apply to the detector, or ``None`` when it can.
+
+        Checked by :class:`kd2.modeling.distiller.DistillerMixin` for every configured method
+        when the model is built, before any data pass.
+
+        Args:
+            arch: ``"two_stage"`` or ``"one_stage"``.
+            dense_softmax: the detector's dense head is a softmax classifier (SSD).
+        """
+        if dense_softmax and not self.supports_softmax_dense and "dense" in self.teacher_parts:
+            from .utils import softmax_dense_reason
+
+            return softmax_dense_reason(type(self).__name__)
+        return None
+
     @classmethod
     def from_config(
         cls,

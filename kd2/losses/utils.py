@@ -24,6 +24,7 @@ __all__ = [
     "object_ids",
     "require_sigmoid_dense",
     "shared_strides",
+    "softmax_dense_reason",
     "softmax_kl_div",
     "zero_like_loss",
 ]
@@ -195,14 +196,24 @@ def require_one_stage(method: str, arch: str) -> None:
         )
 
 
+def softmax_dense_reason(method: str) -> str:
+    """Why ``method`` (sigmoid dense heads only) cannot distill a softmax dense head (SSD), and
+    what to use instead: the one message of the build-time check and the step-time checks."""
+    return (
+        f"{method} is defined on sigmoid dense heads (RetinaNet, FCOS); this detector's dense "
+        "head is a softmax classifier with a background class (SSD). Use a method that supports "
+        "softmax dense heads (ClassifierKD, DeFeat, FGFI, FitNet, or GlobalKD with "
+        "KD.GLOBALKD.SOFT_WEIGHT 0) or a sigmoid-head detector (RetinaNet, FCOS)"
+    )
+
+
 def require_sigmoid_dense(method: str, dense) -> None:
-    """Raise when a method written for sigmoid dense heads meets a softmax one (SSD)."""
+    """Raise when a method written for sigmoid dense heads meets a softmax one (SSD).
+
+    The last line of defence: the distiller refuses such a method when the model is built
+    (:meth:`kd2.losses.KDMethod.unsupported_reason`)."""
     if dense is not None and getattr(dense, "softmax", False):
-        raise ValueError(
-            f"{method} is defined on sigmoid dense heads (RetinaNet, FCOS); this detector's dense "
-            "head is a softmax classifier with a background class (SSD). Use a method that "
-            "supports softmax heads (ClassifierKD) or a sigmoid-head detector"
-        )
+        raise ValueError(softmax_dense_reason(method))
 
 
 def object_ids(image_index: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:

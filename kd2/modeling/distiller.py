@@ -36,6 +36,8 @@ class DistillerMixin:
 
     #: ``"two_stage"`` or ``"one_stage"``; set by the backend class.
     arch_kind: str = "one_stage"
+    #: The dense head is a softmax classifier with a background class (SSD); set by the backend.
+    dense_softmax: bool = False
 
     def _init_distiller(
         self,
@@ -90,6 +92,12 @@ class DistillerMixin:
                 num_classes=num_classes,
                 arch=self.arch_kind,
             )
+            reason = methods[name].unsupported_reason(self.arch_kind, self.dense_softmax)
+            if reason:
+                raise ValueError(
+                    f"KD method {name!r} (KD.METHODS) does not apply to the "
+                    f"{self._detector_name()} student: {reason}"
+                )
         for method in methods.values():
             if getattr(method, "needs_classifier_teacher", False):
                 method.attach_classifier(
@@ -99,6 +107,13 @@ class DistillerMixin:
         self.teacher_parts: FrozenSet[str] = frozenset().union(
             *(m.teacher_parts for m in methods.values())
         )
+
+    def _detector_name(self) -> str:
+        """The framework detector this student subclasses (``SSD``, ``RetinaNet``, ...)."""
+        for cls in type(self).__mro__:
+            if issubclass(cls, nn.Module) and not issubclass(cls, DistillerMixin):
+                return cls.__name__
+        return type(self).__name__
 
     def _build_classifier_teacher(self, method, input_normalization) -> nn.Module:
         from kd2.modeling.classifier_teacher import build_classifier_teacher

@@ -12,7 +12,10 @@ Every ``period`` iterations (one epoch by default) :class:`PrototypeRefresher`
 3. selects, per class and level, the prototypes with :func:`kd2.ops.pgm_select` and installs the
    un-normalised features of the picked instances in every :class:`~kd2.losses.GlobalKD` method
    of the model (buffers: saved in checkpoints, restored exactly on resume);
-4. writes ``OUTPUT_DIR/pgm/prototypes_<iteration>.json`` (which instance each prototype is, with
+4. with several processes, rank 0 alone extracts and selects, and broadcasts the prototypes:
+   every rank distils towards the same ones (the student's BatchNorm statistics differ between
+   ranks between checkpoints, so ranks computing their own would disagree);
+5. writes ``OUTPUT_DIR/pgm/prototypes_<iteration>.json`` (which instance each prototype is, with
    its image and box, and every instance's robustness η per level) for
    ``tools/show_prototypes.py``, and the tensors as ``.pt``.
 
@@ -233,10 +236,10 @@ class PrototypeRefresher:
             logger.info("PGM: teacher features from the cache %s", path)
         else:
             self._teacher_feats = self._extract(teacher=True)
+            from kd2.engine.checkpoint import atomic_save
+
             os.makedirs(self.output_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            torch.save(self._teacher_feats, tmp)
-            os.replace(tmp, path)
+            atomic_save(self._teacher_feats, path)
         return self._teacher_feats
 
     # -- refresh ------------------------------------------------------------------------------
@@ -255,7 +258,8 @@ class PrototypeRefresher:
         t0 = time.perf_counter()
         node = self.node
         labels = torch.tensor([d["label"] for d in self.instances], dtype=torch.long)
-        if self.instances:
+        main = _is_main_process()
+        if main and self.instances:
             t_feats = self._teacher_features()
             s_feats = self._extract(teacher=False)
         else:
@@ -271,7 +275,7 @@ class PrototypeRefresher:
                 pt = torch.zeros_like(bank_t, device="cpu")
                 valid = torch.zeros(k, dtype=torch.bool)
                 picks: Dict[int, List[int]] = {}
-                if s in s_feats and s in t_feats:
+                if main and s in s_feats and s in t_feats:
                     for c in range(k):
                         rows = (labels == c).nonzero(as_tuple=True)[0]
                         if rows.numel() == 0:
@@ -288,10 +292,12 @@ class PrototypeRefresher:
                         ps[c], pt[c] = xs[idx], xt[idx]
                         valid[c] = True
                         picks[c] = rows[idx].tolist()
-                method.set_prototypes(s, ps.to(bank_s), pt.to(bank_t), valid, iteration)
+                ps, pt, valid = _broadcast_from_main(ps.to(bank_s), pt.to(bank_t), valid)
+                method.set_prototypes(s, ps, pt, valid, iteration)
+                ps, pt, valid = ps.cpu(), pt.cpu(), valid.cpu()
                 tensors[f"student_{s}"], tensors[f"teacher_{s}"] = ps, pt
                 eta = torch.ones(len(self.instances))
-                if s in s_feats and s in t_feats and self.instances:
+                if main and s in s_feats and s in t_feats and self.instances:
                     eta = robustness_by_class(s_feats[s], t_feats[s], labels, ps, pt, valid)
                 report["levels"][str(s)] = {
                     "prototypes": {str(c): v for c, v in picks.items()},
@@ -300,18 +306,20 @@ class PrototypeRefresher:
         report["instances"] = [
             {k: d[k] for k in ("file_name", "image_id", "box", "label")} for d in self.instances
         ]
-        if _is_main_process():
+        if main:
+            from kd2.engine.checkpoint import atomic_save, write_text_atomic
+
             os.makedirs(self.output_dir, exist_ok=True)
             base = os.path.join(self.output_dir, f"prototypes_{iteration:07d}")
-            with open(base + ".json.tmp", "w") as f:
-                json.dump(report, f)
-            os.replace(base + ".json.tmp", base + ".json")
-            torch.save(tensors, base + ".pt")
+            write_text_atomic(base + ".json", json.dumps(report))
+            atomic_save(tensors, base + ".pt")
+        checksum = sum(float(t.double().sum()) for t in tensors.values())
         logger.info(
-            "PGM refresh at iteration %d: %d instances, %.1fs",
+            "PGM refresh at iteration %d: %d instances, %.1fs, prototype checksum %.10e",
             iteration,
             len(self.instances),
             time.perf_counter() - t0,
+            checksum,
         )
 
 
@@ -319,6 +327,22 @@ def _is_main_process() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _broadcast_from_main(*tensors: Tensor) -> tuple:
+    """Rank 0's values of ``tensors`` on every rank (identity in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        t = t.contiguous()
+        is_bool = t.dtype == torch.bool  # broadcast as uint8: not every backend takes bool
+        buf = t.to(torch.uint8) if is_bool else t
+        dist.broadcast(buf, 0)
+        out.append(buf.bool() if is_bool else buf)
+    return tuple(out)
 
 
 def build_prototype_refresher(

@@ -353,6 +353,7 @@ def build_plain_detector(cfg) -> nn.Module:
 def build_teacher(cfg) -> nn.Module:
     """Build the frozen teacher from ``KD.TEACHER.CONFIG`` and load ``KD.TEACHER.WEIGHTS``."""
     from kd2.config import get_cfg
+    from kd2.modeling.weights_check import check_teacher_finite
 
     tpath = cfg.KD.TEACHER.CONFIG
     if not tpath:
@@ -368,6 +369,7 @@ def build_teacher(cfg) -> nn.Module:
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     teacher = build_plain_detector(tcfg)
     load_weights_strict(teacher, cfg.KD.TEACHER.WEIGHTS, "KD.TEACHER.WEIGHTS", tpath)
+    check_teacher_finite(teacher, cfg.KD.TEACHER.WEIGHTS)
     teacher.eval().requires_grad_(False)
     teacher.kd2_cfg = tcfg
     return teacher

@@ -262,7 +262,9 @@ class KDFCOS(_KDDense, FCOS):
 class KDSSD(_KDDense, SSD):
     """torchvision ``SSD`` (SSD300-VGG16, SSDLite) student (record: ``features`` keyed by
     ``round(size / H_l)``, ``dense`` with **softmax** logits, background last, and SSD's IoU
-    matching). Only methods that support softmax dense heads apply (``ClassifierKD``)."""
+    matching). ``dense_softmax`` tells the distiller so: methods whose dense-head terms assume
+    sigmoid classifiers (Hinton's dense head, FRS, RM, PFI, GlobalKD's soft labels) are refused
+    when the model is built; ClassifierKD and the feature methods (FitNet, FGFI, DeFeat) apply."""
 
     label_shift = 1
     dense_softmax = True
