@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,9 @@ def tiny_cfg(
     cfg.INPUT.MAX_SIZE_TRAIN = 128
     cfg.INPUT.MIN_SIZE_TEST = 96
     cfg.INPUT.MAX_SIZE_TEST = 128
+    # The tests' teachers are randomly initialised: their distillation losses can be huge by
+    # design. The divergence guard has tests of its own (tests/test_first_contact.py).
+    cfg.SOLVER.DIVERGENCE.ENABLED = False
     if arch == "FasterRCNN":
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
     else:
@@ -104,6 +109,7 @@ def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6):
     cfg.DATASETS.TEST = ()
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.BASE_LR_BATCH_SIZE = 2  # the rate above is meant for this batch
     cfg.SOLVER.MAX_ITER = max_iter
     cfg.SOLVER.STEPS = (4,)
     cfg.SOLVER.WARMUP_ITERS = 2
@@ -142,3 +148,21 @@ def run_cli(args, tool: str = "train_net.py", timeout: int = 300, **env_extra):
         env=cli_env(**env_extra),
         cwd=REPO,
     )
+
+
+@contextmanager
+def captured(logger_name: str):
+    """The messages logged to ``logger_name`` inside the block (kd2's loggers may not propagate
+    to the root logger that pytest's ``caplog`` watches)."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda r: records.append(r.getMessage())
+    log = logging.getLogger(logger_name)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)

@@ -290,6 +290,7 @@ def test_train_net_trains_resumes_and_evaluates_on_real_coco(tmp_path):
     student = build_model(d2_cfg_quick())
     result = student.load_state_dict(ckpt["model"], strict=True)  # the student alone
     assert not result.missing_keys and not result.unexpected_keys
+    os.remove(tmp_path / "teacher.pth")  # the student evaluates without its teacher's file
     r = run("--eval-only", *common[:-2], "MODEL.WEIGHTS", str(out / "model_final.pth"))
     assert '"AP50"' in r.stdout
 
@@ -332,6 +333,56 @@ def test_lazyconfig_experiment_instantiates_and_trains(tmp_path):
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)
     assert "kd" in ckpt and not any(k.startswith("kd_methods") for k in ckpt["model"])
     assert "loss_kd_defeat_fg" in open(tmp_path / "out" / "metrics.json").read()
+
+
+def test_lazyconfig_teacher_recipe_experiment_and_student_eval_without_teacher(tmp_path):
+    """The README's LazyConfig commands: train the teacher recipe, distil with it, evaluate
+    the student with the teacher's file gone."""
+    import subprocess
+    import sys
+
+    from .helpers import shared_coco
+
+    coco = shared_coco()
+    if not coco.is_dir():
+        pytest.skip(f"real COCO subset not found at {coco}")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(coco.parent), OMP_NUM_THREADS="2")
+
+    def run(config, *opts):
+        cmd = [sys.executable, os.path.join(REPO, "tools", "lazyconfig_train_net.py")]
+        cmd += ["--config-file", os.path.join(QUICK, config), *opts]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return r
+
+    teacher = tmp_path / "teacher" / "model_final.pth"
+    run("lazy_faster_rcnn_R34_teacher_quick.py", f"train.output_dir={teacher.parent}",
+        "train.max_iter=2")  # fmt: skip
+    experiment = "lazy_faster_rcnn_R18_DeFeat_quick.py"
+    run(experiment, f"model.teacher.weights={teacher}", f"train.output_dir={tmp_path / 's'}",
+        "train.max_iter=2")  # fmt: skip
+    os.remove(teacher)
+    student = tmp_path / "s" / "model_final.pth"
+    r = run(experiment, "--eval-only", f"train.init_checkpoint={student}",
+            f"train.output_dir={tmp_path / 'eval'}")  # fmt: skip
+    assert "AP50" in r.stdout + r.stderr
+
+
+def test_student_config_drops_the_teacher():
+    from detectron2.config import LazyConfig
+
+    from kd2.d2 import student_config, student_model_config
+
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_file(os.path.join(QUICK, "faster_rcnn_R18_FPN_DeFeat_quick.yaml"))
+    plain = student_config(cfg)
+    assert plain.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and not plain.KD.METHODS
+    assert cfg.MODEL.META_ARCHITECTURE == "DistillGeneralizedRCNN"  # not modified
+    lazy = LazyConfig.load(os.path.join(QUICK, "lazy_faster_rcnn_R18_DeFeat_quick.py"))
+    node = student_model_config(lazy.model)
+    assert "teacher" not in node and "kd_cfg" not in node
+    assert node._target_.__name__ == "GeneralizedRCNN"
 
 
 ZOO_PROTOCOLS = os.path.join(REPO, "configs", "COCO-Distillation")
@@ -588,3 +639,89 @@ def test_train_net_refuses_a_busy_output_dir(tmp_path):
         holder.wait()
     assert r.returncode != 0 and f"pid {holder.pid}" in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(out / "config.yaml")
+
+
+def synthetic_d2_run(tmp_path, test_name, config, *opts):
+    """``tools/train_net.py --config-file config`` (a Detectron2 quick config), shrunk to 64 px
+    and 2 iterations for the 6-class synthetic set, + ``opts``; checks that it trained and
+    COCO-evaluated ``test_name``."""
+    import math
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config]
+    cmd += [*opts, "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.ROI_HEADS.NUM_CLASSES", "6"]
+    cmd += ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64"]
+    cmd += ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+    cmd += ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1"]
+    cmd += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # detections to evaluate, even untrained
+    env = dict(os.environ, OMP_NUM_THREADS="2", DETECTRON2_DATASETS=str(tmp_path / "none"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    log = r.stdout + r.stderr
+    assert f"Evaluation results for {test_name} in csv format" in log, log[-3000:]
+    ap = log.split("copypaste: AP,AP50,AP75,APs,APm,APl")[1].split("copypaste: ")[1].split(",")[0]
+    assert math.isfinite(float(ap)), log[-3000:]  # COCOeval ran against the dataset's json
+    assert (tmp_path / "out" / "model_final.pth").is_file()
+    assert (tmp_path / "out" / "inference" / "coco_instances_results.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def syn_coco(tmp_path_factory):
+    from kd2.data import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("syn_d2")
+    return generate_synthetic_dataset(str(root), num_train=4, num_val=2, image_size=64, seed=1)
+
+
+def test_train_net_detectron2_trains_and_evaluates_a_json_images_name(tmp_path, syn_coco):
+    train = f"{syn_coco['train_json']}:{syn_coco['train_image_root']}"
+    val = f"{syn_coco['val_json']}:{syn_coco['val_image_root']}"
+    config = os.path.join(QUICK, "faster_rcnn_R18_FPN_student_quick.yaml")
+    datasets = ["DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)"]
+    synthetic_d2_run(tmp_path, val, config, *datasets)
+
+
+def test_train_net_detectron2_trains_and_evaluates_datasets_register(tmp_path, syn_coco):
+    register = [
+        ["syn_train", syn_coco["train_json"], syn_coco["train_image_root"]],
+        ["syn_val", syn_coco["val_json"], syn_coco["val_image_root"]],
+    ]
+    config = tmp_path / "custom.yaml"  # a user's config: a shipped one + their own datasets
+    config.write_text(
+        f"_BASE_: {os.path.join(QUICK, 'faster_rcnn_R18_FPN_student_quick.yaml')}\n"
+        f"DATASETS:\n  REGISTER: {register}\n  TRAIN: ('syn_train',)\n  TEST: ('syn_val',)\n"
+    )
+    synthetic_d2_run(tmp_path, "syn_val", str(config))
+
+
+def test_register_config_datasets_detectron2_idempotent_and_clashes(syn_coco):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from kd2.d2 import register_config_datasets
+
+    train, root = syn_coco["train_json"], syn_coco["train_image_root"]
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    cfg.merge_from_list(["DATASETS.REGISTER", str([["kd2_d2_reg", train, root]])])
+    cfg.DATASETS.TEST = (f"{syn_coco['val_json']}:{syn_coco['val_image_root']}",)
+    try:
+        names = register_config_datasets(cfg)
+        assert names == ["kd2_d2_reg", cfg.DATASETS.TEST[0]]
+        assert register_config_datasets(cfg) == names  # idempotent
+        assert MetadataCatalog.get(names[1]).json_file == syn_coco["val_json"]
+        assert len(DatasetCatalog.get("kd2_d2_reg")) == 4
+        cfg.DATASETS.REGISTER = [["kd2_d2_reg", syn_coco["val_json"], root]]
+        with pytest.raises(ValueError, match=r"REGISTER\[0\].*'kd2_d2_reg'.*other files"):
+            register_config_datasets(cfg)
+        cfg.DATASETS.REGISTER = [["coco_2017_train", train, root]]
+        with pytest.raises(ValueError, match="'coco_2017_train'.*other files"):
+            register_config_datasets(cfg)
+        cfg.DATASETS.REGISTER = [["kd2_d2_missing", "nope/ann.json", root]]
+        with pytest.raises(FileNotFoundError, match=r"DATASETS.REGISTER\[0\].*nope/ann.json"):
+            register_config_datasets(cfg)
+    finally:
+        for name in ("kd2_d2_reg", cfg.DATASETS.TEST[0]):
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)

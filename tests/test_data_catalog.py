@@ -15,6 +15,7 @@ from kd2.data import (
     generate_synthetic_dataset,
     register_coco_instances,
 )
+from kd2.data.catalog import register_config_datasets
 
 
 def shared_coco() -> Path:
@@ -119,3 +120,62 @@ def test_builtin_synthetic_generated_on_first_use(
         assert len(DatasetCatalog.get("synthetic_train")) == 3  # reused, not regenerated
     assert "generating" not in caplog.text
     assert MetadataCatalog.get("synthetic_train").thing_dataset_id_to_contiguous_id[9] == 5
+
+
+def _register_cfg(*entries):
+    from kd2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.DATASETS.REGISTER = [list(e) for e in entries]
+    return cfg
+
+
+def test_datasets_register_idempotent_and_clashes(
+    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train, root = tiny["train_json"], tiny["train_image_root"]
+    cfg = _register_cfg(("kd2_reg_a", train, root))
+    try:
+        assert register_config_datasets(cfg) == ["kd2_reg_a"]
+        assert len(DatasetCatalog.get("kd2_reg_a")) == 3
+        assert MetadataCatalog.get("kd2_reg_a").json_file == train
+        # the same name and files again (relative paths too): a no-op
+        monkeypatch.chdir(os.path.dirname(root))
+        rel = (os.path.relpath(train), os.path.basename(root))
+        assert register_config_datasets(_register_cfg(("kd2_reg_a", *rel))) == ["kd2_reg_a"]
+        with pytest.raises(ValueError, match=r"REGISTER\[0\].*'kd2_reg_a'.*other files"):
+            register_config_datasets(_register_cfg(("kd2_reg_a", tiny["val_json"], root)))
+    finally:
+        DatasetCatalog.remove("kd2_reg_a")
+    with pytest.raises(ValueError, match="'coco_2017_train' is already taken by a builtin"):
+        register_config_datasets(_register_cfg(("coco_2017_train", train, root)))
+    with pytest.raises(FileNotFoundError, match=r"DATASETS.REGISTER\[1\] \('b'\).*nope.json"):
+        register_config_datasets(_register_cfg(("a", train, root), ("b", "nope.json", root)))
+    explicit = _register_cfg()
+    explicit.DATASETS.TEST = ("x.json:y",)
+    with pytest.raises(FileNotFoundError, match=r"DATASETS.TEST \('x.json:y'\).*x.json"):
+        register_config_datasets(explicit)
+    with pytest.raises(ValueError, match=r"REGISTER\[0\] must be \[name, json_file, image_root"):
+        register_config_datasets(_register_cfg(("a", train)))
+    with pytest.raises(ValueError, match="given twice with different files"):
+        register_config_datasets(_register_cfg(("a", train, root), ("a", tiny["val_json"], root)))
+    assert "a" not in DatasetCatalog and "b" not in DatasetCatalog  # checked before registering
+
+
+def test_trainer_trains_from_a_datasets_register_name(tiny: dict, tmp_path: Path) -> None:
+    from kd2.engine import Trainer, setup_cfg
+
+    from .helpers import engine_cfg, write_cfg
+
+    cfg = engine_cfg(("unused",), tmp_path / "out", max_iter=2)
+    cfg.DATASETS.TRAIN = ("kd2_reg_train",)
+    cfg.DATASETS.REGISTER = [["kd2_reg_train", tiny["train_json"], tiny["train_image_root"]]]
+    yaml = write_cfg(cfg, tmp_path / "cfg.yaml")
+    try:
+        cfg = setup_cfg(yaml)  # registers DATASETS.REGISTER, as tools/train_net.py does
+        assert "kd2_reg_train" in DatasetCatalog
+        Trainer(cfg).train()
+        assert (tmp_path / "out" / "model_final.pth").is_file()
+        assert setup_cfg(yaml).DATASETS.TRAIN == ("kd2_reg_train",)  # again: a no-op
+    finally:
+        DatasetCatalog.remove("kd2_reg_train")

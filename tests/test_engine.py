@@ -238,6 +238,21 @@ def test_train_net_cli_trains_resumes_and_evaluates(tiny_data, tmp_path):
     assert '"AP50"' in r.stdout
 
 
+def test_distilled_student_evaluates_without_its_teacher(tiny_data, tmp_path):
+    _, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34", num_classes=6)
+    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=2)
+    cfg.DATASETS.TEST = (tiny_data[1],)
+    cfg.KD.METHODS = ["FitNet"]
+    cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
+    Trainer(cfg).train()
+    os.remove(tpth)  # copied to another machine without the teacher
+    cfg.OUTPUT_DIR = str(tmp_path / "eval")
+    final = str(tmp_path / "out" / "model_final.pth")
+    r = run_cli(["--config-file", write_cfg(cfg, tmp_path / "c.yaml"), "--eval-only"]
+                + ["MODEL.WEIGHTS", final])  # fmt: skip
+    assert r.returncode == 0 and '"AP50"' in r.stdout, r.stderr[-3000:]
+
+
 def test_two_process_gloo_training_keeps_replicas_identical(tiny_data, tmp_path):
     cfg = engine_cfg(tiny_data, tmp_path / "ddp", max_iter=2)
     yaml = write_cfg(cfg, tmp_path / "ddp.yaml")

@@ -23,7 +23,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from kd2.d2 import kd_step_hook, student_checkpointer
+from kd2.d2 import kd_step_hook, student_checkpointer, student_model_config
 from kd2.engine.launch import die_with_parent
 from kd2.engine.run_dir import lock_output_dir
 
@@ -80,8 +80,8 @@ def main(args):
     if comm.is_main_process():  # one run per output directory, before anything is written
         lock_output_dir(cfg.train.output_dir)
     default_setup(cfg, args)
-    if args.eval_only:
-        model = instantiate(cfg.model).to(cfg.train.device)
+    if args.eval_only:  # the student alone: no teacher is built or loaded
+        model = instantiate(student_model_config(cfg.model)).to(cfg.train.device)
         student_checkpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, create_ddp_model(model))
     do_train(args, cfg)

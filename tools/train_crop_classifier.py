@@ -31,7 +31,7 @@ import sys
 import torch
 
 from kd2.config import get_cfg
-from kd2.data import DatasetCatalog, MetadataCatalog
+from kd2.data import DatasetCatalog, MetadataCatalog, register_config_datasets
 from kd2.engine import setup_logger
 from kd2.engine.crop_classifier import train_crop_classifier
 from kd2.modeling.classifier_teacher import CLASSIFIER_ARCHS
@@ -76,6 +76,7 @@ def resolve(args: argparse.Namespace):
                 f"{args.config_file}: only kd2 (torchvision-backend) configs can be read here; for "
                 "a Detectron2 detector pass --train-dataset / --val-dataset"
             )
+        register_config_datasets(cfg)
         train = train or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else "")
         val = val or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
         k = k or num_classes_of(cfg)

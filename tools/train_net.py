@@ -125,19 +125,29 @@ def d2_main(args):
         ) from None
     from detectron2.utils import comm
 
-    from kd2.d2 import KDTrainer, add_kd_config, student_checkpointer
+    from kd2.d2 import (
+        KDTrainer,
+        add_kd_config,
+        register_config_datasets,
+        student_checkpointer,
+        student_config,
+    )
 
     cfg = get_cfg()
     add_kd_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    register_config_datasets(cfg)
     if comm.get_world_size() > 1:  # a spawned worker: die with the launcher, never orphaned
         die_with_parent()
     if comm.is_main_process():  # one run per output directory, before anything is written
         lock_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     if args.eval_only:
+        # The student alone: its checkpoint's "model" entry is a plain Detectron2 model's state
+        # dict, so evaluating a distilled student needs neither the teacher nor its weights.
+        cfg = student_config(cfg)
         model = KDTrainer.build_model(cfg)
         checkpointer = student_checkpointer(model, save_dir=cfg.OUTPUT_DIR)
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

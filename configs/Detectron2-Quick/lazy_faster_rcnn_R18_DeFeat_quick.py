@@ -1,67 +1,35 @@
 """LazyConfig experiment: a ResNet-18 Faster R-CNN student distilled from a ResNet-34 teacher
-with DeFeat, sized for CPU (short side 256 px) on the builtin coco_2017_* datasets.
+with DeFeat, sized for CPU (short side 256 px) on the builtin coco_2017_* datasets. Train the
+teacher first with ``lazy_faster_rcnn_R34_teacher_quick.py`` (its default output is the default
+``model.teacher.weights`` below):
 
     python tools/lazyconfig_train_net.py --config-file \\
-        configs/Detectron2-Quick/lazy_faster_rcnn_R18_DeFeat_quick.py \\
-        model.teacher.weights=path/to/teacher.pth train.max_iter=100
+        configs/Detectron2-Quick/lazy_faster_rcnn_R34_teacher_quick.py
+    python tools/lazyconfig_train_net.py --config-file \\
+        configs/Detectron2-Quick/lazy_faster_rcnn_R18_DeFeat_quick.py
 """
 
-import copy
-
-import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.model_zoo import get_config
 
 from kd2.d2 import DistillGeneralizedRCNN
 from kd2.d2.lazy import kd_config, load_teacher
 
-
-def faster_rcnn(depth):
-    m = copy.deepcopy(get_config("common/models/mask_rcnn_fpn.py").model)
-    for key in ("mask_in_features", "mask_pooler", "mask_head"):  # Faster R-CNN: no mask head
-        m.roi_heads.pop(key)
-    m.backbone.bottom_up.stages.depth = depth
-    m.backbone.bottom_up.stages.pop("stride_in_1x1")  # basic blocks take no such argument
-    m.backbone.bottom_up.stages.norm = "BN"
-    m.backbone.bottom_up.stem.norm = "BN"
-    m.roi_heads.num_classes = 80
-    m.roi_heads.batch_size_per_image = 128
-    m.proposal_generator.post_nms_topk = (300, 300)
-    return m
-
+from .lazy_faster_rcnn_quick_common import (  # noqa: F401 - the LazyConfig's top-level keys
+    dataloader,
+    faster_rcnn,
+    lr_multiplier,
+    optimizer,
+    train,
+)
 
 model = faster_rcnn(18)
 model._target_ = DistillGeneralizedRCNN
-model.teacher = L(load_teacher)(model=faster_rcnn(34), weights="")
+model.teacher = L(load_teacher)(
+    model=faster_rcnn(34), weights="./output/d2_quick/lazy_teacher_R34/model_final.pth"
+)
 model.kd_cfg = L(kd_config)(
     METHODS=["DeFeat"],
     DEFEAT={"NECK_FG_WEIGHT": 1.0, "NECK_BG_WEIGHT": 0.25, "HEAD_POS_WEIGHT": 0.0,
             "HEAD_NEG_WEIGHT": 0.0},
 )
-
-dataloader = get_config("common/data/coco.py").dataloader
-dataloader.train.mapper.use_instance_mask = False
-dataloader.train.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=(256,), max_size=384, sample_style="choice"),
-    L(T.RandomFlip)(horizontal=True),
-]
-dataloader.train.total_batch_size = 2
-dataloader.train.num_workers = 0
-dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=256, max_size=384)]
-dataloader.test.num_workers = 0
-
-optimizer = get_config("common/optim.py").SGD
-optimizer.lr = 0.005
-
-lr_multiplier = get_config("common/coco_schedule.py").lr_multiplier_1x
-lr_multiplier.scheduler.milestones = [70, 90]
-lr_multiplier.scheduler.num_updates = 100
-lr_multiplier.warmup_length = 0.1
-
-train = get_config("common/train.py").train
-train.device = "cpu"
-train.max_iter = 100
-train.init_checkpoint = ""
-train.checkpointer.period = 50
-train.eval_period = 0
 train.output_dir = "./output/d2_quick/lazy_DeFeat_R18"

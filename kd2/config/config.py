@@ -87,11 +87,13 @@ class CfgNode(_FvCfgNode):
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
         if not os.path.isfile(cfg_filename):
             raise FileNotFoundError(f"config file {cfg_filename!r} does not exist")
-        base_chain(cfg_filename, allow_unsafe=allow_unsafe)  # a cycle: name it, never recurse
+        chain = base_chain(cfg_filename, allow_unsafe=allow_unsafe)  # a cycle: named, not hit
+        lr_batch = self._lr_batch_after([data.get("SOLVER") or {} for _, data in chain])
         try:
             super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
         except (KeyError, AssertionError) as e:
             raise self._unknown_key_error(e, f" in {cfg_filename}") from None
+        self._set_lr_batch(lr_batch)
         self.validate()
 
     def merge_from_list(self, cfg_list: list) -> None:
@@ -99,11 +101,41 @@ class CfgNode(_FvCfgNode):
             raise ValueError(
                 f"overrides must be KEY VALUE pairs, got an odd number of items: {cfg_list}"
             )
+        solver = {
+            k.split(".", 1)[1]: v
+            for k, v in zip(cfg_list[::2], cfg_list[1::2])
+            if k.startswith("SOLVER.")
+        }
         try:
             super().merge_from_list(cfg_list)
         except (KeyError, AssertionError) as e:
             raise self._unknown_key_error(e, " in the command-line overrides") from None
+        self._set_lr_batch(self._lr_batch_after([solver], literal=True))
         self.validate()
+
+    def _lr_batch_after(self, solver_nodes: List[Dict], literal: bool = False) -> int | None:
+        """``SOLVER.BASE_LR_BATCH_SIZE`` after merging ``solver_nodes`` (raw ``SOLVER`` dicts in
+        merge order): an explicit value, else the IMS_PER_BATCH in effect where BASE_LR is set;
+        ``None`` = unchanged (or a schema without the key)."""
+        if "SOLVER" not in self or "BASE_LR_BATCH_SIZE" not in self.SOLVER:
+            return None
+        batch, ref = self.SOLVER.IMS_PER_BATCH, None
+        for node in solver_nodes:
+            if "IMS_PER_BATCH" in node:
+                batch = node["IMS_PER_BATCH"]
+            if "BASE_LR_BATCH_SIZE" in node:
+                ref = node["BASE_LR_BATCH_SIZE"]
+            elif "BASE_LR" in node:
+                ref = batch
+        if ref is not None and literal:  # command-line values are strings
+            import ast
+
+            ref = ast.literal_eval(ref) if isinstance(ref, str) else ref
+        return None if ref is None else int(ref)
+
+    def _set_lr_batch(self, ref: int | None) -> None:
+        if ref is not None:
+            self.SOLVER.BASE_LR_BATCH_SIZE = ref
 
     def _unknown_key_error(self, err: Exception, where: str) -> Exception:
         msg = str(err.args[0]) if err.args else str(err)

@@ -88,6 +88,13 @@ _C.INPUT.RANDOM_FLIP = "horizontal"  # "horizontal" | "none"
 _C.DATASETS = CN()
 _C.DATASETS.TRAIN = ()
 _C.DATASETS.TEST = ()
+# COCO-format datasets to register by name before the datasets are read: a list of
+# [name, json_file, image_root] triples, e.g. [["my_train", "data/train.json", "data/images"]]
+# (command line: DATASETS.REGISTER "[['my_train','data/train.json','data/images']]"). Relative
+# paths are relative to the current directory (like "instances.json:image_dir" names, which
+# need no registration). Registering a name again with the same files is a no-op; a builtin's
+# name or other files under a registered name is an error. Shared with the Detectron2 backend.
+_C.DATASETS.REGISTER = []
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 0
@@ -112,6 +119,28 @@ _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"  # "norm" | "value"
 _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 10.0
 _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
 _C.SOLVER.AMP = CN({"ENABLED": False})
+# The divergence guard (kd2.engine.divergence): stop before the optimizer step when a loss term
+# exceeds MAX_LOSS, or the total exceeds FACTOR x its median over the last WINDOW iterations
+# (after MIN_ITERS iterations). Like the NaN stop, it writes no checkpoint.
+_C.SOLVER.DIVERGENCE = CN({"ENABLED": True})
+_C.SOLVER.DIVERGENCE.MAX_LOSS = 1e4
+_C.SOLVER.DIVERGENCE.FACTOR = 50.0
+_C.SOLVER.DIVERGENCE.WINDOW = 50
+_C.SOLVER.DIVERGENCE.MIN_ITERS = 20
+# Learning rate and batch size (see kd2.engine.batch_scaling). BASE_LR_BATCH_SIZE is the
+# IMS_PER_BATCH that BASE_LR was set for: when unset in a file it follows the IMS_PER_BATCH in
+# effect where BASE_LR is set (a config file of the _BASE_ chain or an override). A run whose
+# learning rate per image is more than 2x off warns with the linearly scaled BASE_LR, or applies
+# it with SCALE_LR_WITH_BATCH True.
+_C.SOLVER.BASE_LR_BATCH_SIZE = 16
+_C.SOLVER.SCALE_LR_WITH_BATCH = False
+# Detectron2's convention: when non-zero and different from the number of processes, scale
+# IMS_PER_BATCH and BASE_LR by (processes / REFERENCE_WORLD_SIZE) and the iteration counts
+# (MAX_ITER, STEPS, WARMUP_ITERS, CHECKPOINT_PERIOD, TEST.EVAL_PERIOD) by its inverse.
+_C.SOLVER.REFERENCE_WORLD_SIZE = 0
+# Iterations between metrics.json lines (and log lines when the progress bar is off; the first
+# 5 iterations are always logged).
+_C.SOLVER.LOG_PERIOD = 20
 
 _C.TEST = CN()
 # 0 = evaluate only at the end of training.

@@ -14,8 +14,10 @@ except ImportError as e:  # pragma: no cover - exercised where detectron2 is mis
     ) from e
 
 from .config import add_kd_config
+from .data import register_config_datasets
 from .engine import KDTrainer, StudentView, kd_step_hook, student_checkpointer
 from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillRetinaNet
+from .student import student_config, student_model_config
 from .teacher import build_teacher
 
 __all__ = [
@@ -25,7 +27,10 @@ __all__ = [
     "DistillGeneralizedRCNN",
     "DistillRetinaNet",
     "KDTrainer",
+    "register_config_datasets",
     "kd_step_hook",
     "StudentView",
     "student_checkpointer",
+    "student_config",
+    "student_model_config",
 ]

@@ -10,7 +10,8 @@ __all__ = ["add_kd_config"]
 
 
 def add_kd_config(cfg: CfgNode) -> None:
-    """Add ``cfg.KD`` (the same definition as the torchvision backend's, one source of truth:
-    :mod:`kd2.config.defaults`). Call it before ``merge_from_file``, like Detectron2 projects'
-    ``add_<x>_config``."""
+    """Add ``cfg.KD`` and ``cfg.DATASETS.REGISTER`` (the same definitions as the torchvision
+    backend's, one source of truth: :mod:`kd2.config.defaults`). Call it before
+    ``merge_from_file``, like Detectron2 projects' ``add_<x>_config``."""
     cfg.KD = CfgNode(_KD2_DEFAULTS.KD.clone())
+    cfg.DATASETS.REGISTER = list(_KD2_DEFAULTS.DATASETS.REGISTER)

@@ -7,25 +7,37 @@ What it adds to ``DefaultTrainer``:
   ``GeneralizedRCNN``/``RetinaNet`` — and the KD adapters under ``"kd"``; resuming restores both;
 * a hook before each step: the iteration (KD warm-up) and every method's ``before_step``;
 * the Global-Knowledge prototype refresh (:func:`prototype_refresh_hook`), when configured;
-* ``build_evaluator``: ``COCOEvaluator``.
+* ``build_evaluator``: ``COCOEvaluator``;
+* COCO files by name (:func:`kd2.d2.data.register_config_datasets`, at construction);
+* identical replicas on several processes (:func:`replica_sync_hook`): rank 0's buffers before
+  every checkpoint and evaluation, per-rank checksums at the end; and DDP of a CPU model
+  (:func:`create_ddp_model`: ``--num-gpus 2`` without a GPU runs on gloo).
 
 AMP (``SOLVER.AMP.ENABLED`` -> ``AMPTrainer``), DDP and hooks are Detectron2's own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import weakref
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kd2.engine.trainer import broadcast_buffers
+
+from .data import register_config_datasets
 from .teacher import _WeightsOnlyCheckpointer
 
 __all__ = [
+    "create_ddp_model",
+    "replica_sync_hook",
     "KDTrainer",
     "StudentView",
     "kd_step_hook",
@@ -73,6 +85,68 @@ def kd_step_hook() -> hooks.HookBase:
             model.kd_before_step(trainer.iter)
 
     return hooks.CallbackHook(before_step=before_step)
+
+
+def replica_sync_hook(cfg) -> hooks.HookBase:
+    """Keeps the replicas of a multi-process run identical where it matters.
+
+    Detectron2 wraps the model in DDP with ``broadcast_buffers=False``, so BatchNorm running
+    statistics drift apart between ranks (each sees its own images). Right before every step
+    after which ``PeriodicCheckpointer`` saves (``SOLVER.CHECKPOINT_PERIOD``, the last step) or
+    ``EvalHook`` / ``PreciseBN`` run (``TEST.EVAL_PERIOD``, the last step), every rank gets rank
+    0's buffers (:func:`kd2.engine.trainer.broadcast_buffers`, as kd2's torchvision trainer does),
+    so every rank evaluates, and rank 0 saves, the same model. Its ``after_step`` must therefore
+    run after ``PreciseBN`` and before ``PeriodicCheckpointer`` and ``EvalHook``
+    (:meth:`KDTrainer.build_hooks` puts it there); it runs on every rank, at the same steps. After
+    a completed training each rank logs ``rank R final parameter checksum P buffer checksum B``
+    (in ``log.txt`` / ``log.txt.rankR``): identical on all ranks. One process: no-op but the log.
+    """
+    log = logging.getLogger("detectron2")  # the logger default_setup writes to OUTPUT_DIR
+    periods = [p for p in (cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD) if p > 0]
+
+    def after_step(trainer):
+        next_iter = trainer.iter + 1
+        if next_iter >= trainer.max_iter or any(next_iter % p == 0 for p in periods):
+            broadcast_buffers(trainer.model)
+
+    def after_train(trainer):
+        # no collective here: after_train also runs when a rank fails (trainer.iter < max_iter)
+        if trainer.iter < trainer.max_iter:
+            return
+        from detectron2.utils import comm
+
+        params = sum(float(p.detach().double().sum()) for p in trainer.model.parameters())
+        buffers = sum(float(b.detach().double().sum()) for b in trainer.model.buffers())
+        log.info(
+            "rank %d final parameter checksum %.10e buffer checksum %.10e",
+            comm.get_rank(),
+            params,
+            buffers,
+        )
+
+    return hooks.CallbackHook(after_step=after_step, after_train=after_train)
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """Detectron2's ``create_ddp_model``, which also wraps a CPU model: Detectron2 passes
+    ``device_ids=[local rank]``, which DDP rejects for a CPU model, so ``--num-gpus 2`` without
+    a GPU (gloo) failed; a CPU model gets no ``device_ids``."""
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def _cpu_ddp():
+    """``DefaultTrainer.__init__`` calls :func:`create_ddp_model` while this is active."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original
 
 
 def train_records(dataset_names) -> list:
@@ -139,6 +213,11 @@ def check_dataset_classes(cfg) -> None:
 class KDTrainer(DefaultTrainer):
     """``DefaultTrainer`` + student-only checkpoints + KD warm-up + COCO evaluation."""
 
+    def __init__(self, cfg):
+        register_config_datasets(cfg)  # "instances.json:image_dir" names, DATASETS.REGISTER
+        with _cpu_ddp():  # --num-gpus N without a GPU: DDP of a CPU model takes no device_ids
+            super().__init__(cfg)
+
     @classmethod
     def build_model(cls, cfg):
         check_dataset_classes(cfg)
@@ -151,7 +230,18 @@ class KDTrainer(DefaultTrainer):
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
 
-        return [prototype_refresh_hook(self.cfg), kd_step_hook()] + super().build_hooks()
+        ret = super().build_hooks()
+        # rank 0's buffers before PeriodicCheckpointer / EvalHook (after PreciseBN) see the model
+        at = next(
+            (
+                i
+                for i, h in enumerate(ret)
+                if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+            ),
+            len(ret),
+        )
+        ret.insert(at, replica_sync_hook(self.cfg))
+        return [prototype_refresh_hook(self.cfg), kd_step_hook()] + ret
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

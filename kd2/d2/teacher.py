@@ -15,7 +15,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch import nn
 
-from kd2.modeling.weights_check import check_teacher_finite
+from kd2.modeling.weights_check import check_teacher_weights
 
 from .config import add_kd_config
 
@@ -114,7 +114,7 @@ def build_teacher(cfg) -> nn.Module:
             f"{len(shapes)} shape mismatches (e.g. {shapes[:3]}). A teacher with random "
             "parameters would teach noise; check the config and the weights"
         )
-    check_teacher_finite(teacher, weights)
+    check_teacher_weights(teacher, weights)
     teacher.eval().requires_grad_(False)
     teacher.kd2_cfg = tcfg
     return teacher

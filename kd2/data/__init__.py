@@ -12,6 +12,7 @@ from kd2.data.catalog import (
     MetadataCatalog,
     datasets_root,
     register_coco_instances,
+    register_config_datasets,
 )
 from kd2.data.coco import load_coco_json
 from kd2.data.loader import (
@@ -30,6 +31,7 @@ __all__ = [
     "MetadataCatalog",
     "datasets_root",
     "register_coco_instances",
+    "register_config_datasets",
     "load_coco_json",
     "CorruptImageError",
     "DetectionDataset",
@@ -40,13 +42,14 @@ __all__ = [
     "trivial_batch_collator",
     "SYNTHETIC_CLASSES",
     "generate_synthetic_dataset",
+    "generate_crowded_dataset",
 ]
 
 
 def __getattr__(name: str):
     # kd2.data.synthetic is imported lazily so that ``python -m kd2.data.synthetic`` does not
     # find it already imported by this package (runpy warns about that).
-    if name in ("SYNTHETIC_CLASSES", "generate_synthetic_dataset"):
+    if name in ("SYNTHETIC_CLASSES", "generate_synthetic_dataset", "generate_crowded_dataset"):
         from kd2.data import synthetic
 
         return getattr(synthetic, name)

@@ -17,7 +17,13 @@ Builtin names (registered at import; paths resolved when first used, relative to
 Explicit datasets: any name of the form ``"path/to/instances.json:path/to/image_dir"`` is
 registered automatically (as a COCO dataset under that very name) the first time it is used,
 so a config can point at files without any registration code. Relative paths are taken
-relative to the current directory at first use.
+relative to the current directory at first use. :func:`parse_coco_name` splits such a name
+(Detectron2's integration, :mod:`kd2.d2.data`, shares it).
+
+Config registration: ``DATASETS.REGISTER`` lists ``[name, json_file, image_root]`` triples;
+:func:`register_config_datasets` registers them (``register_coco_instances``), relative paths
+relative to the current directory. It is idempotent: the same name with the same files again is
+a no-op; the same name with other files, or a builtin's name, is an error.
 
 Paths are resolved once per name and cached; after changing ``DETECTRON2_DATASETS`` call
 ``DatasetCatalog.clear_cache()``.
@@ -28,7 +34,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
 import shutil
 import threading
 from typing import Any, Callable, Dict, List, Tuple
@@ -40,6 +45,9 @@ __all__ = [
     "MetadataCatalog",
     "Metadata",
     "register_coco_instances",
+    "register_config_datasets",
+    "config_coco_datasets",
+    "parse_coco_name",
     "datasets_root",
     "SYNTHETIC_GENERATOR_KWARGS",
 ]
@@ -49,8 +57,6 @@ logger = logging.getLogger(__name__)
 #: Keyword arguments passed to :func:`generate_synthetic_dataset` when the builtin synthetic
 #: datasets are generated on first use (empty = the generator's defaults).
 SYNTHETIC_GENERATOR_KWARGS: Dict[str, Any] = {}
-
-_EXPLICIT_RE = re.compile(r"^(?P<json>.+?\.json):(?P<images>.+)$")
 
 
 def datasets_root() -> str:
@@ -230,13 +236,131 @@ def register_coco_instances(name: str, json_file: str, image_root: str) -> None:
     )
 
 
+def parse_coco_name(name: Any) -> Tuple[str, str] | None:
+    """``"path/to/instances.json:path/to/image_dir"`` -> ``(json_file, image_root)`` as written
+    (not resolved); ``None`` for any other name. The split is at the last ``':'`` whose left
+    side ends with ``.json`` (so the image directory may not contain ``".json:"``)."""
+    if not isinstance(name, str):
+        return None
+    end = len(name)
+    while True:
+        i = name.rfind(":", 0, end)
+        if i < 0:
+            return None
+        if len(name[:i]) > len(".json") and name[:i].endswith(".json") and i + 1 < len(name):
+            return name[:i], name[i + 1 :]
+        end = i
+
+
 def _maybe_register_explicit(name: str) -> None:
     """Auto-register ``"path/to/instances.json:path/to/image_dir"`` names."""
     if not isinstance(name, str) or name in DatasetCatalog:
         return
-    m = _EXPLICIT_RE.match(name)
-    if m:
-        register_coco_instances(name, m.group("json"), m.group("images"))
+    parsed = parse_coco_name(name)
+    if parsed:
+        register_coco_instances(name, *parsed)
+
+
+def config_coco_datasets(cfg) -> List[Tuple[str, str, str, str]]:
+    """The COCO datasets a config asks to register, as ``(name, json_file, image_root, key)``
+    with absolute paths (relative ones are relative to the current directory) and ``key`` the
+    config key that names them (for messages): every ``DATASETS.REGISTER`` triple, then every
+    ``"instances.json:image_dir"`` name of ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
+
+    Raises:
+        ValueError: a malformed ``DATASETS.REGISTER`` entry, or one name given two sets of files.
+        FileNotFoundError: a JSON file or image directory that does not exist.
+    """
+    found: Dict[str, Tuple[str, str, str, str]] = {}
+
+    def add(name: str, json_file: str, image_root: str, key: str) -> None:
+        json_file = os.path.abspath(os.path.expanduser(json_file))
+        image_root = os.path.abspath(os.path.expanduser(image_root))
+        where = f"{key} ({name!r})"
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(
+                f"{where}: COCO annotation file {json_file} does not exist (relative paths are "
+                f"relative to the current directory, {os.getcwd()})"
+            )
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(
+                f"{where}: image directory {image_root} does not exist (relative paths are "
+                f"relative to the current directory, {os.getcwd()})"
+            )
+        if name in found and found[name][1:3] != (json_file, image_root):
+            raise ValueError(
+                f"{where}: dataset {name!r} is given twice with different files ({found[name][3]}:"
+                f" {found[name][1]}, {found[name][2]}; {key}: {json_file}, {image_root})"
+            )
+        found.setdefault(name, (name, json_file, image_root, key))
+
+    for i, entry in enumerate(cfg.DATASETS.get("REGISTER", ())):
+        key = f"DATASETS.REGISTER[{i}]"
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 3
+            or not all(isinstance(x, str) and x for x in entry)
+        ):
+            raise ValueError(
+                f"{key} must be [name, json_file, image_root] (three non-empty strings), got "
+                f"{entry!r}; e.g. DATASETS.REGISTER [['my_train', 'ann/train.json', 'images/']]"
+            )
+        if parse_coco_name(entry[0]):
+            raise ValueError(
+                f"{key}: name {entry[0]!r} has the form 'instances.json:image_dir', which names "
+                "those files by itself; give the dataset a plain name"
+            )
+        add(*entry, key)
+    for split in ("TRAIN", "TEST"):
+        for name in cfg.DATASETS.get(split, ()):
+            parsed = parse_coco_name(name)
+            if parsed and name not in found:
+                add(name, *parsed, f"DATASETS.{split}")
+    return list(found.values())
+
+
+def _registered_coco_files(name: str) -> Tuple[str, str] | None:
+    """``(json_file, image_root)`` of a dataset registered by ``register_coco_instances``;
+    ``None`` for the builtins and datasets registered with a function (read without loading)."""
+    static = MetadataCatalog._lazy.get(name) or {}
+    if "json_file" in static and "image_root" in static:
+        return static["json_file"], static["image_root"]
+    return None
+
+
+def register_config_datasets(cfg) -> List[str]:
+    """Register the config's COCO datasets (:func:`config_coco_datasets`: ``DATASETS.REGISTER``
+    and the ``"instances.json:image_dir"`` names of ``DATASETS.TRAIN`` / ``TEST``) in
+    :data:`DatasetCatalog`; returns their names.
+
+    Idempotent: a name already registered with the same files is left as is.
+
+    Raises:
+        ValueError: a name already registered otherwise (a builtin, a dataset registered with a
+            function, or other files), or a malformed entry (see :func:`config_coco_datasets`).
+        FileNotFoundError: a JSON file or image directory that does not exist.
+    """
+    names = []
+    with DatasetCatalog._lock:
+        for name, json_file, image_root, key in config_coco_datasets(cfg):
+            if name in DatasetCatalog:
+                have = _registered_coco_files(name)
+                if have is None:
+                    raise ValueError(
+                        f"{key}: dataset name {name!r} is already taken by a builtin dataset or "
+                        "one registered in code; choose another name"
+                    )
+                if have != (json_file, image_root):
+                    raise ValueError(
+                        f"{key}: dataset {name!r} is already registered with other files "
+                        f"(json_file {have[0]}, image_root {have[1]}; now {json_file}, "
+                        f"{image_root}); choose another name, or DatasetCatalog.remove({name!r})"
+                    )
+            else:
+                register_coco_instances(name, json_file, image_root)
+                logger.info("registered dataset %r: %s, images in %s", name, json_file, image_root)
+            names.append(name)
+    return names
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,11 @@ only, so the same arguments give byte-identical JSON and pixel-identical images,
 do not depend on ``num_train``. Exactly one in every 30 images (indices ``1, 31, 61, ...``) is
 empty, so even a tiny split of 2 images has one empty image.
 
+:func:`generate_crowded_dataset` writes a second kind of data in the same layout: few large,
+non-square images, each with hundreds of small non-overlapping objects (10-60 px by default), like
+aerial imagery - the case where default anchors and input sizes fail (see
+:mod:`kd2.data.report`).
+
 Command line::
 
     python -m kd2.data.synthetic --out datasets/kd2_synthetic [--num-train 600] [--num-val 200]
@@ -53,8 +58,10 @@ import numpy as np
 __all__ = [
     "SYNTHETIC_CLASSES",
     "generate_synthetic_dataset",
+    "generate_crowded_dataset",
     "synthetic_dataset_exists",
     "render_synthetic_image",
+    "render_crowded_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -392,6 +399,127 @@ def render_synthetic_image(
 
 
 # --------------------------------------------------------------------------------------------
+# crowded scenes (few large images, hundreds of small objects)
+# --------------------------------------------------------------------------------------------
+
+_CROWDED_STREAM = 1  # crowded image i of a split draws from default_rng((seed, split, i, 1))
+
+
+def _crowded_background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Cluttered, mostly desaturated ``(h, w, 3)`` float32 background with "road" lines."""
+    g = int(rng.integers(3, 8))
+    low = rng.uniform(40, 220, size=(g, g, 3)).astype(np.float32)
+    img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
+    gray = img.mean(axis=2, keepdims=True)
+    img = gray + (img - gray) * rng.uniform(0.2, 0.6)
+    for _ in range(int(rng.integers(3, 12))):
+        p1 = (int(rng.integers(-w // 4, w + w // 4)), int(rng.integers(-h // 4, h + h // 4)))
+        p2 = (int(rng.integers(-w // 4, w + w // 4)), int(rng.integers(-h // 4, h + h // 4)))
+        col = tuple(float(v) for v in rng.uniform(30, 230, size=3))
+        cv2.line(img, p1, p2, col, int(rng.integers(1, 6)), cv2.LINE_AA)
+    return img
+
+
+def _paste(img: np.ndarray, x0: int, y0: int, alpha: np.ndarray, layer: np.ndarray) -> None:
+    """Alpha-blend a ``(p, p)`` patch into ``img`` at ``(x0, y0)`` (fully inside), in place."""
+    p = alpha.shape[0]
+    region = img[y0 : y0 + p, x0 : x0 + p]
+    region *= 1.0 - alpha[..., None]
+    region += alpha[..., None] * layer
+
+
+def render_crowded_image(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    classes: Sequence[_ClassSpec],
+    num_objects: int,
+    object_size: Tuple[float, float],
+) -> Tuple[np.ndarray, List[Dict[str, object]]]:
+    """Render one crowded scene: up to ``num_objects`` small, non-overlapping objects.
+
+    Each object's extent (diameter) is log-uniform in ``object_size``; objects lie fully inside
+    the image, at least one pixel apart (their boxes never touch), over a cluttered background
+    with lines and unannotated blobs/bars of object size. Objects are placed largest first; one
+    that finds no free place in 50 tries is skipped, so a too-small image gets fewer objects than
+    asked for.
+
+    Returns:
+        ``(image, objects)`` as :func:`render_synthetic_image`: ``(height, width, 3)`` uint8 BGR
+        and ``{"category_id", "bbox": [x, y, w, h], "area"}`` per object.
+    """
+    h, w = int(height), int(width)
+    lo, hi = float(object_size[0]), float(object_size[1])
+    img = _crowded_background(h, w, rng)
+    # distractors: irregular blobs and bars, drawn first (objects may cover them)
+    for _ in range(int(num_objects) // 8):
+        size = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        half = int(math.ceil(size / 2)) + 2
+        r = size / 2
+        if rng.random() < 0.5:
+            n = int(rng.integers(5, 10))
+            t = np.sort(rng.uniform(0, 2 * math.pi, size=n))
+            rad = r * rng.uniform(0.35, 1.0, size=n)
+            fill = [np.stack([np.cos(t) * rad, np.sin(t) * rad], axis=1)]
+        else:
+            bw = r * rng.uniform(0.12, 0.3)
+            bar = np.array([[-r, -bw], [r, -bw], [r, bw], [-r, bw]])
+            fill = [_rotate(bar, rng.uniform(0, 3.2))]
+        alpha = _draw_mask(2 * half, fill, [], np.array([half, half], dtype=np.float64))
+        x0 = int(rng.integers(0, max(w - 2 * half, 0) + 1))
+        y0 = int(rng.integers(0, max(h - 2 * half, 0) + 1))
+        col = rng.uniform(20, 235, size=3).astype(np.float32)
+        if 2 * half <= min(h, w):
+            _paste(img, x0, y0, alpha.astype(np.float32) / 255.0, np.broadcast_to(col, (1, 1, 3)))
+
+    occupied = np.zeros((h, w), dtype=bool)
+    objects: List[Dict[str, object]] = []
+    # the largest objects are placed first: random sequential packing then fits far more
+    sizes = np.sort(np.exp(rng.uniform(math.log(lo), math.log(hi), size=int(num_objects))))[::-1]
+    for size in sizes.tolist():
+        spec = classes[int(rng.integers(0, len(classes)))]
+        fill, holes = _shape_polygons(spec.shape, size, rng)
+        half = int(math.ceil(size / 2)) + 2
+        p = 2 * half
+        centre = np.array([half, half], dtype=np.float64)
+        alpha_u8 = _draw_mask(p, fill, holes, centre)
+        binary = alpha_u8 >= 128
+        bx0, by0, bx1, by1 = _tight_box(binary)
+        if p > min(h, w) or not _box_ok((bx0, by0, bx1, by1)):
+            continue
+        spot = None
+        for _attempt in range(50):
+            x0 = int(rng.integers(0, w - p + 1))
+            y0 = int(rng.integers(0, h - p + 1))
+            ys = slice(max(y0 + by0 - 1, 0), y0 + by1 + 1)
+            xs = slice(max(x0 + bx0 - 1, 0), x0 + bx1 + 1)
+            if not occupied[ys, xs].any():
+                spot = (x0, y0)
+                break
+        if spot is None:
+            continue
+        x0, y0 = spot
+        occupied[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1] = True
+        layer = _texture_layer(spec, size, centre, p, rng)
+        alpha = alpha_u8.astype(np.float32) / 255.0
+        if rng.random() < 0.15:  # per-object blur
+            sigma = rng.uniform(0.5, 1.2)
+            alpha = cv2.GaussianBlur(alpha, (0, 0), sigma)
+            layer = cv2.GaussianBlur(layer, (0, 0), sigma)
+        _paste(img, x0, y0, alpha, layer)
+        objects.append(
+            {
+                "category_id": spec.dataset_id,
+                "bbox": [float(x0 + bx0), float(y0 + by0), float(bx1 - bx0), float(by1 - by0)],
+                "area": float(max(int(np.count_nonzero(binary)), 1)),
+            }
+        )
+    noise = rng.standard_normal(size=img.shape, dtype=np.float32)
+    img += noise * np.float32(rng.uniform(2.0, 8.0))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8), objects
+
+
+# --------------------------------------------------------------------------------------------
 # dataset
 # --------------------------------------------------------------------------------------------
 
@@ -460,17 +588,7 @@ def _generate_split(
                 "license": 1,
             }
         )
-        for obj in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": obj["category_id"],
-                    "bbox": obj["bbox"],
-                    "area": obj["area"],
-                    "iscrowd": 0,
-                }
-            )
+        _append_annotations(annotations, image_id, objects)
     return images, annotations
 
 
@@ -480,6 +598,68 @@ def _write_json(path: str, data: dict) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, separators=(",", ":"))
     os.replace(tmp, path)
+
+
+def _prepare_root(root: str, overwrite: bool) -> Dict[str, str]:
+    """The dataset's absolute paths; an existing dataset there is removed or refused."""
+    paths = _split_paths(os.path.abspath(root))
+    existing = [p for p in (paths["train_json"], paths["val_json"]) if os.path.exists(p)] + [
+        d
+        for d in (paths["train_image_root"], paths["val_image_root"])
+        if os.path.isdir(d) and os.listdir(d)
+    ]
+    if existing:
+        if not overwrite:
+            raise FileExistsError(
+                f"A synthetic dataset already exists at {paths['root']} (found {existing[0]}). "
+                "Pass overwrite=True (--overwrite) to regenerate it, or choose another root."
+            )
+        _remove_previous(paths)
+    os.makedirs(os.path.dirname(paths["train_json"]), exist_ok=True)
+    return paths
+
+
+def _coco_data(
+    description: str,
+    split: str,
+    generator_args: Dict[str, object],
+    images: List[dict],
+    annotations: List[dict],
+    classes: Sequence[_ClassSpec],
+) -> dict:
+    """The COCO instances dict of one split (key order fixed: the JSON is byte-stable)."""
+    return {
+        "info": {
+            "description": description,
+            "version": _FORMAT_VERSION,
+            "year": 2024,
+            "contributor": "kd2.data.synthetic",
+            "date_created": "",
+            "split": split,
+            "generator_args": generator_args,
+        },
+        "licenses": [{"id": 1, "name": "CC0 1.0 (synthetic data)", "url": ""}],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": c.dataset_id, "name": c.name, "supercategory": "shape"} for c in classes
+        ],
+    }
+
+
+def _append_annotations(annotations: List[Dict], image_id: int, objects: List[Dict]) -> None:
+    """Append one image's objects to the COCO ``annotations`` list (ids continue from it)."""
+    for obj in objects:
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": obj["category_id"],
+                "bbox": obj["bbox"],
+                "area": obj["area"],
+                "iscrowd": 0,
+            }
+        )
 
 
 def generate_synthetic_dataset(
@@ -528,22 +708,8 @@ def generate_synthetic_dataset(
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
-    paths = _split_paths(os.path.abspath(root))
-    existing = [p for p in (paths["train_json"], paths["val_json"]) if os.path.exists(p)] + [
-        d
-        for d in (paths["train_image_root"], paths["val_image_root"])
-        if os.path.isdir(d) and os.listdir(d)
-    ]
-    if existing:
-        if not overwrite:
-            raise FileExistsError(
-                f"A synthetic dataset already exists at {paths['root']} (found {existing[0]}). "
-                "Pass overwrite=True (--overwrite) to regenerate it, or choose another root."
-            )
-        _remove_previous(paths)
-
+    paths = _prepare_root(root, overwrite)
     classes = SYNTHETIC_CLASSES[:num_classes]
-    os.makedirs(os.path.dirname(paths["train_json"]), exist_ok=True)
     t0 = time.perf_counter()
     for split, n in (("train", num_train), ("val", num_val)):
         images, annotations = _generate_split(
@@ -555,32 +721,144 @@ def generate_synthetic_dataset(
             seed=seed,
             image_format=image_format,
         )
-        data = {
-            "info": {
-                "description": "kd2 synthetic ambiguous-shapes detection dataset",
-                "version": _FORMAT_VERSION,
-                "year": 2024,
-                "contributor": "kd2.data.synthetic",
-                "date_created": "",
-                "split": split,
-                "generator_args": {
-                    "num_images": n,
-                    "image_size": image_size,
-                    "num_classes": num_classes,
-                    "seed": seed,
-                    "image_format": image_format,
-                },
-            },
-            "licenses": [{"id": 1, "name": "CC0 1.0 (synthetic data)", "url": ""}],
-            "images": images,
-            "annotations": annotations,
-            "categories": [
-                {"id": c.dataset_id, "name": c.name, "supercategory": "shape"} for c in classes
-            ],
+        generator_args = {
+            "num_images": n,
+            "image_size": image_size,
+            "num_classes": num_classes,
+            "seed": seed,
+            "image_format": image_format,
         }
+        data = _coco_data(
+            "kd2 synthetic ambiguous-shapes detection dataset",
+            split,
+            generator_args,
+            images,
+            annotations,
+            classes,
+        )
         _write_json(paths[f"{split}_json"], data)
     logger.info(
         "Generated synthetic dataset at %s (%d train / %d val images) in %.1fs",
+        paths["root"],
+        num_train,
+        num_val,
+        time.perf_counter() - t0,
+    )
+    return paths
+
+
+def generate_crowded_dataset(
+    root: str,
+    *,
+    num_train: int = 4,
+    num_val: int = 2,
+    min_side: int = 400,
+    max_side: int = 2500,
+    objects_per_image: Tuple[int, int] = (50, 600),
+    min_object: float = 10.0,
+    max_object: float = 60.0,
+    num_classes: int = 3,
+    seed: int = 0,
+    overwrite: bool = False,
+    image_format: str = "png",
+) -> Dict[str, str]:
+    """Generate a crowded small-object dataset (aerial-imagery-like) under ``root``.
+
+    Few large, non-square images with hundreds of small objects each: image ``i`` of a split
+    has a height and a width drawn independently and uniformly in ``[min_side, max_side]``,
+    a number of objects uniform in ``objects_per_image`` (inclusive; fewer only when the image
+    is too full to place them without overlap) and object extents log-uniform in
+    ``[min_object, max_object]`` pixels (a box's longer side is about 0.75-1.2x the extent).
+    Objects never overlap and are never truncated; there are no empty images. The classes,
+    the shapes and the COCO layout and conventions are those of
+    :func:`generate_synthetic_dataset` (same directory layout, same JSON structure, with
+    ``generator_args`` naming this generator's arguments); image ``i`` of a split is drawn from
+    ``numpy.random.default_rng((seed, split, i, 1))`` only, so outputs are byte-identical per
+    seed. The defaults resemble a real aerial set (4 images of 400-2500 px, 10-60 px objects,
+    up to ~600 per image, 3 classes).
+
+    Returns:
+        the paths dict of :func:`generate_synthetic_dataset`.
+
+    Raises:
+        FileExistsError: as :func:`generate_synthetic_dataset`.
+        ValueError: an argument is out of range.
+    """
+    lo_n, hi_n = (int(v) for v in objects_per_image)
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"num_train/num_val must be >= 0, got {num_train}/{num_val}")
+    if not 4 <= min_object <= max_object:
+        raise ValueError(f"need 4 <= min_object <= max_object, got {min_object}, {max_object}")
+    if not max_object + 6 <= min_side <= max_side:
+        raise ValueError(
+            f"need max_object + 6 <= min_side <= max_side, got {min_side}, {max_side} "
+            f"(max_object {max_object})"
+        )
+    if not 0 <= lo_n <= hi_n:
+        raise ValueError(f"objects_per_image must be (lo, hi) with 0 <= lo <= hi, got {lo_n, hi_n}")
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    paths = _prepare_root(root, overwrite)
+    classes = SYNTHETIC_CLASSES[:num_classes]
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 3] if image_format == "png" else []
+    if image_format == "jpg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95]
+    t0 = time.perf_counter()
+    for split, n in (("train", num_train), ("val", num_val)):
+        image_dir = paths[f"{split}_image_root"]
+        os.makedirs(image_dir, exist_ok=True)
+        images: List[dict] = []
+        annotations: List[dict] = []
+        for i in range(n):
+            rng = np.random.default_rng([int(seed), _SPLIT_CODES[split], i, _CROWDED_STREAM])
+            h, w = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+            wanted = int(rng.integers(lo_n, hi_n + 1))
+            image, objects = render_crowded_image(
+                rng, h, w, classes, wanted, (min_object, max_object)
+            )
+            if len(objects) < wanted:
+                logger.warning(
+                    "crowded %s image %d (%dx%d): placed %d of %d objects (no free space left)",
+                    split,
+                    i,
+                    w,
+                    h,
+                    len(objects),
+                    wanted,
+                )
+            image_id = i + 1
+            file_name = f"{image_id:06d}.{image_format}"
+            if not cv2.imwrite(os.path.join(image_dir, file_name), image, params):
+                raise OSError(f"cv2 could not write {os.path.join(image_dir, file_name)}")
+            images.append(
+                {"id": image_id, "file_name": file_name, "width": w, "height": h, "license": 1}
+            )
+            _append_annotations(annotations, image_id, objects)
+        generator_args = {
+            "generator": "crowded",
+            "num_images": n,
+            "min_side": min_side,
+            "max_side": max_side,
+            "objects_per_image": [lo_n, hi_n],
+            "min_object": min_object,
+            "max_object": max_object,
+            "num_classes": num_classes,
+            "seed": seed,
+            "image_format": image_format,
+        }
+        data = _coco_data(
+            "kd2 synthetic crowded small-object detection dataset",
+            split,
+            generator_args,
+            images,
+            annotations,
+            classes,
+        )
+        _write_json(paths[f"{split}_json"], data)
+    logger.info(
+        "Generated crowded synthetic dataset at %s (%d train / %d val images) in %.1fs",
         paths["root"],
         num_train,
         num_val,

@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from kd2.config import get_cfg, validate_values
+from kd2.data.catalog import register_config_datasets
 
+from .batch_scaling import auto_scale_workers, fit_lr_to_batch
 from .checkpoint import write_text_atomic
-from .launch import get_rank
+from .launch import get_rank, get_world_size
 from .run_dir import lock_output_dir
 
 __all__ = ["default_argument_parser", "setup_cfg", "default_setup", "setup_logger"]
@@ -46,7 +48,10 @@ def setup_cfg(config_file: str, opts=()):
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     validate_values(cfg)
+    # applied here so that config.yaml records what the run uses; the Trainer warns
+    cfg = fit_lr_to_batch(auto_scale_workers(cfg, get_world_size()), warn=False)
     cfg.freeze()
+    register_config_datasets(cfg)
     return cfg
 
 

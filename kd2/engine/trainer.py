@@ -48,13 +48,23 @@ from kd2.data import (
     build_test_loader,
     build_train_loader,
 )
+from kd2.data.catalog import register_config_datasets
 from kd2.data.loader import read_image
+from kd2.data.report import write_dataset_report
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
 from kd2.modeling.prototypes import build_prototype_refresher
-from kd2.modeling.weights_check import first_non_finite
-from kd2.tv.build import build_detector, label_offset, load_checkpoint_state, num_classes_of
+from kd2.modeling.weights_check import first_absurd_parameter, first_non_finite
+from kd2.tv.build import (
+    NUM_CLASSES_KEYS,
+    build_detector,
+    label_offset,
+    load_checkpoint_state,
+    num_classes_of,
+)
 
+from .batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
 from .checkpoint import find_resume_checkpoint, last_checkpoint, save_checkpoint
+from .divergence import DivergenceGuard
 from .launch import get_rank, get_world_size, is_main_process
 from .run_dir import lock_output_dir, release_output_dir
 
@@ -171,18 +181,10 @@ def broadcast_buffers(model: nn.Module) -> None:
         dist.broadcast(buf.data, 0)
 
 
-_NUM_CLASSES_KEY = {
-    "FasterRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
-    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
-    "FCOS": "MODEL.FCOS.NUM_CLASSES",
-    "SSD": "MODEL.SSD.NUM_CLASSES",
-}
-
-
 def check_dataset_classes(cfg) -> None:
     """Each dataset of ``DATASETS.TRAIN`` / ``TEST`` has the model's number of classes."""
     k = num_classes_of(cfg)
-    key = _NUM_CLASSES_KEY[cfg.MODEL.META_ARCHITECTURE]
+    key = NUM_CLASSES_KEYS[cfg.MODEL.META_ARCHITECTURE]
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != k:
@@ -217,6 +219,8 @@ class Trainer:
 
     def __init__(self, cfg):
         validate_values(cfg)
+        register_config_datasets(cfg)
+        cfg = fit_lr_to_batch(auto_scale_workers(cfg, get_world_size()))
         check_dataset_classes(cfg)
         self.cfg = cfg
         self.device = torch.device(cfg.MODEL.DEVICE)
@@ -264,6 +268,7 @@ class Trainer:
         self.after_step: List[Callable[[Trainer], None]] = []
         self.last_results: Dict = {}
         self.teacher_results: Dict = {}
+        self.divergence_guard = DivergenceGuard.from_config(cfg.SOLVER.DIVERGENCE)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self, rng_per_rank: List[Dict] | None = None) -> Dict:
@@ -424,6 +429,9 @@ class Trainer:
             self.teacher_results = evaluate(cfg, teacher)
             self._write_metrics({"teacher_eval": self.teacher_results}, self.start_iter)
         records = self.train_records()
+        if self.start_iter == 0 and is_main_process():
+            names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes")
+            write_dataset_report(records, cfg, cfg.OUTPUT_DIR, class_names=names)
         loader = iter(self.build_train_loader(records))
         if self._resume_rng is not None:
             # Creating the loader's iterator draws a base seed from the global RNG; the
@@ -445,6 +453,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.ddp_model.train()
+        started = (time.perf_counter(), self.start_iter)
         try:
             for it in range(self.start_iter, self.max_iter):
                 self.iter = it
@@ -455,13 +464,16 @@ class Trainer:
                 done = self.iter + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['total_loss']:.3f}", refresh=False)
-                if done % 20 == 0 or done == self.max_iter:
+                period = cfg.SOLVER.LOG_PERIOD
+                if done % period == 0 or done == self.max_iter:
                     losses.update(
                         lr=self.optimizer.param_groups[0]["lr"],
                         data_time=data_time,
                         time=time.perf_counter() - t0,
                     )
                     self._write_metrics(losses, done, writer)
+                if bar.disable and (done <= 5 or done % period == 0 or done == self.max_iter):
+                    self._log_progress(losses, done, started)
                 self.iter = done
                 # Evaluate before saving: the evaluation's data loader draws from the global
                 # RNG, and the checkpoint must hold the state the next step starts from.
@@ -507,8 +519,21 @@ class Trainer:
             loss_dict = self.ddp_model(images, targets)
         total = sum(loss_dict.values())
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        if not math.isfinite(float(total.detach())):
-            raise FloatingPointError(self._non_finite_message(values))
+        total_value = float(total.detach())
+        if not math.isfinite(total_value):
+            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+            raise FloatingPointError(
+                self._stop_message(f"loss became non-finite at iteration {self.iter}", bad, values)
+            )
+        diverged = self.divergence_guard and self.divergence_guard.check(values, total_value)
+        if diverged:
+            raise FloatingPointError(
+                self._stop_message(
+                    f"training diverged at iteration {self.iter}: {diverged}",
+                    [k for k, v in values.items() if abs(v) > self.divergence_guard.max_loss],
+                    values,
+                )
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         clip = self.cfg.SOLVER.CLIP_GRADIENTS
@@ -526,45 +551,71 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        values["total_loss"] = float(total.detach())
+        values["total_loss"] = total_value
         return values
 
-    def _non_finite_message(self, values: Dict[str, float]) -> str:
-        """What went non-finite, and advice that fits the cause."""
-        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+    def _stop_message(self, head: str, bad: List[str], values: Dict[str, float]) -> str:
+        """Why training stopped (``head``, the offending terms ``bad``), and advice that fits
+        the cause: a broken teacher, a diverged student, distillation terms alone, or a
+        learning rate that does not fit the batch."""
         head = (
-            f"loss became non-finite at iteration {self.iter} ({', '.join(bad)}; all terms: "
-            f"{values}). Training stopped before updating the weights"
+            f"{head} ({', '.join(bad) or 'total'}; all terms: "
+            f"{ {k: float(f'{v:.4g}') for k, v in values.items()} }). Training stopped before "
+            "updating the weights"
         )
         teacher = getattr(self.model, "teacher", None)
-        bad_teacher = first_non_finite(teacher) if teacher is not None else None
-        if bad_teacher:
-            return (
-                f"{head}: the teacher's weights are non-finite ({bad_teacher}), so "
-                f"KD.TEACHER.WEIGHTS {self.cfg.KD.TEACHER.WEIGHTS!r} is broken — retrain or "
-                "re-export the teacher; no learning rate can fix this"
-            )
-        bad_student = first_non_finite(self.model)
+        if teacher is not None:
+            broken = first_non_finite(teacher) or first_absurd_parameter(teacher)
+            if broken:
+                return (
+                    f"{head}: the teacher's weights are broken ({broken}), so "
+                    f"KD.TEACHER.WEIGHTS {self.cfg.KD.TEACHER.WEIGHTS!r} cannot teach — retrain "
+                    "or re-export the teacher; no learning rate of the student can fix this"
+                )
         last = last_checkpoint(self.cfg.OUTPUT_DIR)
+        lr = self.cfg.SOLVER.BASE_LR / 2
         where = (
             f"The last good checkpoint is {last}: resume from it with a lower rate, e.g. "
-            f"`--resume SOLVER.BASE_LR {self.cfg.SOLVER.BASE_LR / 2:g}` (a new BASE_LR applies "
-            "on resume)"
+            f"`--resume SOLVER.BASE_LR {lr:g}` (a new BASE_LR applies on resume)"
             if last
-            else "No checkpoint was written yet: restart with a lower SOLVER.BASE_LR"
+            else f"No checkpoint was written yet: restart with a lower SOLVER.BASE_LR (e.g. {lr:g})"
         )
-        if bad_student:
-            cause = f"the student's weights are already non-finite ({bad_student}). "
-        elif all(k.startswith("loss_kd") for k in bad):
+        student = first_non_finite(self.model) or first_absurd_parameter(self.model)
+        if student:
+            cause = f"The student's weights have diverged ({student}). "
+        elif bad and all(k.startswith("loss_kd") for k in bad):
             cause = (
-                "only distillation terms are non-finite (the detection losses are finite): "
-                "lower those methods' KD weights or set KD.WARMUP_ITERS. "
+                "Only distillation terms are at fault (the detection losses are normal): lower "
+                "those methods' KD weights or set KD.WARMUP_ITERS. "
             )
         else:
             cause = ""
+        batch = lr_batch_mismatch(self.cfg)
+        if batch:
+            cause += f"Likely cause: {batch}. "
         return (
             f"{head}. {cause}{where}; a longer SOLVER.WARMUP_ITERS or "
             "SOLVER.CLIP_GRADIENTS.ENABLED True also help against divergence."
+        )
+
+    def _log_progress(self, losses: Dict[str, float], done: int, started) -> None:
+        """One log line (for runs without the progress bar: clusters, ``KD2_NO_PROGRESS``)."""
+        if not is_main_process():
+            return
+        t0, first = started
+        per_iter = (time.perf_counter() - t0) / max(1, done - first)
+        eta = per_iter * (self.max_iter - done)
+        terms = " ".join(
+            f"{k}={v:.4g}" for k, v in losses.items() if k not in ("data_time", "time", "lr")
+        )
+        logger.info(
+            "iter %d/%d %s lr=%.4g (%.2fs/it, ETA %s)",
+            done,
+            self.max_iter,
+            terms,
+            self.optimizer.param_groups[0]["lr"],
+            per_iter,
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
         )
 
     def _evaluate_and_log(self, it: int, writer) -> None:

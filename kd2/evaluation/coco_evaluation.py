@@ -249,7 +249,11 @@ def inference_on_dataset(
     try:
         with torch.no_grad():
             for images, targets in tqdm(
-                data_loader, total=total, desc="inference", disable=_rank() != 0, leave=False
+                data_loader,
+                total=total,
+                desc="inference",
+                disable=_rank() != 0 or os.environ.get("KD2_NO_PROGRESS") == "1",
+                leave=False,
             ):
                 if device is not None:
                     images = [im.to(device, non_blocking=True) for im in images]

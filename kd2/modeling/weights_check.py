@@ -1,11 +1,14 @@
-"""Non-finite weights: find them, and refuse a teacher that has them."""
+"""Broken weights: non-finite or absurdly large values, found and named."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["first_non_finite", "check_teacher_finite"]
+__all__ = ["ABSURD_WEIGHT", "first_non_finite", "first_absurd_parameter", "check_teacher_weights"]
+
+#: No trained detector has a parameter this large; a diverged one does (1e22 was seen).
+ABSURD_WEIGHT = 1e6
 
 
 def first_non_finite(model: nn.Module) -> str | None:
@@ -19,12 +22,28 @@ def first_non_finite(model: nn.Module) -> str | None:
     return None
 
 
-def check_teacher_finite(teacher: nn.Module, weights: str) -> None:
-    """Raise ``ValueError`` when the loaded teacher has a NaN/inf weight: it would drive every
-    distillation loss to NaN, and no learning rate could help."""
+def first_absurd_parameter(model: nn.Module, bound: float = ABSURD_WEIGHT) -> str | None:
+    """``"name reaches 1.2e+22"`` for the first parameter whose magnitude exceeds ``bound``
+    (buffers such as BatchNorm variances are not parameters and are not judged)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.numel():
+            top = float(p.detach().abs().max())
+            if top > bound:
+                return f"{name} reaches {top:.2g}"
+    return None
+
+
+def check_teacher_weights(teacher: nn.Module, weights: str) -> None:
+    """Raise ``ValueError`` when the loaded teacher has a NaN/inf or absurdly large weight: it
+    would drive the distillation losses to NaN or explode them, and no learning rate could
+    help."""
     bad = first_non_finite(teacher)
+    what = "non-finite"
+    if bad is None:
+        bad, what = first_absurd_parameter(teacher), f"absurdly large (> {ABSURD_WEIGHT:g})"
     if bad:
         raise ValueError(
-            f"the teacher's weights are non-finite ({bad}) in {weights!r}: the file is broken "
-            "(a diverged run or a damaged copy). Retrain or re-export the teacher"
+            f"the teacher's weights are {what} ({bad}) in {weights!r}: the file is broken (a "
+            "diverged run or a damaged copy). Retrain the teacher — e.g. with a learning rate "
+            "that fits its batch size — or re-export it"
         )

@@ -40,6 +40,7 @@ from torchvision.ops.feature_pyramid_network import (
 
 __all__ = [
     "ARCHITECTURES",
+    "NUM_CLASSES_KEYS",
     "build_detector",
     "build_teacher",
     "label_offset",
@@ -51,6 +52,15 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("FasterRCNN", "RetinaNet", "FCOS", "SSD")
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+#: The config key holding ``K`` for each architecture.
+NUM_CLASSES_KEYS = {
+    "FasterRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "FCOS": "MODEL.FCOS.NUM_CLASSES",
+    "SSD": "MODEL.SSD.NUM_CLASSES",
+}
 
 
 def num_classes_of(cfg) -> int:
@@ -353,7 +363,7 @@ def build_plain_detector(cfg) -> nn.Module:
 def build_teacher(cfg) -> nn.Module:
     """Build the frozen teacher from ``KD.TEACHER.CONFIG`` and load ``KD.TEACHER.WEIGHTS``."""
     from kd2.config import get_cfg
-    from kd2.modeling.weights_check import check_teacher_finite
+    from kd2.modeling.weights_check import check_teacher_weights
 
     tpath = cfg.KD.TEACHER.CONFIG
     if not tpath:
@@ -369,7 +379,7 @@ def build_teacher(cfg) -> nn.Module:
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     teacher = build_plain_detector(tcfg)
     load_weights_strict(teacher, cfg.KD.TEACHER.WEIGHTS, "KD.TEACHER.WEIGHTS", tpath)
-    check_teacher_finite(teacher, cfg.KD.TEACHER.WEIGHTS)
+    check_teacher_weights(teacher, cfg.KD.TEACHER.WEIGHTS)
     teacher.eval().requires_grad_(False)
     teacher.kd2_cfg = tcfg
     return teacher

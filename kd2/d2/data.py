@@ -1,0 +1,62 @@
+"""COCO files by name on Detectron2: ``"instances.json:image_dir"`` names and
+``DATASETS.REGISTER`` triples, registered into Detectron2's catalogs.
+
+The same names as kd2's torchvision backend (:mod:`kd2.data.catalog`, whose parsing and checks
+are shared): any ``"path/to/instances.json:path/to/image_dir"`` name of ``DATASETS.TRAIN`` /
+``DATASETS.TEST`` that Detectron2 does not know, and every ``[name, json_file, image_root]`` of
+``DATASETS.REGISTER``, is registered with Detectron2's ``register_coco_instances`` (relative
+paths are relative to the current directory). Its metadata then holds ``json_file``, so
+``COCOEvaluator`` evaluates against that file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import List
+
+from kd2.data.catalog import config_coco_datasets
+
+__all__ = ["register_config_datasets"]
+
+logger = logging.getLogger(__name__)
+
+
+def register_config_datasets(cfg) -> List[str]:
+    """Register the config's COCO datasets in Detectron2's ``DatasetCatalog`` /
+    ``MetadataCatalog``; returns their names.
+
+    Idempotent: a name already registered with the same files is left as is (this includes
+    Detectron2's builtins, e.g. ``coco_2017_val`` given its own files), so calling it from both
+    ``tools/train_net.py`` and :class:`kd2.d2.KDTrainer` is safe.
+
+    Raises:
+        ValueError: a name already registered with other files, or without files (a dataset
+            registered with a function), or a malformed ``DATASETS.REGISTER`` entry.
+        FileNotFoundError: a JSON file or image directory that does not exist (naming the key).
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    names = []
+    for name, json_file, image_root, key in config_coco_datasets(cfg):
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            have = meta.get("json_file"), meta.get("image_root")
+            if None in have:
+                raise ValueError(
+                    f"{key}: dataset name {name!r} is already registered in Detectron2's "
+                    "DatasetCatalog without a COCO json_file; choose another name"
+                )
+            have = tuple(os.path.abspath(os.path.expanduser(p)) for p in have)
+            if have != (json_file, image_root):
+                raise ValueError(
+                    f"{key}: dataset {name!r} is already registered in Detectron2's "
+                    f"DatasetCatalog with other files (json_file {have[0]}, image_root {have[1]}; "
+                    f"now {json_file}, {image_root}); choose another name"
+                )
+        else:
+            register_coco_instances(name, {}, json_file, image_root)
+            logger.info("registered dataset %r: %s, images in %s", name, json_file, image_root)
+        names.append(name)
+    return names
