@@ -19,11 +19,11 @@ from detectron2.engine import (
     hooks,
     launch,
 )
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from kd2.d2 import kd_step_hook, student_checkpointer, student_model_config
+from kd2.d2.engine import create_ddp_model  # Detectron2's, plus CPU models (gloo)
 from kd2.engine.launch import die_with_parent
 from kd2.engine.run_dir import lock_output_dir
 

@@ -124,6 +124,7 @@ def d2_main(args):
             "or set MODEL.BACKEND torchvision for kd2's torchvision backend"
         ) from None
     from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger as d2_setup_logger
 
     from kd2.d2 import (
         KDTrainer,
@@ -144,6 +145,7 @@ def d2_main(args):
     if comm.is_main_process():  # one run per output directory, before anything is written
         lock_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
+    d2_setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="kd2")  # kd2's lines
     if args.eval_only:
         # The student alone: its checkpoint's "model" entry is a plain Detectron2 model's state
         # dict, so evaluating a distilled student needs neither the teacher nor its weights.
