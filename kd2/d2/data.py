@@ -11,15 +11,12 @@ paths are relative to the current directory). Its metadata then holds ``json_fil
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import List
 
-from kd2.data.catalog import config_coco_datasets
+from kd2.data.catalog import UNREGISTERED, register_coco_datasets
 
 __all__ = ["register_config_datasets"]
-
-logger = logging.getLogger(__name__)
 
 
 def register_config_datasets(cfg) -> List[str]:
@@ -38,25 +35,18 @@ def register_config_datasets(cfg) -> List[str]:
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    names = []
-    for name, json_file, image_root, key in config_coco_datasets(cfg):
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            have = meta.get("json_file"), meta.get("image_root")
-            if None in have:
-                raise ValueError(
-                    f"{key}: dataset name {name!r} is already registered in Detectron2's "
-                    "DatasetCatalog without a COCO json_file; choose another name"
-                )
-            have = tuple(os.path.abspath(os.path.expanduser(p)) for p in have)
-            if have != (json_file, image_root):
-                raise ValueError(
-                    f"{key}: dataset {name!r} is already registered in Detectron2's "
-                    f"DatasetCatalog with other files (json_file {have[0]}, image_root {have[1]}; "
-                    f"now {json_file}, {image_root}); choose another name"
-                )
-        else:
-            register_coco_instances(name, {}, json_file, image_root)
-            logger.info("registered dataset %r: %s, images in %s", name, json_file, image_root)
-        names.append(name)
-    return names
+    def registered_files(name: str):
+        if name not in DatasetCatalog.list():
+            return UNREGISTERED
+        meta = MetadataCatalog.get(name)
+        have = meta.get("json_file"), meta.get("image_root")
+        if None in have:
+            return None
+        return tuple(os.path.abspath(os.path.expanduser(p)) for p in have)
+
+    def register(name: str, json_file: str, image_root: str) -> None:
+        register_coco_instances(name, {}, json_file, image_root)
+
+    return register_coco_datasets(
+        cfg, registered_files, register, catalog=" in Detectron2's DatasetCatalog"
+    )

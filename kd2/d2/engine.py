@@ -30,6 +30,7 @@ from detectron2.evaluation import COCOEvaluator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from kd2.data.catalog import check_class_count
 from kd2.engine.trainer import broadcast_buffers
 
 from .data import register_config_datasets
@@ -198,16 +199,13 @@ def check_dataset_classes(cfg) -> None:
     classes (Detectron2 only fails at the first step, or at evaluation, otherwise)."""
     from detectron2.data import MetadataCatalog
 
-    retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
-    key = "MODEL.RETINANET.NUM_CLASSES" if retina else "MODEL.ROI_HEADS.NUM_CLASSES"
-    k = cfg.MODEL.RETINANET.NUM_CLASSES if retina else cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != k:
-            raise ValueError(
-                f"dataset {name!r} has {len(classes)} categories, but the model is built for {k} "
-                f"({key} {k}). Set {key} {len(classes)}, or use a dataset with {k} categories"
-            )
+    section = "RETINANET" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "ROI_HEADS"
+    check_class_count(
+        list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST),
+        cfg.MODEL[section].NUM_CLASSES,
+        f"MODEL.{section}.NUM_CLASSES",
+        lambda name: MetadataCatalog.get(name).get("thing_classes"),
+    )
 
 
 class KDTrainer(DefaultTrainer):

@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import threading
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from kd2.data.coco import load_coco_json
 
@@ -46,6 +46,8 @@ __all__ = [
     "Metadata",
     "register_coco_instances",
     "register_config_datasets",
+    "register_coco_datasets",
+    "check_class_count",
     "config_coco_datasets",
     "parse_coco_name",
     "datasets_root",
@@ -328,6 +330,45 @@ def _registered_coco_files(name: str) -> Tuple[str, str] | None:
     return None
 
 
+#: :func:`register_coco_datasets`' ``registered_files`` answer for a name no catalog holds.
+UNREGISTERED = object()
+
+
+def register_coco_datasets(
+    cfg,
+    registered_files: Callable[[str], Any],
+    register: Callable[[str, str, str], None],
+    catalog: str = "",
+) -> List[str]:
+    """The registration loop both backends share: every dataset of
+    :func:`config_coco_datasets` is registered with ``register(name, json_file, image_root)``
+    unless a catalog already holds it with the same files; returns the names.
+
+    ``registered_files(name)``: :data:`UNREGISTERED`, ``None`` (registered without COCO files:
+    a builtin or a dataset registered in code) or the absolute ``(json_file, image_root)``.
+    ``catalog`` names the catalog in messages.
+    """
+    names = []
+    for name, json_file, image_root, key in config_coco_datasets(cfg):
+        have = registered_files(name)
+        if have is UNREGISTERED:
+            register(name, json_file, image_root)
+            logger.info("registered dataset %r: %s, images in %s", name, json_file, image_root)
+        elif have is None:
+            raise ValueError(
+                f"{key}: dataset name {name!r} is already taken by a builtin dataset or one "
+                f"registered in code{catalog}; choose another name"
+            )
+        elif have != (json_file, image_root):
+            raise ValueError(
+                f"{key}: dataset {name!r} is already registered{catalog} with other files "
+                f"(json_file {have[0]}, image_root {have[1]}; now {json_file}, {image_root}); "
+                f"choose another name, or DatasetCatalog.remove({name!r})"
+            )
+        names.append(name)
+    return names
+
+
 def register_config_datasets(cfg) -> List[str]:
     """Register the config's COCO datasets (:func:`config_coco_datasets`: ``DATASETS.REGISTER``
     and the ``"instances.json:image_dir"`` names of ``DATASETS.TRAIN`` / ``TEST``) in
@@ -340,27 +381,33 @@ def register_config_datasets(cfg) -> List[str]:
             function, or other files), or a malformed entry (see :func:`config_coco_datasets`).
         FileNotFoundError: a JSON file or image directory that does not exist.
     """
-    names = []
+
+    def registered_files(name: str):
+        return _registered_coco_files(name) if name in DatasetCatalog else UNREGISTERED
+
     with DatasetCatalog._lock:
-        for name, json_file, image_root, key in config_coco_datasets(cfg):
-            if name in DatasetCatalog:
-                have = _registered_coco_files(name)
-                if have is None:
-                    raise ValueError(
-                        f"{key}: dataset name {name!r} is already taken by a builtin dataset or "
-                        "one registered in code; choose another name"
-                    )
-                if have != (json_file, image_root):
-                    raise ValueError(
-                        f"{key}: dataset {name!r} is already registered with other files "
-                        f"(json_file {have[0]}, image_root {have[1]}; now {json_file}, "
-                        f"{image_root}); choose another name, or DatasetCatalog.remove({name!r})"
-                    )
-            else:
-                register_coco_instances(name, json_file, image_root)
-                logger.info("registered dataset %r: %s, images in %s", name, json_file, image_root)
-            names.append(name)
-    return names
+        return register_coco_datasets(cfg, registered_files, register_coco_instances)
+
+
+def check_class_count(
+    dataset_names: Sequence[str],
+    num_classes: int,
+    key: str,
+    thing_classes: Callable[[str], Sequence[str] | None],
+) -> None:
+    """Each dataset whose classes are known (``thing_classes(name)``, ``None`` when not yet)
+    has ``num_classes`` of them; the error names ``key`` and the value to set. Both backends
+    call it when the model is built, before any data pass."""
+    for name in dataset_names:
+        classes = thing_classes(name)
+        if classes is not None and len(classes) != num_classes:
+            shown = list(classes[:8]) + (["..."] if len(classes) > 8 else [])
+            raise ValueError(
+                f"dataset {name!r} has {len(classes)} categories {shown}, but the model is built "
+                f"for {num_classes} ({key} {num_classes}). Set {key} {len(classes)}, or use a "
+                f"dataset with {num_classes} categories (a distilled student needs its teacher's "
+                "categories too)"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from kd2.data import (
     build_test_loader,
     build_train_loader,
 )
-from kd2.data.catalog import register_config_datasets
+from kd2.data.catalog import check_class_count, register_config_datasets
 from kd2.data.loader import read_image
 from kd2.data.report import write_dataset_report
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
@@ -183,17 +183,12 @@ def broadcast_buffers(model: nn.Module) -> None:
 
 def check_dataset_classes(cfg) -> None:
     """Each dataset of ``DATASETS.TRAIN`` / ``TEST`` has the model's number of classes."""
-    k = num_classes_of(cfg)
-    key = NUM_CLASSES_KEYS[cfg.MODEL.META_ARCHITECTURE]
-    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        classes = MetadataCatalog.get(name).get("thing_classes")
-        if classes is not None and len(classes) != k:
-            shown = list(classes[:8]) + (["..."] if len(classes) > 8 else [])
-            raise ValueError(
-                f"dataset {name!r} has {len(classes)} categories {shown}, but the model is built "
-                f"for {k} ({key} {k}). Set {key} {len(classes)}, or use a dataset with {k} "
-                "categories (a distilled student needs its teacher's categories too)"
-            )
+    check_class_count(
+        list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST),
+        num_classes_of(cfg),
+        NUM_CLASSES_KEYS[cfg.MODEL.META_ARCHITECTURE],
+        lambda name: MetadataCatalog.get(name).get("thing_classes"),
+    )
 
 
 def _set_rng_state(state: Dict) -> None:
