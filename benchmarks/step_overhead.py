@@ -10,17 +10,21 @@ R18-FPN teacher, the demo's KD method) it times, interleaved per batch and after
 * ``KD step``        — the KD meta-architecture: student forward, teacher forward, KD losses
   (adapters included), backward, SGD step;
 
-prints the median of each and ends with
-``kd_overhead_ratio=<KD step / (student step + teacher forward)>``.
+prints the median of each and, per config, ``KD step / student step`` and
+``kd_overhead_ratio=<KD step / (student step + teacher forward)>``. Several configs of one
+student (``--configs a.yaml b.yaml ...``) are timed side by side on the same batches, so their
+ratios compare within one run; ``--json`` writes them (``benchmarks/results/step_overhead.json``).
 
 Weights do not change the cost, so both networks start from their random initialisation.
-Usage: ``python benchmarks/step_overhead.py [--config FILE] [--iters N] [--threads T]``
+Usage: ``python benchmarks/step_overhead.py [--configs FILE ...] [--iters N] [--threads T]
+[--json OUT]``
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -37,37 +41,58 @@ from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader  # noq
 from kd2.tv.build import build_detector, build_plain_detector, label_offset  # noqa: E402
 
 
+def build_kd_model(config: str, teacher_dir: str):
+    """The KD model of ``config`` with a randomly initialised teacher saved in ``teacher_dir``
+    (weights do not change the cost); returns ``(cfg, model)``."""
+    cfg = get_cfg()
+    cfg.merge_from_file(config)
+    teacher_config = os.path.join(ROOT, cfg.KD.TEACHER.CONFIG)
+    tcfg = get_cfg()
+    tcfg.merge_from_file(teacher_config)
+    weights = os.path.join(teacher_dir, os.path.basename(teacher_config) + ".pth")
+    if not os.path.isfile(weights):
+        torch.manual_seed(0)
+        torch.save({"model": build_plain_detector(tcfg).state_dict()}, weights)
+    cfg.KD.TEACHER.CONFIG = teacher_config
+    cfg.KD.TEACHER.WEIGHTS = weights
+    return cfg, build_detector(cfg).train()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--config", default=os.path.join(ROOT, "configs/synthetic/faster_rcnn_MNv3_DeFeat.yaml")
+        "--configs",
+        "--config",
+        nargs="+",
+        default=[os.path.join(ROOT, "configs/synthetic/faster_rcnn_MNv3_DeFeat.yaml")],
+        help="KD configs of one student (timed side by side on the same batches)",
     )
     p.add_argument("--iters", type=int, default=15, help="measured batches")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", default="", help="also write the medians and ratios here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = get_cfg()
-    cfg.merge_from_file(args.config)
     tmp = tempfile.mkdtemp(prefix="kd2_bench_")
-    tcfg = get_cfg()
-    tcfg.merge_from_file(os.path.join(ROOT, cfg.KD.TEACHER.CONFIG))
-    torch.manual_seed(0)
-    teacher = build_plain_detector(tcfg)
-    torch.save({"model": teacher.state_dict()}, os.path.join(tmp, "teacher.pth"))
-    cfg.KD.TEACHER.CONFIG = os.path.join(ROOT, cfg.KD.TEACHER.CONFIG)
-    cfg.KD.TEACHER.WEIGHTS = os.path.join(tmp, "teacher.pth")
-
+    kd_models = {}
+    for config in args.configs:
+        cfg, model = build_kd_model(os.path.abspath(config), tmp)
+        name = os.path.splitext(os.path.basename(config))[0]
+        kd_models[name] = (cfg, model)
+    cfg = next(iter(kd_models.values()))[0]
     plain_cfg = cfg.clone()
     plain_cfg.KD.METHODS = []
+    torch.manual_seed(0)
     student = build_plain_detector(plain_cfg).train()
-    kd_model = build_detector(cfg).train()
-    kd_model.load_state_dict(student.state_dict(), strict=False)
-    opt_s = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)
-    opt_k = torch.optim.SGD(
-        [q for q in kd_model.parameters() if q.requires_grad], lr=1e-4, momentum=0.9
-    )
+    optimizers = {"student": torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)}
+    for name, (kcfg, model) in kd_models.items():
+        if kcfg.MODEL.META_ARCHITECTURE != cfg.MODEL.META_ARCHITECTURE:
+            raise SystemExit(f"{name}: every config must distil the same student")
+        model.load_state_dict(student.state_dict(), strict=False)
+        optimizers[name] = torch.optim.SGD(
+            [q for q in model.parameters() if q.requires_grad], lr=1e-4, momentum=0.9
+        )
 
     records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     loader = build_train_loader(
@@ -89,34 +114,64 @@ def main() -> None:
         sum(losses.values()).backward()
         opt.step()
 
-    times = {"student step": [], "teacher forward": [], "KD step": []}
+    times = {"student step": []}
+    for name in kd_models:
+        times[f"{name}: teacher forward"] = []
+        times[f"{name}: KD step"] = []
     for i, (images, targets) in enumerate(batches):
         t0 = time.perf_counter()
-        step(student, opt_s, images, targets)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            rec, _ = kd_model.student_step(images, copy.deepcopy(targets))
-            t2 = time.perf_counter()
-            kd_model.teacher_step(rec)
-            t3 = time.perf_counter()
-        step(kd_model, opt_k, images, targets)
-        t4 = time.perf_counter()
+        step(student, optimizers["student"], images, targets)
         if i >= args.warmup:
-            times["student step"].append(t1 - t0)
-            times["teacher forward"].append(t3 - t2)
-            times["KD step"].append(t4 - t3)
+            times["student step"].append(time.perf_counter() - t0)
+        for name, (_, model) in kd_models.items():
+            with torch.no_grad():
+                rec, _ = model.student_step(images, copy.deepcopy(targets))
+                t2 = time.perf_counter()
+                model.teacher_step(rec)
+                t3 = time.perf_counter()
+            step(model, optimizers[name], images, targets)
+            t4 = time.perf_counter()
+            if i >= args.warmup:
+                times[f"{name}: teacher forward"].append(t3 - t2)
+                times[f"{name}: KD step"].append(t4 - t3)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"config: {os.path.relpath(args.config, ROOT)}  KD.METHODS={list(cfg.KD.METHODS)}")
     print(
-        f"batch {cfg.SOLVER.IMS_PER_BATCH} x {cfg.INPUT.MIN_SIZE_TRAIN[0]} px, "
-        f"{args.iters} measured batches, {args.threads} threads, torch {torch.__version__}"
+        f"student: {cfg.MODEL.META_ARCHITECTURE} {cfg.MODEL.BACKBONE.NAME}, batch "
+        f"{cfg.SOLVER.IMS_PER_BATCH} x {cfg.INPUT.MIN_SIZE_TRAIN[0]} px, {args.iters} measured "
+        f"batches, {args.threads} threads, torch {torch.__version__}"
     )
     for k, v in med.items():
         spread = statistics.pstdev(times[k])
-        print(f"{k:>16}: {v * 1000:8.1f} ms  (std {spread * 1000:.1f} ms)")
-    ratio = med["KD step"] / (med["student step"] + med["teacher forward"])
-    print(f"kd_overhead_ratio={ratio:.3f}")
+        print(f"{k:>36}: {v * 1000:8.1f} ms  (std {spread * 1000:.1f} ms)")
+    rows = {}
+    for name, (kcfg, model) in kd_models.items():
+        kd, tf = med[f"{name}: KD step"], med[f"{name}: teacher forward"]
+        rows[name] = {
+            "methods": list(kcfg.KD.METHODS),
+            "teacher_parts": sorted(model.teacher_parts),
+            "student_step_ms": round(med["student step"] * 1000, 1),
+            "teacher_forward_ms": round(tf * 1000, 1),
+            "kd_step_ms": round(kd * 1000, 1),
+            "kd_over_student": round(kd / med["student step"], 3),
+            "kd_overhead_ratio": round(kd / (med["student step"] + tf), 3),
+        }
+        print(
+            f"{name}: teacher parts {rows[name]['teacher_parts']}, KD step / student step "
+            f"{rows[name]['kd_over_student']:.3f}, kd_overhead_ratio="
+            f"{rows[name]['kd_overhead_ratio']:.3f}"
+        )
+    if args.json:
+        out = {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "iters": args.iters,
+            "batch": int(cfg.SOLVER.IMS_PER_BATCH),
+            "rows": rows,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
     sys.stdout.flush()
 
 

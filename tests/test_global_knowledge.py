@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kd2.data.synthetic import generate_synthetic_dataset
 from kd2.engine import Trainer
 from kd2.losses.global_knowledge import (
+    GlobalKD,
     global_knowledge_loss,
     robust_decoupled_feature_loss,
     robust_fg_masks,
@@ -20,7 +21,9 @@ from kd2.losses.global_knowledge import (
     robustness,
     robustness_by_class,
 )
-from kd2.modeling.prototypes import select_pgm_instances
+from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes, select_pgm_instances
+from kd2.ops import box_mean_pool
+from kd2.structures import DenseOutputs, StepRecord
 from kd2.tv.build import build_detector
 
 from .helpers import batch, engine_cfg, kd_cfg, save_teacher
@@ -176,6 +179,89 @@ def test_global_knowledge_loss_value_and_gradients_to_student_only():
     assert float(global_knowledge_loss(s[:0], t[:0], ps, pt, eta[:0])) == 0.0
 
 
+# -- one-stage soft labels: eta at the anchor box's 56-px level ----------------------------------
+
+
+def _one_stage_pair(t8, t16):
+    """One 64x64 image, strides 8 (8x8) and 16 (4x4), one anchor per cell, K = 2 classes.
+
+    The only positive is the stride-16 anchor of cell (2, 2): box [8, 8, 72, 72] (64 px,
+    sqrt(65 * 65) < 112 -> the 56-px rule puts it on stride 8, not on its own stride 16).
+    Student maps are the constant (1, 0); the teacher's are the constants ``t8`` / ``t16``.
+    """
+    k, n = 2, 1
+    anchors, sizes = [], []
+    for s, g in ((8, 8), (16, 4)):
+        ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+        c = (torch.stack([xs, ys], -1).reshape(-1, 2).float() + 0.5) * s
+        half = 2.0 * s
+        anchors.append(torch.cat([c - half, c + half], dim=1))
+        sizes.append(g * g)
+    labels = torch.full((n, sum(sizes)), k)
+    labels[0, sizes[0] + 2 * 4 + 2] = 0
+    assert anchors[1][2 * 4 + 2].tolist() == [8.0, 8.0, 72.0, 72.0]
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for student in (True, False):
+        feats = {
+            8: torch.tensor([1.0, 0.0] if student else t8).view(1, 2, 1, 1).expand(1, 2, 8, 8),
+            16: torch.tensor([1.0, 0.0] if student else t16).view(1, 2, 1, 1).expand(1, 2, 4, 4),
+        }
+        feats = {s: f.clone().requires_grad_(student) for s, f in feats.items()}
+        dense = DenseOutputs(
+            cls_logits=[torch.randn(n, r, k, generator=g).requires_grad_(student) for r in sizes],
+            box_deltas=[torch.zeros(n, r, 4) for r in sizes],
+            anchors=anchors,
+            strides=[8, 16],
+            num_anchors_per_loc=1,
+            num_classes=k,
+            grid_sizes=[(8, 8), (4, 4)],
+            labels=labels if student else None,
+        )
+        records.append(
+            StepRecord(
+                images=torch.zeros(n, 3, 64, 64),
+                image_sizes=[(64, 64)],
+                gt_boxes=[torch.tensor([[8.0, 8.0, 72.0, 72.0]])],
+                gt_labels=[torch.tensor([0])],
+                features=feats,
+                num_classes=k,
+                dense=dense,
+            )
+        )
+    return records[0], records[1]
+
+
+def test_one_stage_soft_label_eta_uses_the_56px_level_not_the_anchor_level():
+    """kd_one_stage_strategy.py ``soft_weight``: eta of a positive anchor comes from the level
+    ``_map_roi_levels`` gives its box. Here eta at stride 8 is 1/sqrt(2) and at the anchor's own
+    stride 16 it is 0: the old code (own level) gave a soft loss of exactly 0."""
+    t8, t16 = [1.0, 1.0], [0.0, 1.0]
+    student, teacher = _one_stage_pair(t8, t16)
+    method = GlobalKD(
+        {8: 2, 16: 2}, {8: 2, 16: 2}, num_classes=2, arch="one_stage", num_prototypes=1
+    )
+    proto = torch.tensor([1.0, 0.0]).view(1, 1, 2).repeat(2, 1, 1)  # (K, P, C)
+    for s in (8, 16):
+        method.set_prototypes(s, proto, proto, torch.tensor([True, False]), 0)
+    losses = method(student, teacher)
+    # stride 8: q_s = cos((1,0),(1,0)) = 1, q_t = cos((1,1),(1,0)) = 1/sqrt(2) -> eta = 1/sqrt(2)
+    # stride 16: q_t = cos((0,1),(1,0)) = 0 -> eta = 0 (the anchor's own level: the old rule)
+    eta_56px = 1.0 / math.sqrt(2.0)
+    idx = 2 * 4 + 2
+    zs = student.dense.cls_logits[1][0, idx : idx + 1].detach()
+    zt = teacher.dense.cls_logits[1][0, idx : idx + 1]
+    pt = F.softmax(zt / 2, -1)
+    kl = float((pt * (pt.log() - F.log_softmax(zs / 2, -1))).sum()) * 4 / 2  # T^2 / C
+    assert kl > 1e-4
+    got = losses["loss_kd_gk_soft"].item()
+    assert got == pytest.approx(eta_56px * kl, rel=1e-5)
+    old_rule = 0.0 * kl  # eta at the anchor's own stride 16
+    assert abs(got - old_rule) > 1e-4
+    losses["loss_kd_gk_soft"].backward()
+    assert student.dense.cls_logits[1].grad[0, idx].abs().sum() > 0
+
+
 # -- PGM instance selection -------------------------------------------------------------------
 
 
@@ -197,6 +283,114 @@ def test_select_pgm_instances_filters_caps_and_is_deterministic():
     assert len(per_class[0]) == 3 and len(per_class[1]) == 3
     other = select_pgm_instances(recs, 2, min_size=30, max_images_per_class=3, seed=2)
     assert {d["record"] for d in other} != {d["record"] for d in out} or len(recs) <= 3
+
+
+def test_select_pgm_instances_min_size_is_strict():
+    """prototype_generation_module.py ``_filter_predictions``: ``box_w > min_size[0]`` and
+    ``box_h > min_size[1]``; the old ``>=`` kept 30-px boxes."""
+    recs = [
+        {
+            "file_name": "0.png",
+            "image_id": 0,
+            "boxes": [[0, 0, 30, 40], [0, 0, 40, 30], [0, 0, 30.5, 30.5], [10, 10, 40, 40.5]],
+            "labels": [0, 0, 0, 0],
+        }
+    ]
+    out = select_pgm_instances(recs, 1, min_size=30, max_images_per_class=5, seed=1)
+    assert [d["box"] for d in out] == [[0.0, 0.0, 30.5, 30.5]]  # 30 px wide or tall: out
+
+
+# -- PGM pooling: feature size / padded size, not 1 / stride ------------------------------------
+
+
+def _index_maps(n: int, h: int, w: int) -> torch.Tensor:
+    """(n, 2, h, w): channel 0 holds the row index, channel 1 the column index."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([ys, xs]).float()[None].repeat(n, 1, 1, 1)
+
+
+def test_pool_instance_boxes_scales_by_feature_over_padded_size():
+    """prototype_generation_module.py ``_fetch_roi_features``: ``h_ratio = H_l / H_pad``. An
+    800-px padded side has ceil(800 / 64) = 13 cells at P6 and 7 at P7, so the ratios are 13/800
+    and 7/800, not 1/64 and 1/128."""
+    # image 0: 800 x 1024 (own padding = batch padding); image 1: 600 x 1024 -> own pad 608
+    feats = {64: _index_maps(2, 13, 16), 128: _index_maps(2, 7, 8)}
+    boxes = [
+        torch.tensor([[0.0, 640.0, 100.0, 700.0], [0.0, 700.0, 100.0, 790.0]]),
+        torch.tensor([[0.0, 550.0, 100.0, 560.0]]),
+    ]
+    out = pool_instance_boxes(feats, boxes, [(800, 1024), (608, 1024)])
+    rows64, rows128 = out[64][:, 0].tolist(), out[128][:, 0].tolist()
+    # P6, box 0: rows int(640 * 13/800) = 10 .. int(700 * 13/800) = 11 -> mean 10.5
+    #   (1/64: rows 10 .. 10, mean 10)
+    # P6, box 1: rows int(700 * 13/800) = 11 .. int(790 * 13/800) = 12 -> 11.5 (1/64: 10 .. 12)
+    # P6, image 1 (own pad 608 -> ceil(608/64) = 10 cells): int(550 * 10/608) = 9 .. 9
+    #   (1/64: 8; the batch's 13/800 would give int(8.94) = 8 .. int(9.1) = 9)
+    assert rows64 == pytest.approx([10.5, 11.5, 9.0])
+    # P7, box 0: int(640 * 7/800) = 5 .. int(700 * 7/800) = 6 -> 5.5 (1/128: 5 .. 5)
+    # P7, box 1: int(700 * 7/800) = 6 .. int(790 * 7/800) = 6 -> 6 (1/128: 5 .. 6)
+    # P7, image 1 (ceil(608/128) = 5 cells): int(550 * 5/608) = 4 .. int(560 * 5/608) = 4
+    assert rows128 == pytest.approx([5.5, 6.0, 4.0])
+    # columns: 1024 is a multiple of 128, the ratio is 1/stride: cols 0 .. int(100/s) = 1 / 0
+    assert out[64][:, 1].tolist() == pytest.approx([0.5, 0.5, 0.5])
+    assert out[128][:, 1].tolist() == pytest.approx([0.0, 0.0, 0.0])
+    # the old 1/stride pooling, for the record: box 0 on P6 averaged row 10 only
+    old = box_mean_pool(feats[64], torch.cat(boxes), torch.tensor([0, 0, 1]), 64)
+    assert old[:, 0].tolist() == pytest.approx([10.0, 11.0, 8.0])
+    # a box touching the image's own bottom edge stops at its own last cell (row 9 of 10), not
+    # at the batch map's row 10
+    edge = pool_instance_boxes(
+        {64: _index_maps(1, 13, 16)}, [torch.tensor([[0.0, 600.0, 10.0, 608.0]])], [(608, 1024)]
+    )
+    assert edge[64][0, 0].item() == pytest.approx(9.0)
+    assert own_padded_size((600, 1000), 32) == (608, 1024)
+    assert own_padded_size((600, 1000), 0) == (600, 1000)
+
+
+def test_tv_pgm_features_use_the_official_cells(tmp_path):
+    """A 96 x 128 test input: P6 has ceil(96/64) = 2 rows (96/32 = 3 is odd), so the ratio is
+    2/96 = 1/48 and y = 50 falls in row 1 (1/64 would give row 0)."""
+    cfg = kd_cfg(tmp_path, "RetinaNet", ["GlobalKD"])
+    model = build_detector(cfg).eval()
+    img = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0))
+    box = torch.tensor([[0.0, 50.0, 60.0, 90.0]])
+    got = model.kd_instance_features([img], [box])
+    with torch.no_grad():
+        image_list, _ = model.transform([img])
+        assert tuple(image_list.tensors.shape[-2:]) == (96, 128)
+        feats = dict(zip(model.kd_strides, model.backbone(image_list.tensors).values()))
+    p6 = feats[64]
+    assert tuple(p6.shape[-2:]) == (2, 2)  # ceil(3 / 2): torchvision's P6 / P7 halve with ceil
+    # rows int(50/48) = 1 .. int(90/48) = 1, cols int(0/64) = 0 .. int(60/64) = 0
+    torch.testing.assert_close(got[64][0], p6[0, :, 1, 0])
+    old = p6[0, :, 0:2, 0].mean(dim=1)  # 1/64: rows 0 .. 1
+    assert not torch.allclose(got[64][0], old)
+    # the finer levels keep the ratio 1/stride (96 and 128 are multiples of 32)
+    torch.testing.assert_close(got[8][0], feats[8][0, :, 6:12, 0:8].mean(dim=(1, 2)))
+
+
+def test_d2_pgm_features_use_the_official_cells(tmp_path):
+    """The Detectron2 path, same rule: a 96 x 128 input has 2 P6 rows (ratio 2/96)."""
+    pytest.importorskip("detectron2")
+    from detectron2.modeling import build_model
+
+    from .test_d2 import kd_cfg as d2_kd_cfg
+
+    model = build_model(d2_kd_cfg(tmp_path, "GeneralizedRCNN", ["GlobalKD"])).eval()
+    model.pgm_test_size = (96, 128)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 96, 128, generator=g)
+    box = torch.tensor([[0.0, 50.0, 60.0, 90.0]])
+    got = model.kd_instance_features([img], [box])
+    with torch.no_grad():
+        x = img * 255.0
+        x = x.flip(0) if model.input_format == "BGR" else x
+        images = model.preprocess_image([{"image": x}])
+        feats = model.backbone(images.tensor)
+    p6 = feats["p6"]
+    assert tuple(images.tensor.shape[-2:]) == (96, 128) and tuple(p6.shape[-2:]) == (2, 2)
+    torch.testing.assert_close(got[64][0], p6[0, :, 1, 0])  # row int(50 * 2/96) = 1 only
+    assert not torch.allclose(got[64][0], p6[0, :, 0:2, 0].mean(dim=1))  # 1/64: rows 0 .. 1
 
 
 # -- end to end -------------------------------------------------------------------------------

@@ -369,13 +369,17 @@ def _fgfi_toy_anchors():
 
 
 def test_fgfi_mask_hand_drawn():
+    """DeFeat's ``get_roi_mask``: each GT on its 56-px level only, the best IoU over that level's
+    anchors. Every toy GT but the last is small (sqrt((w+1)(h+1)) < 112): the first level."""
     anchors = _fgfi_toy_anchors()
     gts = [
-        # image 0: the level-2 anchor [0,0,32,32] matches exactly (max IoU 1, threshold 0.5);
-        # the level-1 anchors reach at most IoU 576/1472 = 0.39 -> nothing on level 1.
+        # image 0: on level 1 the large anchors of all four locations reach IoU 576/1472 = 0.39
+        # (the level's max; threshold 0.196) and the small ones 0.25 -> every location. Level 2
+        # holds the exact anchor [0,0,32,32] (IoU 1) but the GT is not assigned there: nothing.
+        # (The old global maximum, 1, set the threshold to 0.5: level 2 only, no level-1 cell.)
         torch.tensor([[0.0, 0.0, 32.0, 32.0]]),
-        # image 1: wide box; small anchors at (0,0) and (0,1) have IoU 0.5 (the max), the large
-        # ones 0.33, threshold 0.25 -> top row; level 2: [0,0,32,32] has IoU 0.5 -> on.
+        # image 1: wide box; small anchors at (0,0) and (0,1) have IoU 0.5 (the level's max), the
+        # large ones 0.33, threshold 0.25 -> top row; level 2: nothing.
         torch.tensor([[0.0, 0.0, 32.0, 16.0]]),
         # image 2: exactly the small anchor of location (y=1, x=0); nothing else above 0.5.
         torch.tensor([[0.0, 16.0, 16.0, 32.0]]),
@@ -385,32 +389,82 @@ def test_fgfi_mask_hand_drawn():
     m1, m2 = fgfi_imitation_mask(anchors, [(2, 2), (1, 1)], 2, gts, psi=0.5)
     assert m1.dtype == torch.bool and m1.shape == (4, 2, 2) and m2.shape == (4, 1, 1)
     exp1 = torch.tensor(
-        [[[0, 0], [0, 0]], [[1, 1], [0, 0]], [[0, 0], [1, 0]], [[0, 0], [0, 0]]], dtype=torch.bool
+        [[[1, 1], [1, 1]], [[1, 1], [0, 0]], [[0, 0], [1, 0]], [[0, 0], [0, 0]]], dtype=torch.bool
     )
-    exp2 = torch.tensor([[[1]], [[1]], [[0]], [[0]]], dtype=torch.bool)
-    assert torch.equal(m1, exp1) and torch.equal(m2, exp2)
-    # psi = 0.3 lowers image 0's threshold below 0.39: every level-1 location lights up
-    m1b, _ = fgfi_imitation_mask(anchors, [(2, 2), (1, 1)], 2, gts[:1], psi=0.3)
+    assert torch.equal(m1, exp1) and not m2.any()
+    # psi = 0.7 lifts image 0's threshold to 0.27 > 0.25: the small anchors drop out, the large
+    # ones (0.39) stay -> still every location
+    m1b, _ = fgfi_imitation_mask(anchors, [(2, 2), (1, 1)], 2, gts[:1], psi=0.7)
     assert m1b.all()
     # two GTs in one image: the union of the individual masks
     both = torch.cat([gts[1], gts[2]])
     u1, u2 = fgfi_imitation_mask(anchors, [(2, 2), (1, 1)], 2, [both], psi=0.5)
-    assert torch.equal(u1[0], exp1[1] | exp1[2]) and torch.equal(u2[0], exp2[1] | exp2[2])
+    assert torch.equal(u1[0], exp1[1] | exp1[2]) and not u2.any()
+    # a 120-px GT, sqrt(121 * 121) >= 112: level 2, whose best anchor [-16,-16,48,48] has IoU
+    # 48*48 / (64*64 + 120*120 - 48*48) = 2304/16192 = 0.142 -> marked; level 1: nothing
+    big = torch.tensor([[0.0, 0.0, 120.0, 120.0]])
+    b1, b2 = fgfi_imitation_mask(anchors, [(2, 2), (1, 1)], 2, [big], psi=0.5)
+    assert not b1.any() and b2.all()
+
+
+def _np_iou(anchors: torch.Tensor, box) -> np.ndarray:
+    """(R,) IoU of XYXY anchors with one box, areas (x2 - x1)(y2 - y1), in float64."""
+    a = anchors.numpy().astype(np.float64)
+    g = np.asarray(box, dtype=np.float64)
+    iw = np.clip(np.minimum(a[:, 2], g[2]) - np.maximum(a[:, 0], g[0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], g[3]) - np.maximum(a[:, 1], g[1]), 0, None)
+    inter = iw * ih
+    area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    return inter / (area + (g[2] - g[0]) * (g[3] - g[1]) - inter)
+
+
+def test_fgfi_mask_150px_box_on_its_56px_level_only():
+    """The old rule (one maximum over all levels) and the port's (the GT's 56-px level) give
+    disjoint masks for a 150-px box with the test anchors (sides 2s and 4s, strides 8..128)."""
+    img = 256
+    grids = [(math.ceil(img / s),) * 2 for s in ONE_STAGE_STRIDES]
+    anchors = [_anchors(s, g) for s, g in zip(ONE_STAGE_STRIDES, grids)]
+    box = [40.0, 40.0, 190.0, 190.0]  # sqrt(151 * 151) = 151 -> level 1 (stride 16)
+    new = fgfi_imitation_mask(anchors, grids, A, [torch.tensor([box])], psi=0.5)
+    ious = [_np_iou(a, box) for a in anchors]
+    # the port: threshold = 0.5 * the best stride-16 IoU, a 64-px anchor inside the box
+    assert ious[1].max() == pytest.approx(64 * 64 / (150 * 150))
+    want16 = (ious[1] > 0.5 * ious[1].max()).reshape(*grids[1], A).any(-1)
+    assert np.array_equal(new[1][0].numpy(), want16) and want16.sum() > 0
+    assert all(not new[lvl].any() for lvl in (0, 2, 3, 4))
+    # the old rule: the best IoU over every level is a 128-px anchor's (128^2 / 150^2 = 0.73),
+    # so no 64-px anchor (0.18 < 0.36) qualified: the old mask had no stride-16 cell at all
+    top = max(float(x.max()) for x in ious)
+    assert top == pytest.approx(128 * 128 / (150 * 150))
+    old = [(x > 0.5 * top).reshape(*g, A).any(-1) for x, g in zip(ious, grids)]
+    assert not old[1].any() and (old[2].any() or old[3].any())
+    assert not any((o & n[0].numpy()).any() for o, n in zip(old, new))
 
 
 def test_fgfi_loss_hand_computed():
-    # level a: (1,2,2,2), only (0,0) masked with channel values [1, 2] -> 1 + 4 = 5
-    # level b: (1,2,1,1) value [3, 0] masked -> 9. N_p = 2 -> (5 + 9) / (2 * 2) = 3.5
+    """DeFeat ``batch_processor_kd`` (pixel-wise): per level Σ M·d / max(1, 2·C·Σ M), mean over
+    levels (an empty level counts, with 0)."""
+    # level a: (1,2,2,2) of ones, (0,0) = [1, 2]; mask (0,0) and (0,1): (1 + 4) + (1 + 1) = 7,
+    #   normaliser 2 * C * Σ M = 2 * 2 * 2 = 8 -> 0.875
+    # level b: (1,2,1,1) value [3, 0] masked -> 9 / (2 * 2 * 1) = 2.25
+    # level c: nothing masked -> 0 / max(1, 0) = 0
+    # mean: (0.875 + 2.25 + 0) / 3 = 1.0417  (the old joint 1/(2 N_p): (7 + 9) / 6 = 2.667)
     a = torch.ones(1, 2, 2, 2)
     a[0, :, 0, 0] = torch.tensor([1.0, 2.0])
     a.requires_grad_(True)
     b = torch.tensor([3.0, 0.0]).view(1, 2, 1, 1).requires_grad_(True)
-    ma = torch.tensor([[[True, False], [False, False]]])
+    c = torch.ones(1, 2, 1, 1, requires_grad=True)
+    ma = torch.tensor([[[True, True], [False, False]]])
     mb = torch.tensor([[[True]]])
-    loss = fgfi_loss([a, b], [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1)], [ma, mb])
-    assert loss.item() == pytest.approx(3.5)
+    mc = torch.tensor([[[False]]])
+    zeros = [torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)]
+    loss = fgfi_loss([a, b, c], zeros, [ma, mb, mc])
+    assert loss.item() == pytest.approx((0.875 + 2.25 + 0.0) / 3)
+    assert fgfi_loss([a, b], zeros[:2], [ma, mb]).item() == pytest.approx((0.875 + 2.25) / 2)
     loss.backward()
-    assert a.grad[0, :, 1, 1].abs().sum() == 0 and a.grad[0, :, 0, 0].abs().sum() > 0
+    assert a.grad[0, :, 1, 1].abs().sum() == 0 and c.grad.abs().sum() == 0
+    # d/da(0,0) = 2 a / 8 / 3
+    torch.testing.assert_close(a.grad[0, :, 0, 0], torch.tensor([2.0, 4.0]) / 8 / 3)
     # empty masks: 0 with a graph
     z = fgfi_loss([a], [torch.zeros(1, 2, 2, 2)], [torch.zeros(1, 2, 2, dtype=torch.bool)])
     assert z.item() == 0.0 and z.requires_grad
@@ -420,7 +474,7 @@ def test_fgfi_loss_hand_computed():
 def test_fgfi_method(arch):
     m = build("FGFI", arch)
     assert m.teacher_parts == frozenset({"features"})
-    assert m.weight == 0.01 and m.psi == 0.5
+    assert m.weight == 3.0 and m.psi == 0.5  # DeFeat's FGFI config: hint_neck_w = 3
     s, t = make_pair(arch)
     losses = _check_grads_and_finite(m, s, t)
     assert set(losses) == {"loss_kd_fgfi"} and losses["loss_kd_fgfi"].item() > 0

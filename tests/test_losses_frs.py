@@ -85,6 +85,80 @@ def test_frs_head_loss_hand_computed():
     assert one.item() == pytest.approx(-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)), rel=1e-6)
 
 
+def test_frs_head_loss_matches_the_released_probability_bce_at_saturation():
+    """duzhixing/FRS ``distill_frs_single.py`` l. 67: ``F.binary_cross_entropy(σ(z_s), σ(z_t))``.
+    fp32 σ(20) is exactly 1, torch clamps log(1 - 1) = -inf at -100: with p_t = σ(0) = 1/2 the
+    released value is -(1/2 log 1 + 1/2 (-100)) = 50, not the logit form's 20 - 10 = 10 (the
+    old kd2 value), and the gradient is 0 (σ'(20) = 0 in fp32), not 1 - 1/2."""
+    m = torch.ones(1, 1, 1, 1)
+    t = torch.zeros(1, 1, 1, 1)
+    s = torch.full((1, 1, 1, 1), 20.0, requires_grad=True)
+    loss = frs_head_loss(s, t, m)
+    assert loss.item() == pytest.approx(50.0)
+    loss.backward()
+    assert s.grad.item() == 0.0
+    s2 = torch.full((1, 1, 1, 1), 20.0, requires_grad=True)
+    stable = frs_head_loss(s2, t, m, from_logits=True)
+    assert stable.item() == pytest.approx(10.0, rel=1e-6)  # what kd2 computed before
+    stable.backward()
+    assert s2.grad.item() == pytest.approx(0.5)
+    # a student logit of -30, p_t = 1/2: the value agrees (30 * 1/2 + log terms), but torch's
+    # eps = 1e-12 in the BCE backward fades the gradient: (p - q) p (1 - p) / 1e-12
+    s3 = torch.full((1, 1, 1, 1), -30.0, requires_grad=True)
+    low = frs_head_loss(s3, t, m)
+    assert low.item() == pytest.approx(15.0, rel=1e-5)
+    low.backward()
+    p = 1.0 / (1.0 + math.exp(30.0))
+    assert s3.grad.item() == pytest.approx((p - 0.5) * p / 1e-12, rel=1e-3)
+    # the released value on a mixed level equals numpy's clamped-log BCE of fp32 sigmoids
+    z = torch.tensor([[[[-120.0, -30.0, 0.0, 12.5, 16.0, 16.7, 40.0]]]]).permute(0, 3, 1, 2)
+    q = torch.tensor([[[[0.3, -2.0, 1.0, 0.0, 4.0, -1.0, 2.0]]]]).permute(0, 3, 1, 2)
+    p32 = torch.sigmoid(z).numpy().astype(np.float64)  # what fp32 σ gives, then exact logs
+    q64 = _np_sigmoid(q.numpy().astype(np.float64))
+    with np.errstate(divide="ignore"):
+        want = -(
+            q64 * np.maximum(np.log(p32), -100.0) + (1 - q64) * np.maximum(np.log(1 - p32), -100.0)
+        )
+    got = frs_head_loss(z, q, torch.ones(1, 1, 1, 1))
+    assert got.item() == pytest.approx(float(want.sum()), rel=1e-5)
+    assert got.item() > frs_head_loss(z, q, torch.ones(1, 1, 1, 1), from_logits=True).item() + 50
+
+
+def test_frs_head_loss_gradients_finite_and_autocast():
+    z = torch.linspace(-200.0, 200.0, 401).view(1, 401, 1, 1).requires_grad_(True)
+    t = torch.linspace(-30.0, 30.0, 401).view(1, 401, 1, 1)
+    for from_logits in (False, True):
+        z.grad = None
+        loss = frs_head_loss(z, t, torch.ones(1, 1, 1, 1), from_logits=from_logits)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+        assert (z.grad.abs() <= 1.0 + 1e-6).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = frs_head_loss(z.detach().bfloat16(), t, torch.ones(1, 1, 1, 1))
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+
+
+def test_frs_method_bce_form_from_config():
+    student, teacher = make_pair("one_stage")
+    for flag in (False, True):
+        m = build("FRS", "one_stage", BCE_FROM_LOGITS=flag)
+        assert m.bce_from_logits is flag
+    assert get_cfg().KD.FRS.BCE_FROM_LOGITS is False
+    assert build("FRS", "one_stage").bce_from_logits is False
+    # saturate one student logit: only the released form jumps (to 100 (1 - p_t) for it)
+    m_off = build("FRS", "one_stage", WARMUP_ITERS=0)
+    m_on = build("FRS", "one_stage", WARMUP_ITERS=0, BCE_FROM_LOGITS=True)
+    m_on.load_state_dict(m_off.state_dict())
+    base_off = m_off(student, teacher)["loss_kd_frs_cls"].item()
+    base_on = m_on(student, teacher)["loss_kd_frs_cls"].item()
+    assert base_off == pytest.approx(base_on, rel=1e-5)  # randn logits: no saturation
+    with torch.no_grad():
+        student.dense.cls_logits[0][0, 0, 0] = 30.0
+    sat_off = m_off(student, teacher)["loss_kd_frs_cls"].item()
+    sat_on = m_on(student, teacher)["loss_kd_frs_cls"].item()
+    assert sat_off - base_off > 2.0 * (sat_on - base_on) > 0
+
+
 def test_frs_losses_random_vs_numpy():
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)

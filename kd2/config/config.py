@@ -177,8 +177,16 @@ def get_cfg() -> CfgNode:
 
 # KD keys that are temperatures (finite > 0); DeFeat's T_POS / T_NEG are its two temperatures.
 _TEMPERATURE_KEYS = frozenset({"TEMPERATURE", "TAU", "T_POS", "T_NEG"})
-# FRS: a negative weight is the documented sentinel "the paper's value for the detector".
-_NEGATIVE_SENTINEL_KEYS = frozenset({"KD.FRS.WEIGHT_FEAT", "KD.FRS.WEIGHT_CLS"})
+# A negative value is the documented sentinel "the paper's value for the detector".
+_NEGATIVE_SENTINEL_KEYS = frozenset(
+    {
+        "KD.FRS.WEIGHT_FEAT",
+        "KD.FRS.WEIGHT_CLS",
+        "KD.CWD.WEIGHT",
+        "KD.PKD.WEIGHT",
+        "KD.FGD.TEMPERATURE",
+    }
+)
 
 
 def _is_number(value: Any) -> bool:
@@ -210,7 +218,8 @@ def validate_values(cfg) -> None:
     ``SOLVER.CHECKPOINT_PERIOD`` / ``WARMUP_ITERS`` / ``MOMENTUM`` / ``WEIGHT_DECAY``,
     ``TEST.EVAL_PERIOD`` and ``KD.WARMUP_ITERS`` >= 0; every KD loss weight (a key under
     ``KD.<METHOD>`` whose name contains ``WEIGHT``, except the ``WEIGHTS`` paths) finite and
-    >= 0 — ``KD.FRS.WEIGHT_FEAT`` / ``WEIGHT_CLS`` may be negative (= the paper's value for the
+    >= 0 — the sentinel keys (``KD.FRS.WEIGHT_FEAT`` / ``WEIGHT_CLS``, ``KD.CWD.WEIGHT``,
+    ``KD.PKD.WEIGHT``, ``KD.FGD.TEMPERATURE``) may be negative (= the paper's value for the
     detector) but must be finite; every temperature (``TEMPERATURE``, ``TAU``, DeFeat's ``T_POS``
     / ``T_NEG``) finite and > 0. Keys the config does not have are skipped (Detectron2 configs).
     """
@@ -234,13 +243,12 @@ def validate_values(cfg) -> None:
             key = f"{prefix}.{name}"
             if isinstance(value, dict):
                 walk(value, key)
+            elif key in _NEGATIVE_SENTINEL_KEYS:
+                _check(cfg, key, "finite", " (< 0 = the paper's value for the detector)")
             elif name in _TEMPERATURE_KEYS:
                 _check(cfg, key, "> 0")
             elif "WEIGHT" in name and name != "WEIGHTS" and _is_number(value):
-                if key in _NEGATIVE_SENTINEL_KEYS:
-                    _check(cfg, key, "finite", " (< 0 = the paper's value for the detector)")
-                else:
-                    _check(cfg, key, ">= 0")
+                _check(cfg, key, ">= 0")
 
     for name, node in kd.items():
         if isinstance(node, dict):

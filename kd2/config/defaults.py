@@ -164,6 +164,11 @@ _C.KD.TEACHER = CN()
 # The teacher's own config file (a kd2 yaml) and its trained weights (a local path).
 _C.KD.TEACHER.CONFIG = ""
 _C.KD.TEACHER.WEIGHTS = ""
+# Teacher-initialised student (FGD's / MGD's "inheriting strategy"): copy the teacher's weights
+# into the student wherever names and shapes match, for these parts: "backbone", "neck" (the FPN),
+# "head" (the dense head, or the RPN + ROI heads of a two-stage detector), or any state-dict name
+# prefix. Every tensor copied or skipped is logged. Empty = no inheritance.
+_C.KD.INHERIT_TEACHER = []
 
 _C.KD.HINTON = CN()
 _C.KD.HINTON.WEIGHT = 1.0
@@ -175,8 +180,12 @@ _C.KD.FITNET = CN()
 _C.KD.FITNET.WEIGHT = 1.0
 _C.KD.FITNET.ADAPTER_KERNEL = 3
 
+# FGFI, FPN port of DeFeat (ggjy/DeFeat.pytorch): per-level masks by the 56-px rule, each level
+# normalised by max(1, 2*C*sum(M)), mean over levels. WEIGHT 3 = the port's hint_neck_w
+# (configs/kd_faster_rcnn/voc_stu_faster_rcnn_r50_FGFI.py); the paper's single-map 0.01 does not
+# carry over to that normaliser.
 _C.KD.FGFI = CN()
-_C.KD.FGFI.WEIGHT = 0.01
+_C.KD.FGFI.WEIGHT = 3.0
 _C.KD.FGFI.PSI = 0.5
 _C.KD.FGFI.ADAPTER_KERNEL = 3
 
@@ -196,6 +205,9 @@ _C.KD.FRS.WEIGHT_FEAT = -1.0
 _C.KD.FRS.WEIGHT_CLS = -1.0
 _C.KD.FRS.WARMUP_ITERS = 500
 _C.KD.FRS.ADAPTER_KERNEL = 3
+# Head BCE: False = the released F.binary_cross_entropy on fp32 sigmoids (logs clamped at -100,
+# no gradient at saturated student logits); True = the stable binary_cross_entropy_with_logits.
+_C.KD.FRS.BCE_FROM_LOGITS = False
 
 _C.KD.RM = CN()
 _C.KD.RM.WEIGHT = 4.0
@@ -226,7 +238,8 @@ _C.KD.GLOBALKD.NUM_PROTOTYPES = 10
 _C.KD.GLOBALKD.ALPHA = 10.0
 _C.KD.GLOBALKD.BANDWIDTH = 0.1
 _C.KD.GLOBALKD.QUANTILE = 0.4
-# PGM data: training GT boxes of at least MIN_BOX_SIZE x MIN_BOX_SIZE original pixels, at most
+# PGM data: training GT boxes strictly larger than MIN_BOX_SIZE x MIN_BOX_SIZE original pixels
+# (width and height > 30, the released _filter_predictions), at most
 # MAX_IMAGES_PER_CLASS images per class drawn once with SEED.
 _C.KD.GLOBALKD.MIN_BOX_SIZE = 30
 _C.KD.GLOBALKD.MAX_IMAGES_PER_CLASS = 800
@@ -235,6 +248,59 @@ _C.KD.GLOBALKD.SEED = 1
 _C.KD.GLOBALKD.REFRESH_PERIOD = 0
 # Images per forward pass while extracting PGM instance features.
 _C.KD.GLOBALKD.BATCH_SIZE = 8
+
+# Feature methods of wave 2. STRIDES: the FPN strides to distil; empty = the released configs'
+# levels for the detector (Faster R-CNN P2-P5, one-stage P3-P7, unless a method says otherwise).
+# A negative weight or temperature = the method's published value for the detector.
+
+# CWD (channel-wise distillation, ICCV 2021): per-channel spatial softmax at TAU, KL(t || s).
+# RECIPE "neck" = the FPN outputs (mmrazor 1.x: weight 10 per level, 5 levels); "logits" = the
+# dense head's classification logits (the 0.x GFL recipe behind the published 41.9: weight 5, one-
+# stage only); "auto" = neck for Faster R-CNN and RetinaNet, logits for FCOS.
+_C.KD.CWD = CN()
+_C.KD.CWD.RECIPE = "auto"
+_C.KD.CWD.WEIGHT = -1.0
+_C.KD.CWD.TAU = 1.0
+_C.KD.CWD.STRIDES = []
+
+# PKD (Pearson-correlation KD, NeurIPS 2022): MSE of per-channel standardised FPN maps / 2.
+# Defaults as the released configs really use them: Faster R-CNN P2-P5 weight 6; one-stage P3-P6
+# (P7 is not distilled) weight 10.
+_C.KD.PKD = CN()
+_C.KD.PKD.WEIGHT = -1.0
+_C.KD.PKD.STRIDES = []
+
+# MGD (masked generative distillation, ECCV 2022): a generator per level rebuilds the teacher's
+# map from the randomly masked student map. Defaults: one-stage ALPHA 2e-5, MASK_RATIO 0.65 (5
+# levels); Faster R-CNN ALPHA 5e-7, MASK_RATIO 0.45 (P2-P5). The released one-stage rows also
+# inherit the teacher's neck and head (KD.INHERIT_TEACHER ["neck", "head"]).
+_C.KD.MGD = CN()
+_C.KD.MGD.ALPHA = -1.0
+_C.KD.MGD.MASK_RATIO = -1.0
+_C.KD.MGD.STRIDES = []
+
+# FGD (focal and global distillation, CVPR 2022): foreground / background feature imitation
+# weighted by the teacher's attention, attention imitation and a GcBlock relation loss.
+# Defaults per detector (ALPHA, BETA, GAMMA, LAMBDA, TEMPERATURE): RetinaNet 1e-3, 5e-4, 5e-4,
+# 5e-6, 0.5; Faster R-CNN (P2-P5) 5e-5, 2.5e-5, 5e-5, 5e-7, 0.5; FCOS 1.6e-3, 8e-4, 8e-4, 8e-6,
+# 0.8. The released same-family rows inherit the teacher's neck and head.
+_C.KD.FGD = CN()
+_C.KD.FGD.ALPHA = -1.0
+_C.KD.FGD.BETA = -1.0
+_C.KD.FGD.GAMMA = -1.0
+_C.KD.FGD.LAMBDA = -1.0
+_C.KD.FGD.TEMPERATURE = -1.0
+_C.KD.FGD.STRIDES = []
+
+# FBKD (attention-guided and non-local distillation, ICLR 2021; "FKD"), the official code's form
+# as ported by mmrazor: Faster R-CNN P2-P5 (the published protocol), one-stage P3-P7.
+_C.KD.FBKD = CN()
+_C.KD.FBKD.MASK_WEIGHT = 7e-5
+_C.KD.FBKD.CHANNEL_WEIGHT = 4e-3
+_C.KD.FBKD.SPATIAL_WEIGHT = 4e-3
+_C.KD.FBKD.NONLOCAL_WEIGHT = 7e-5
+_C.KD.FBKD.TEMPERATURE = 0.5
+_C.KD.FBKD.STRIDES = []
 
 # Classifier-to-detector distillation (NeurIPS 2021): an image classifier trained on GT crops
 # (tools/train_crop_classifier.py) teaches the classification (KD-cls) and box regression

@@ -28,7 +28,7 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from kd2.modeling.distiller import DistillerMixin, needs_detector_teacher
-from kd2.modeling.prototypes import pool_instance_boxes
+from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
 from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
 
 from .teacher import build_teacher
@@ -159,7 +159,8 @@ class _Distill(DistillerMixin):
         ``ResizeShortestEdge(*pgm_test_size)`` does (bilinear on the float image), turned into the
         network's input format (0-255, BGR or RGB), normalised and padded by its own
         ``preprocess_image``; each box (original pixels) is scaled along and pooled on every
-        FPN level with :func:`kd2.ops.box_mean_pool`. Returns ``{stride: (sum G_i, C)}``.
+        FPN level with :func:`kd2.modeling.prototypes.pool_instance_boxes` (feature size / the
+        image's own padded size, as the released PGM). Returns ``{stride: (sum G_i, C)}``.
         """
         net = self._teacher if teacher else self
         short, max_size = self.pgm_test_size
@@ -184,7 +185,15 @@ class _Distill(DistillerMixin):
         finally:
             net.train(was_training)
         device = image_list.tensor.device
-        return pool_instance_boxes(feats, [b.to(device) for b in scaled])
+        div = int(getattr(net.backbone, "size_divisibility", 0))
+        square = int(
+            (getattr(net.backbone, "padding_constraints", None) or {}).get("square_size", 0)
+        )
+        padded = [
+            (square, square) if square > 0 else own_padded_size(hw, div)
+            for hw in image_list.image_sizes
+        ]
+        return pool_instance_boxes(feats, [b.to(device) for b in scaled], padded)
 
     def forward(self, batched_inputs):
         if not self.training:

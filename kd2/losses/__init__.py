@@ -7,17 +7,59 @@ torchvision. Importing this package registers every method in :data:`KD_METHOD_R
 
 from .base import KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod
 from .classifier_kd import ClassifierKD, classifier_kd_cls_loss, classifier_kd_loc_loss, crop_boxes
+from .cwd import CWD, channel_wise_distillation_loss
 from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
+from .fbkd import (
+    FBKD,
+    NonLocalBlock,
+    fbkd_attention_transfer_loss,
+    fbkd_masked_feature_loss,
+    fbkd_nonlocal_loss,
+    fbkd_spatial_mask,
+)
+from .fgd import (
+    FGD,
+    GlobalContextBlock,
+    channel_attention,
+    fgd_attention_loss,
+    fgd_feature_loss,
+    fgd_global_loss,
+    fgd_masks,
+    spatial_attention,
+)
 from .fgfi import FGFI, fgfi_imitation_mask, fgfi_loss
 from .fitnet import FitNet, fitnet_loss
 from .frs import FRS, feature_richness, frs_feature_loss, frs_head_loss
 from .global_knowledge import GlobalKD, robustness
 from .hinton import Hinton, binary_kl_div_with_logits, hinton_dense_loss, hinton_roi_loss
+from .mgd import MGD, masked_generation_loss, random_pixel_mask
 from .pfi import PFI, pfi_loss
+from .pkd import PKD, pearson_distillation_loss
 from .rank_mimicking import RM, rank_mimicking_loss
 from .utils import assign_fpn_levels, box_iou, masked_squared_error, softmax_kl_div
 
 __all__ = [
+    "FBKD",
+    "FGD",
+    "GlobalContextBlock",
+    "NonLocalBlock",
+    "channel_attention",
+    "fbkd_attention_transfer_loss",
+    "fbkd_masked_feature_loss",
+    "fbkd_nonlocal_loss",
+    "fbkd_spatial_mask",
+    "fgd_attention_loss",
+    "fgd_feature_loss",
+    "fgd_global_loss",
+    "fgd_masks",
+    "spatial_attention",
+    "CWD",
+    "MGD",
+    "PKD",
+    "channel_wise_distillation_loss",
+    "masked_generation_loss",
+    "pearson_distillation_loss",
+    "random_pixel_mask",
     "ClassifierKD",
     "classifier_kd_cls_loss",
     "classifier_kd_loc_loss",

@@ -81,6 +81,13 @@ class KDMethod(nn.Module):
         """
         raise NotImplementedError
 
+    def bind_detector(self, family: str) -> None:
+        """Called by the distiller right after :meth:`from_config`, before the teacher parts of
+        all methods are collected: ``family`` is the student's detector, ``"faster_rcnn"``,
+        ``"retinanet"``, ``"fcos"`` or ``"ssd"``. Methods whose published defaults differ per
+        detector (levels, weights, which tensors they read) resolve them here (default:
+        nothing)."""
+
     def before_step(self, iteration: int) -> None:
         """Called by both trainers before every training step (default: nothing).
 

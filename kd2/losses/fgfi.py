@@ -1,17 +1,30 @@
-"""FGFI: fine-grained feature imitation near objects (Wang et al., CVPR 2019).
+"""FGFI: fine-grained feature imitation near objects (Wang et al., CVPR 2019), FPN port.
 
-**Imitation mask.** For each image, the IoU between *all* anchors of the record's anchor head
-(the one-stage head, or the RPN of a two-stage detector; every level together) and each GT box is
-computed. GT ``g`` marks the anchors whose IoU is strictly greater than ``ψ · max_anchors IoU_g``;
-a location is positive if any of its ``A`` anchors is marked, and the mask is the union over the
-GTs. The per-GT maximum is taken over the anchors of **all** levels, as in the FPN port
-(DeFeat's ``get_roi_mask``), so a GT mostly lights up the levels whose anchors fit it. A GT that
-overlaps no anchor at all (max IoU 0) marks nothing, because the comparison is strict. IoU uses
-areas ``(x2 − x1)(y2 − y1)`` (no ``+1``, Detectron2/mmdet-v2 convention).
+The paper's code works on one backbone map; on an FPN kd2 follows the port that
+``docs/algorithms.md`` §5.3 names, DeFeat's (``ggjy/DeFeat.pytorch``):
 
-**Loss.** ``Σ_levels Σ_{n,h,w} M · Σ_c (φ(F_s) − F_t)² / (2 · N_p)`` where ``N_p`` is the number
-of positive locations over the batch and the levels used (the shared strides). When ``N_p = 0``
-(no GT in the batch), the normaliser is floored at 1, so the loss is ``0`` with a graph.
+**Imitation mask** (``mmdet/models/dense_heads/anchor_head.py``, ``get_roi_mask``, l. 175-206,
+and ``_map_roi_levels``, l. 168-173). Each GT is assigned to **one** level of the record's anchor
+head (the one-stage head, or the RPN of a two-stage detector) by the 56-px rule
+``clamp(⌊log2(sqrt((w + 1)(h + 1)) / 56 + 1e-6)⌋, 0, L − 1)`` over the head's ``L`` levels
+(:func:`~kd2.losses.utils.assign_fpn_levels`). On that level only, GT ``g`` marks the anchors whose
+IoU with it is strictly greater than ``ψ · max IoU_g``, the maximum taken over **that level's**
+anchors; a location is positive if any of its ``A`` anchors is marked, and each level's mask is
+the union over the GTs assigned to it. A GT that overlaps none of its level's anchors (max IoU 0)
+marks nothing, the comparison being strict. IoU uses areas ``(x2 − x1)(y2 − y1)`` (no ``+1``,
+mmdet v2's ``bbox_overlaps``); ``ψ = 0.5`` (``roi_phi``'s default, ``two_stage_kd.py`` l. 193).
+
+**Loss** (``mmdet/apis/train.py``, ``batch_processor_kd``, l. 306-338, the ``pixel-wise`` branch)::
+
+    L = (1 / L_d) Σ_l  Σ_{n,c,h,w} M_l · (φ_l(F^s_l) − F^t_l)²  /  max(1, 2 · C · Σ_{n,h,w} M_l)
+
+over the ``L_d`` distilled levels (the anchor-head strides shared by both FPNs): each level is
+normalised by its own masked element count (the mask broadcast over the ``C`` teacher channels),
+a level without positives contributes 0 and still counts in the mean. ``loss_kd_fgfi = WEIGHT · L``
+with ``WEIGHT = 3``: the port's FGFI configuration, ``configs/kd_faster_rcnn/
+voc_stu_faster_rcnn_r50_FGFI.py`` (``hint_adapt.type = 'neck-adapt,mask-neck-roi,pixel-wise'``,
+``hint_neck_w=3``). The single-level paper's ``λ = 0.01`` belongs to its ``1 / (2 N_p)``
+normaliser (no ``C``, no level mean) and does not carry over.
 """
 
 from __future__ import annotations
@@ -25,7 +38,14 @@ from kd2.modeling.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, box_iou, cfg_get, masked_squared_error, shared_strides
+from .utils import (
+    adapt_features,
+    assign_fpn_levels,
+    box_iou,
+    cfg_get,
+    masked_squared_error,
+    shared_strides,
+)
 
 __all__ = ["FGFI", "fgfi_imitation_mask", "fgfi_loss"]
 
@@ -38,15 +58,17 @@ def fgfi_imitation_mask(
     gt_boxes: Sequence[Tensor],
     psi: float = 0.5,
 ) -> list[Tensor]:
-    """FGFI near-object imitation masks, one per level.
+    """FGFI near-object imitation masks, one per level (DeFeat's ``get_roi_mask``).
 
     Args:
         anchors_per_level: per level ``(H_l * W_l * A, 4)`` XYXY anchors, location-major (y, x)
-            with the anchor index fastest.
+            with the anchor index fastest; **all** the anchor head's levels, finest first (the
+            56-px rule counts levels from the first).
         grid_sizes: per level ``(H_l, W_l)``.
         num_anchors_per_loc: ``A``.
         gt_boxes: per image ``(G_i, 4)`` XYXY (``G_i`` may be 0).
-        psi: ``ψ``, the fraction of each GT's best anchor IoU an anchor must exceed.
+        psi: ``ψ``, the fraction of each GT's best IoU (over its own level's anchors) an anchor
+            of that level must exceed.
 
     Returns:
         per level a ``(N, H_l, W_l)`` bool mask, ``N = len(gt_boxes)``.
@@ -59,18 +81,21 @@ def fgfi_imitation_mask(
             raise ValueError(f"level with grid {(h, w)} and A={a} has {anc.shape[0]} anchors")
     device = anchors_per_level[0].device
     n = len(gt_boxes)
+    num_levels = len(anchors_per_level)
     masks = [torch.zeros((n, h, w), dtype=torch.bool, device=device) for h, w in grid_sizes]
-    all_anchors = torch.cat(list(anchors_per_level), dim=0)  # (R, 4)
-    sizes = [anc.shape[0] for anc in anchors_per_level]
     for i, gt in enumerate(gt_boxes):
         if gt.numel() == 0:
             continue
-        iou = box_iou(all_anchors, gt.to(device))  # (R, G)
-        thresh = psi * iou.max(dim=0).values  # (G,)
-        marked = (iou > thresh[None, :]).any(dim=1)  # (R,) union over GTs
-        for lvl, piece in enumerate(torch.split(marked, sizes)):
-            h, w = grid_sizes[lvl]
-            masks[lvl][i] = piece.view(h, w, a).any(dim=-1)
+        gt = gt.to(device)
+        level_of = assign_fpn_levels(gt, num_levels)  # the 56-px rule, +1 in the scale
+        for lvl, (anc, (h, w)) in enumerate(zip(anchors_per_level, grid_sizes)):
+            g = gt[level_of == lvl]
+            if g.shape[0] == 0:
+                continue
+            iou = box_iou(anc, g)  # (R_l, G_l)
+            thresh = psi * iou.max(dim=0).values  # (G_l,) best IoU over this level only
+            marked = (iou > thresh[None, :]).any(dim=1)  # (R_l,) union over the level's GTs
+            masks[lvl][i] = marked.view(h, w, a).any(dim=-1)
     return masks
 
 
@@ -79,36 +104,38 @@ def fgfi_loss(
     teacher_features: Sequence[Tensor],
     masks: Sequence[Tensor],
 ) -> Tensor:
-    """FGFI imitation loss over several levels with one joint normaliser.
+    """FGFI imitation loss: per-level normalised, averaged over the levels.
 
     Args:
         student_features: per level ``(N, C, H_l, W_l)`` adapted student maps.
         teacher_features: per level ``(N, C, H_l, W_l)`` teacher maps (detached).
-        masks: per level ``(N, H_l, W_l)`` bool imitation masks.
+        masks: per level ``(N, H_l, W_l)`` bool (or 0/1) imitation masks.
 
     Returns:
-        fp32 scalar ``Σ_l Σ M · Σ_c (s − t)² / (2 · max(1, N_p))``, ``N_p = Σ_l Σ M``.
+        fp32 scalar ``(1/L) Σ_l Σ M_l · Σ_c (s − t)² / max(1, 2 · C · Σ M_l)``; ``0`` with a graph
+        when no mask has a positive.
     """
     if not (len(student_features) == len(teacher_features) == len(masks)) or not masks:
         raise ValueError("fgfi_loss needs the same non-zero number of maps and masks")
-    total = None
-    num_pos = None
+    terms = []
     for s, t, m in zip(student_features, teacher_features, masks):
-        term = masked_squared_error(s, t, m)
-        cnt = m.float().sum()
-        total = term if total is None else total + term
-        num_pos = cnt if num_pos is None else num_pos + cnt
-    return total / (2.0 * num_pos.clamp(min=1.0))
+        c = t.shape[1]
+        norm = (2.0 * c * m.float().sum()).clamp(min=1.0)
+        terms.append(masked_squared_error(s, t, m) / norm)
+    return torch.stack(terms).mean()
 
 
 @KD_METHOD_REGISTRY.register()
 class FGFI(KDMethod):
-    """Fine-grained feature imitation on the FPN strides shared with the anchor head.
+    """Fine-grained feature imitation on the FPN strides shared with the anchor head, as
+    DeFeat's FPN port does it (see the module docstring).
 
-    Config (``cfg.KD.FGFI``): ``WEIGHT`` (0.01), ``PSI`` (0.5), ``ADAPTER_KERNEL`` (3).
+    Config (``cfg.KD.FGFI``): ``WEIGHT`` (3, the port's ``hint_neck_w``), ``PSI`` (0.5),
+    ``ADAPTER_KERNEL`` (3).
 
     Loss: ``loss_kd_fgfi``. The mask comes from the student record's anchor head
-    (``record.anchor_head``: dense head for one-stage, RPN for two-stage) and GT boxes.
+    (``record.anchor_head``: dense head for one-stage, RPN for two-stage; every level of it takes
+    part in the 56-px assignment) and GT boxes.
     """
 
     teacher_parts = frozenset({"features"})
@@ -118,7 +145,7 @@ class FGFI(KDMethod):
         student_channels: Mapping[int, int],
         teacher_channels: Mapping[int, int],
         *,
-        weight: float = 0.01,
+        weight: float = 3.0,
         psi: float = 0.5,
         adapter_kernel: int = 3,
     ):
@@ -142,7 +169,7 @@ class FGFI(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            weight=cfg_get(node, "WEIGHT", 0.01),
+            weight=cfg_get(node, "WEIGHT", 3.0),
             psi=cfg_get(node, "PSI", 0.5),
             adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 3),
         )

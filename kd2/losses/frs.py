@@ -21,9 +21,22 @@ Notes following the released code rather than a literal reading of the paper
 * the per-level terms are **summed** over levels, not averaged;
 * the squared error is **summed over channels** per location; the normaliser counts locations
   only (``Σ_{n,h,w} S``), so the mask weighs every channel of a location alike;
-* the head BCE uses soft targets ``p_t = σ(z_t)`` over all channels. The code applies
-  ``binary_cross_entropy`` to sigmoid outputs; here it is computed from the student's logits
-  (``binary_cross_entropy_with_logits``), which is the same value and numerically stable;
+* the head BCE uses soft targets ``p_t = σ(z_t)`` over all channels and is, by default, the
+  released code's own value: ``F.binary_cross_entropy(σ(z_s), σ(z_t))`` on fp32 probabilities
+  (duzhixing/FRS ``detectors/distill_frs_single.py`` l. 61-70, ``distill_frs_two.py`` l. 91-100;
+  kd2 runs it with autocast off). That is **not** the logit form ``BCE_with_logits(z_s, p_t)``
+  wherever the student's logit saturates: fp32 ``σ(z)`` rounds to exactly 1 for ``z ≳ 16.64``,
+  torch clamps the resulting ``log(1 − p) = −∞`` at −100, so such a logit costs
+  ``100 · (1 − p_t)`` instead of ``≈ z · (1 − p_t)`` (``z = 20``, ``p_t = 0.5``: 50 instead of
+  10) and gets **no gradient** (``σ'(z) = 0`` in fp32), where the logit form pulls it with
+  ``1 − p_t``; below ``z ≈ −27.6`` torch's ``ε = 1e-12`` in the BCE backward makes the gradient
+  fade to 0 as well (logit form: ``−p_t``), and below ``z ≈ −88`` (``σ`` underflows to 0) the
+  value is clamped to ``100 · p_t``. Between ``z ≈ 12.2`` and 16.64 the rounding of
+  ``1 − σ(z)`` already moves the value by 0.1 % to 4.1 %. Over 10⁶ logits ``z_s ~ N(−4, 3²)``
+  with targets ``σ(N(−4, 3²))``, the mean BCE of the two forms agrees to fp32 precision when no
+  logit saturates, and the released one is +9 % higher when 0.1 % of the logits lie in
+  ``[17, 25]``, +50 % at 0.6 %, +215 % at 5 %, ×4.8 when all do. ``KD.FRS.BCE_FROM_LOGITS``
+  switches to the stable logit form (the value of the released code only where ``z_s ≲ 12``);
 * the warm-up ``min(1, iter / 500)`` is FRS's own (the ``Increase_Hook``); it multiplies both
   terms and stacks with the global ``KD.WARMUP_ITERS`` (0 by default).
 
@@ -44,7 +57,13 @@ from kd2.modeling.adapters import FeatureAdapter
 from kd2.structures import DenseOutputs, StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, require_sigmoid_dense, shared_strides
+from .utils import (
+    adapt_features,
+    cfg_get,
+    detector_family,
+    require_sigmoid_dense,
+    shared_strides,
+)
 
 __all__ = ["FRS", "FRS_DEFAULT_WEIGHTS", "feature_richness", "frs_feature_loss", "frs_head_loss"]
 
@@ -114,18 +133,26 @@ def frs_feature_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor) -
     return _normalise((diff * m).sum(), m)
 
 
-def frs_head_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+def frs_head_loss(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, from_logits: bool = False
+) -> Tensor:
     """Richness-weighted soft-target BCE between the sigmoid heads of one level.
 
     Args:
         student_logits: ``(N, C, H, W)`` raw student logits.
         teacher_logits: ``(N, C, H, W)`` raw teacher logits (treated as a constant).
         mask: ``(N, 1, H, W)`` non-negative weights (treated as a constant).
+        from_logits: ``False`` (default): the released code's
+            ``F.binary_cross_entropy(σ(z_s), σ(z_t))`` on fp32 probabilities, logs clamped at
+            −100 by torch (``duzhixing/FRS`` ``detectors/distill_frs_single.py`` l. 67); ``True``:
+            the stable ``binary_cross_entropy_with_logits(z_s, σ(z_t))``. The two differ where
+            ``z_s`` saturates (see the module docstring).
 
     Returns:
         0-dim fp32 ``Σ_{n,j,h,w} mask · BCE(σ(z_s), σ(z_t)) / Σ_{n,h,w} mask`` with
-        ``BCE(p, q) = −[q log p + (1 − q) log(1 − p)]``, computed from the student's logits;
-        ``0`` when the mask sums to 0; gradients reach ``student_logits`` only.
+        ``BCE(p, q) = −[q max(log p, −100) + (1 − q) max(log(1 − p), −100)]``; ``0`` when the
+        mask sums to 0; gradients reach ``student_logits`` only (finite everywhere: ``|∂/∂z_s|
+        ≤ |σ(z_s) − q|``, 0 where ``σ(z_s)`` saturates in fp32).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -134,7 +161,13 @@ def frs_head_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) 
         )
     m = _check_mask(student_logits, mask, "frs_head_loss")
     target = torch.sigmoid(teacher_logits.detach().float())
-    bce = F.binary_cross_entropy_with_logits(student_logits.float(), target, reduction="none")
+    z = student_logits.float()
+    if from_logits:
+        bce = F.binary_cross_entropy_with_logits(z, target, reduction="none")
+    else:
+        # the released value; autocast refuses binary_cross_entropy (and would not keep fp32)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            bce = F.binary_cross_entropy(torch.sigmoid(z), target, reduction="none")
     return _normalise((bce * m).sum(), m)
 
 
@@ -149,7 +182,8 @@ class FRS(KDMethod):
 
     Config (``cfg.KD.FRS``): ``WEIGHT_FEAT`` (α), ``WEIGHT_CLS`` (β), both ``-1`` = the paper's
     value for the detector (see :data:`FRS_DEFAULT_WEIGHTS`), ``WARMUP_ITERS`` (500, ``0`` = no
-    warm-up), ``ADAPTER_KERNEL`` (3).
+    warm-up), ``ADAPTER_KERNEL`` (3), ``BCE_FROM_LOGITS`` (False: the released probability BCE;
+    True: the logit form, see :func:`frs_head_loss`).
 
     Losses: ``loss_kd_frs_feat`` (α · L_FPN) and ``loss_kd_frs_cls`` (β · L_head), both times
     ``min(1, iter / WARMUP_ITERS)`` with ``iter`` from :meth:`before_step`. The mask and the head
@@ -167,10 +201,12 @@ class FRS(KDMethod):
         weight_cls: float = -1.0,
         warmup_iters: int = 500,
         adapter_kernel: int = 3,
+        bce_from_logits: bool = False,
     ):
         super().__init__()
         if arch not in ("one_stage", "two_stage"):
             raise ValueError(f"FRS arch must be 'one_stage' or 'two_stage', got {arch!r}")
+        self.bce_from_logits = bool(bce_from_logits)
         if warmup_iters < 0:
             raise ValueError(f"FRS WARMUP_ITERS must be >= 0, got {warmup_iters}")
         self.arch = arch
@@ -200,6 +236,7 @@ class FRS(KDMethod):
             weight_cls=cfg_get(node, "WEIGHT_CLS", -1.0),
             warmup_iters=cfg_get(node, "WARMUP_ITERS", 500),
             adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 3),
+            bce_from_logits=cfg_get(node, "BCE_FROM_LOGITS", False),
         )
 
     def before_step(self, iteration: int) -> None:
@@ -214,12 +251,9 @@ class FRS(KDMethod):
 
     def detector_family(self, student: StepRecord) -> str:
         """``"faster_rcnn"``, ``"fcos"`` (dense head with centerness) or ``"retinanet"``."""
-        if self.arch == "two_stage":
-            return "faster_rcnn"
-        require_sigmoid_dense("FRS", student.dense)
-        if student.dense is not None and student.dense.centerness is not None:
-            return "fcos"
-        return "retinanet"
+        if self.arch == "one_stage":
+            require_sigmoid_dense("FRS", student.dense)
+        return detector_family(self.arch, student)
 
     def resolved_weights(self, student: StepRecord) -> tuple[float, float]:
         """``(α, β)``: the configured values, negative ones replaced by the paper's."""
@@ -267,7 +301,7 @@ class FRS(KDMethod):
             )
         loss_cls = None
         for st in head_strides:
-            term = frs_head_loss(s_logits[st], t_logits[st], masks[st])
+            term = frs_head_loss(s_logits[st], t_logits[st], masks[st], self.bce_from_logits)
             loss_cls = term if loss_cls is None else loss_cls + term
 
         alpha, beta = self.resolved_weights(student)

@@ -21,7 +21,19 @@ instances in the distillation (``docs/algorithms.md`` §1.7):
 * **Soft labels** (η-weighted, not attenuated): ``mean_i η_i · T² · (1/C) Σ_c KL_c`` with
   ``T = 2`` and the KL averaged over the ``C`` classes (mmdet's KD loss); two-stage: the ROI
   heads of both detectors on the student's positive sampled ROIs (``C = K + 1``), η from the
-  ROI features; one-stage: the ``K`` sigmoid logits of the positive anchors through a softmax.
+  ROI features; one-stage: the ``K`` sigmoid logits of the positive anchors through a softmax,
+  η of each positive anchor at the level the **56-px rule gives for the anchor box** — not the
+  anchor's own level — i.e. exactly the η that anchor paints into the feature mask. This follows
+  DAVAR-Lab-ML ``ECCV22_Distilling_Object_Detectors_with_Global_Knowledge/ObjectPerceptron/
+  mmdetection/third_party/kd/mmdet/strategy/kd_one_stage_strategy.py``, ``soft_weight``
+  (l. 430-471): ``roi_box`` are the positive anchors (``sampling_result.pos_bboxes``, un-decoded
+  anchor boxes, which ``proposal_replace_gt`` puts in place of the GTs), ``level =
+  _map_roi_levels(roi_box, level_num)`` (l. 141-146: ``sqrt((w+1)(h+1))``, 56 px, over all the
+  FPN levels), and η compares the box-mean-pooled **raw** student and teacher neck maps of that
+  level (crop ``⌊|y1|/s⌋ .. ⌊|y2|/s⌋`` inclusive) with that level's prototypes of the anchor's
+  GT class. (The released code pairs the weights, listed image by image, with logits listed
+  level by level, which only lines up for one image per GPU; kd2 pairs each anchor's logits with
+  its own η.)
 * **Global knowledge** (the paper's explicit loss, off by default — the released config never
   adds it): per level, SmoothL1 (β = 1, mean) between ``η·cos(f^s, P^s_{l,all})`` and
   ``η·cos(f^t, P^t_{l,all})``, cosines to the prototypes of **all** classes, summed over
@@ -325,8 +337,9 @@ class GlobalKD(KDMethod):
     ``TEMPERATURE`` (2), ``ATTENUATION`` (True), ``GLOBAL_LOSS`` (False — the released code's
     default; True adds the paper's explicit loss), ``GLOBAL_WEIGHT`` (5), ``ADAPTER_KERNEL`` (3),
     and the PGM settings read by :class:`kd2.modeling.prototypes.PrototypeRefresher`
-    (``NUM_PROTOTYPES`` 10, ``ALPHA`` 10, ``BANDWIDTH`` 0.1, ``QUANTILE`` 0.4, ``MIN_BOX_SIZE`` 30,
-    ``MAX_IMAGES_PER_CLASS`` 800, ``SEED`` 1, ``REFRESH_PERIOD`` 0 = one epoch).
+    (``NUM_PROTOTYPES`` 10, ``ALPHA`` 10, ``BANDWIDTH`` 0.1, ``QUANTILE`` 0.4, ``MIN_BOX_SIZE``
+    30 — boxes strictly larger, ``MAX_IMAGES_PER_CLASS`` 800, ``SEED`` 1, ``REFRESH_PERIOD`` 0 =
+    one epoch).
 
     Losses: ``loss_kd_gk_fg``, ``loss_kd_gk_bg``, ``loss_kd_gk_soft`` (when ``SOFT_WEIGHT > 0``)
     and ``loss_kd_gk_global`` (with ``GLOBAL_LOSS``).
@@ -455,8 +468,9 @@ class GlobalKD(KDMethod):
         )
 
     # -- instances ----------------------------------------------------------------------------
-    def _instances(self, student: StepRecord) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(boxes (M, 4), batch_index (M,), labels (M,), dense_level (M,) or None)``."""
+    def _instances(self, student: StepRecord) -> tuple[Tensor, Tensor, Tensor]:
+        """``(boxes (M, 4), batch_index (M,), labels (M,))``; one-stage: the positive anchors'
+        boxes (un-decoded), row-major over ``(image, anchor)``."""
         k = self.num_classes
         if self.arch == "two_stage":
             roi = student.roi
@@ -468,22 +482,19 @@ class GlobalKD(KDMethod):
                 boxes.append(p[pos].detach())
                 labels.append(lab[pos])
                 index.append(torch.full((int(pos.sum()),), i, dtype=torch.long, device=p.device))
-            return torch.cat(boxes), torch.cat(index), torch.cat(labels), None
+            return torch.cat(boxes), torch.cat(index), torch.cat(labels)
         dense = student.dense
         if dense is None or dense.labels is None:
             raise ValueError("GlobalKD (one-stage) needs the student's dense-head assignment")
         anchors = torch.cat(dense.anchors)  # (R, 4)
-        level_of = torch.cat(
-            [torch.full((a.shape[0],), i, dtype=torch.long) for i, a in enumerate(dense.anchors)]
-        ).to(anchors.device)
         pos = (dense.labels >= 0) & (dense.labels < k)  # (N, R)
         img, anchor = pos.nonzero(as_tuple=True)
-        return anchors[anchor], img, dense.labels[img, anchor], level_of[anchor]
+        return anchors[anchor], img, dense.labels[img, anchor]
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:
         strides = shared_strides(self.adapter, student.features, teacher.features)
-        boxes, index, labels, dense_level = self._instances(student)
+        boxes, index, labels = self._instances(student)
         n = student.images.shape[0]
         grid = [tuple(student.features[s].shape[-2:]) for s in strides]
         levels = assign_fpn_levels(boxes, len(strides)) if boxes.numel() else index.clone()
@@ -514,7 +525,10 @@ class GlobalKD(KDMethod):
             "loss_kd_gk_bg": reduce(bg_terms) * (a * self.bg_weight),
         }
         if self.soft_weight > 0:
-            losses["loss_kd_gk_soft"] = self._soft_loss(student, teacher, dense_level) * (
+            # one-stage: the instances are the positive anchors, and their soft labels take the η
+            # computed above at the anchor box's 56-px level (``soft_weight`` of the released
+            # one-stage strategy), so the mask and the soft labels weigh an anchor alike.
+            losses["loss_kd_gk_soft"] = self._soft_loss(student, teacher, eta_own) * (
                 self.soft_weight
             )
         if self.global_loss:
@@ -522,7 +536,9 @@ class GlobalKD(KDMethod):
             losses["loss_kd_gk_global"] = total * (a * self.global_weight)
         return losses
 
-    def _soft_loss(self, student: StepRecord, teacher: StepRecord, dense_level) -> Tensor:
+    def _soft_loss(self, student: StepRecord, teacher: StepRecord, anchor_eta: Tensor) -> Tensor:
+        """The η-weighted soft-label KL. ``anchor_eta`` (one-stage only): the η of every
+        positive anchor at its box's 56-px level, as painted into the feature mask."""
         k = self.num_classes
         if self.arch == "two_stage":
             s_roi, t_roi = student.roi, teacher.roi
@@ -550,19 +566,15 @@ class GlobalKD(KDMethod):
         require_sigmoid_dense("GlobalKD", s_dense)
         if t_dense is None:
             raise ValueError("GlobalKD soft labels need the teacher's dense head outputs")
+        # the positive anchors in the order of :meth:`_instances` (row-major over (image, anchor))
         pos = (s_dense.labels >= 0) & (s_dense.labels < k)
         s_logits = torch.cat(s_dense.cls_logits, dim=1)[pos]
         t_logits = torch.cat(t_dense.cls_logits, dim=1)[pos]
         if s_logits.shape[0] == 0:
             return zero_like_loss(s_logits)
-        img, anchor = pos.nonzero(as_tuple=True)
-        boxes = torch.cat(s_dense.anchors)[anchor]
-        labels = s_dense.labels[img, anchor]
-        eta = torch.ones(boxes.shape[0], device=boxes.device)
-        for i, s in enumerate(s_dense.strides):
-            on = dense_level == i
-            if s in self.strides and bool(on.any()):
-                f_s = box_mean_pool(student.features[s].detach(), boxes[on], img[on], s)
-                f_t = box_mean_pool(teacher.features[s], boxes[on], img[on], s)
-                eta[on] = self._eta(s, f_s, f_t, labels[on])
-        return robust_soft_label_loss(s_logits, t_logits, eta, self.temperature)
+        if anchor_eta.shape[0] != s_logits.shape[0]:
+            raise ValueError(
+                f"GlobalKD: {anchor_eta.shape[0]} instance weights for {s_logits.shape[0]} "
+                "positive anchors"
+            )
+        return robust_soft_label_loss(s_logits, t_logits, anchor_eta, self.temperature)

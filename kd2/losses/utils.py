@@ -20,6 +20,9 @@ __all__ = [
     "box_iou",
     "cfg_get",
     "decode_boxes",
+    "detector_family",
+    "distill_strides",
+    "level_adapter",
     "masked_squared_error",
     "object_ids",
     "require_sigmoid_dense",
@@ -186,6 +189,72 @@ def shared_strides(
             f"{sorted(student_features)} and teacher {sorted(teacher_features)} features"
         )
     return strides
+
+
+def detector_family(arch: str, record) -> str:
+    """``"faster_rcnn"`` (two-stage), ``"fcos"`` (a dense head with centerness), ``"ssd"`` (a
+    softmax dense head) or ``"retinanet"`` (any other sigmoid dense head): the key of the
+    per-detector defaults the papers' configs give.
+
+    Args:
+        arch: ``"two_stage"`` or ``"one_stage"``.
+        record: the student's :class:`~kd2.structures.StepRecord` of the step.
+    """
+    if arch == "two_stage":
+        return "faster_rcnn"
+    dense = getattr(record, "dense", None)
+    if dense is not None and getattr(dense, "softmax", False):
+        return "ssd"
+    if dense is not None and dense.centerness is not None:
+        return "fcos"
+    return "retinanet"
+
+
+def distill_strides(
+    available: Sequence[int], configured: Sequence[int], default_count: int
+) -> list[int]:
+    """The FPN strides a feature method distils, finest first.
+
+    Args:
+        available: strides present in both detectors (and the method's adapters).
+        configured: the method's ``STRIDES`` option; empty = the ``default_count`` finest
+            available strides (the released configs count levels from the finest: Faster R-CNN
+            P2–P5 is 4, RetinaNet / FCOS P3–P7 is 5).
+        default_count: levels used when ``configured`` is empty.
+
+    Raises:
+        ValueError: a configured stride is not available.
+    """
+    strides = sorted(available)
+    if not configured:
+        return strides[:default_count]
+    missing = sorted(set(int(s) for s in configured) - set(strides))
+    if missing:
+        raise ValueError(
+            f"STRIDES {list(configured)} include {missing}, which student and teacher do not "
+            f"both have; available strides: {strides}"
+        )
+    return sorted(int(s) for s in configured)
+
+
+def level_adapter(
+    student_channels: dict[int, int],
+    teacher_channels: dict[int, int],
+    configured: Sequence[int],
+    default_count: int,
+) -> FeatureAdapter:
+    """The 1×1 align convs of the levels a feature method distils (:func:`distill_strides` of
+    the shared strides), identity where the channels are equal — the "align conv only if the
+    channels differ" rule of the CWD, PKD, MGD and FGD recipes. ``adapter.strides`` are the
+    distilled strides."""
+    shared = sorted(set(student_channels) & set(teacher_channels))
+    used = distill_strides(shared, configured, default_count) if shared else []
+    return FeatureAdapter(
+        {s: student_channels[s] for s in used} if used else student_channels,
+        {s: teacher_channels[s] for s in used} if used else teacher_channels,
+        kernel_size=1,
+        identity_when_equal=True,
+    )
 
 
 def require_one_stage(method: str, arch: str) -> None:

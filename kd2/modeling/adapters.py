@@ -18,6 +18,9 @@ class FeatureAdapter(nn.Module):
     Args:
         student_channels, teacher_channels: channels keyed by stride.
         kernel_size: 1 or 3.
+        identity_when_equal: where student and teacher have the same channels, use no layer at
+            all (``nn.Identity``): the "align conv only if the channels differ" rule of the FGD,
+            MGD and mmrazor CWD / PKD recipes.
     """
 
     def __init__(
@@ -25,6 +28,7 @@ class FeatureAdapter(nn.Module):
         student_channels: Mapping[int, int],
         teacher_channels: Mapping[int, int],
         kernel_size: int = 3,
+        identity_when_equal: bool = False,
     ):
         super().__init__()
         if kernel_size not in (1, 3):
@@ -36,14 +40,13 @@ class FeatureAdapter(nn.Module):
                 f"{sorted(teacher_channels)} have none in common; feature distillation needs "
                 "FPN levels of the same stride"
             )
-        self.convs = nn.ModuleDict(
-            {
-                str(s): nn.Conv2d(
-                    student_channels[s], teacher_channels[s], kernel_size, padding=kernel_size // 2
-                )
-                for s in self.strides
-            }
-        )
+        self.convs = nn.ModuleDict()
+        for s in self.strides:
+            c_s, c_t = student_channels[s], teacher_channels[s]
+            if identity_when_equal and c_s == c_t:
+                self.convs[str(s)] = nn.Identity()
+            else:
+                self.convs[str(s)] = nn.Conv2d(c_s, c_t, kernel_size, padding=kernel_size // 2)
 
     def forward(self, features: Dict[int, Tensor]) -> Dict[int, Tensor]:
         """``{stride: (N, C_s, H, W)}`` -> ``{stride: (N, C_t, H, W)}`` for the shared strides."""

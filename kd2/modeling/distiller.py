@@ -92,6 +92,7 @@ class DistillerMixin:
                 num_classes=num_classes,
                 arch=self.arch_kind,
             )
+            methods[name].bind_detector(self._detector_family())
             reason = methods[name].unsupported_reason(self.arch_kind, self.dense_softmax)
             if reason:
                 raise ValueError(
@@ -107,6 +108,16 @@ class DistillerMixin:
         self.teacher_parts: FrozenSet[str] = frozenset().union(
             *(m.teacher_parts for m in methods.values())
         )
+        inherit = list(getattr(kd_cfg, "INHERIT_TEACHER", []) or [])
+        if inherit:
+            if teacher is None:
+                raise ValueError(
+                    f"KD.INHERIT_TEACHER {inherit} copies weights from a detector teacher, but "
+                    f"KD.METHODS {list(kd_cfg.METHODS)} build none; set a detector-teacher method"
+                )
+            from kd2.modeling.inherit import inherit_teacher_weights
+
+            inherit_teacher_weights(self.student_state_dict(), teacher.state_dict(), inherit)
 
     def _detector_name(self) -> str:
         """The framework detector this student subclasses (``SSD``, ``RetinaNet``, ...)."""
@@ -114,6 +125,15 @@ class DistillerMixin:
             if issubclass(cls, nn.Module) and not issubclass(cls, DistillerMixin):
                 return cls.__name__
         return type(self).__name__
+
+    def _detector_family(self) -> str:
+        """``"faster_rcnn"`` (any two-stage), ``"ssd"``, ``"fcos"`` or ``"retinanet"`` (any other
+        sigmoid dense head): the key of the methods' per-detector defaults."""
+        if self.arch_kind == "two_stage":
+            return "faster_rcnn"
+        if self.dense_softmax:
+            return "ssd"
+        return "fcos" if "FCOS" in self._detector_name().upper() else "retinanet"
 
     def _build_classifier_teacher(self, method, input_normalization) -> nn.Module:
         from kd2.modeling.classifier_teacher import build_classifier_teacher

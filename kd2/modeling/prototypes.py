@@ -2,13 +2,15 @@
 
 Every ``period`` iterations (one epoch by default) :class:`PrototypeRefresher`
 
-1. takes the PGM instances: training-set GT boxes of at least ``MIN_BOX_SIZE`` × ``MIN_BOX_SIZE``
-   original pixels; per class at most ``MAX_IMAGES_PER_CLASS`` images holding such a box, drawn
-   once by a shuffle with ``SEED`` (all the class's valid boxes of those images are used);
+1. takes the PGM instances: training-set GT boxes **strictly larger** than ``MIN_BOX_SIZE`` ×
+   ``MIN_BOX_SIZE`` original pixels (width and height ``> 30`` by default: the released
+   ``_filter_predictions``, ``box_w > min_size[0]``, so a 30-px box is left out); per class at
+   most ``MAX_IMAGES_PER_CLASS`` images holding such a box, drawn once by a shuffle with ``SEED``
+   (all the class's valid boxes of those images are used);
 2. runs the images through the detectors' **test-time** input transform and FPN, and pools every
-   box on every level with :func:`kd2.ops.box_mean_pool` (the integer inclusive crop of the
-   released code) — the teacher once (cached on disk in ``OUTPUT_DIR/pgm``), the student from its
-   current weights at every refresh;
+   box on every level with :func:`pool_instance_boxes` (the integer inclusive crop of the
+   released code, with its feature-size / padded-size box scaling) — the teacher once (cached on
+   disk in ``OUTPUT_DIR/pgm``), the student from its current weights at every refresh;
 3. selects, per class and level, the prototypes with :func:`kd2.ops.pgm_select` and installs the
    un-normalised features of the picked instances in every :class:`~kd2.losses.GlobalKD` method
    of the model (buffers: saved in checkpoints, restored exactly on resume);
@@ -44,6 +46,7 @@ from kd2.ops import box_mean_pool, pgm_select
 __all__ = [
     "PrototypeRefresher",
     "build_prototype_refresher",
+    "own_padded_size",
     "pool_instance_boxes",
     "select_pgm_instances",
 ]
@@ -51,21 +54,76 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def pool_instance_boxes(features: Dict[int, Tensor], boxes: Sequence[Tensor]) -> Dict[int, Tensor]:
+def own_padded_size(image_size: Sequence[int], size_divisibility: int) -> tuple[int, int]:
+    """``(H_p, W_p)``: an ``(h, w)`` input padded **on its own** up to a multiple of
+    ``size_divisibility`` (``<= 1``: no padding), as the released PGM pads each image (one image
+    per forward, mmdet's ``Pad(size_divisor=32)``)."""
+    h, w = int(image_size[0]), int(image_size[1])
+    d = int(size_divisibility)
+    if d > 1:
+        h, w = -(-h // d) * d, -(-w // d) * d
+    return h, w
+
+
+def pool_instance_boxes(
+    features: Dict[int, Tensor],
+    boxes: Sequence[Tensor],
+    padded_sizes: Sequence[Sequence[int]],
+) -> Dict[int, Tensor]:
     """Pool every image's boxes on every level (the backends' ``kd_instance_features`` tail).
+
+    Follows DAVAR-Lab-ML ``ECCV22_Distilling_Object_Detectors_with_Global_Knowledge/
+    ObjectPerceptron/mmdetection/third_party/kd/mmdet/strategy/prototype_generation_module.py``,
+    ``_fetch_roi_features`` (l. 163-187): per level the box is scaled by ``feature size / padded
+    image size`` on each axis (``w_ratio = W_l / W_p``, ``h_ratio = H_l / H_p``; float32 product,
+    as the code's ``box.astype(np.float32) *= ratio``), its corners truncated to integers and the
+    inclusive crop ``[y1 : y2 + 1, x1 : x2 + 1]`` averaged (:func:`kd2.ops.box_mean_pool` at
+    stride 1 on the scaled box, which clamps a crop reaching past the map like the code's slice).
+
+    That ratio is **not** ``1 / stride`` on the levels coarser than the input's divisibility:
+    ``H_l = ⌈H_p / s⌉`` (every kd2 FPN makes P6 / P7 with a stride-2 ``max_pool2d(k=1)`` or a
+    3×3/2 conv with padding 1, i.e. ``⌈H/2⌉``), so an 800-px padded side has 13 cells at P6
+    (ratio 13/800 = 1/61.5, not 1/64) and 7 at P7 (1/114.3, not 1/128), and a box's cells shift
+    by up to one wherever the padded side / 32 is odd. (``H_l`` is capped at the batched map's
+    height, so a backbone whose coarse levels are not ``⌈H/2⌉`` still pools inside its map.)
+
+    ``H_p, W_p`` are the image's **own** padded size (:func:`own_padded_size`), since the
+    released code runs one image at a time; kd2 may batch images (``KD.GLOBALKD.BATCH_SIZE``),
+    which pads them to the batch's largest: the cells are those of the image alone (a crop stops
+    at its own last cell), the features those of the batched forward (identical to the one-image
+    forward with ``BATCH_SIZE 1``; with larger batches they can differ near the image's bottom
+    and right edges, where the batch adds padding).
 
     Args:
         features: ``{stride: (N, C, H, W)}`` FPN maps of ``N`` images.
         boxes: per image ``(G_i, 4)`` XYXY in the maps' input pixels.
+        padded_sizes: per image ``(H_p, W_p)``, its own padded input size.
 
     Returns:
-        ``{stride: (sum G_i, C)}`` :func:`kd2.ops.box_mean_pool` features, image-then-box order.
+        ``{stride: (sum G_i, C)}`` pooled features, image-then-box order.
     """
-    flat = torch.cat(list(boxes))
+    if len(padded_sizes) != len(boxes):
+        raise ValueError(f"{len(padded_sizes)} padded sizes for {len(boxes)} images")
+    flat = torch.cat(list(boxes)).float()
+    device = flat.device
     index = torch.cat([torch.full((len(b),), i, dtype=torch.long) for i, b in enumerate(boxes)]).to(
-        flat.device
+        device
     )
-    return {s: box_mean_pool(f, flat, index, s) for s, f in features.items()}
+    sizes = torch.tensor([[int(v) for v in hw] for hw in padded_sizes], dtype=torch.float64)
+    pad = sizes.reshape(-1, 2).to(device)[index]  # (M, 2)
+    out = {}
+    for s, f in features.items():
+        # (M, 2): the image's own (H_l, W_l), never more than the batched map has
+        cells = torch.ceil(pad / float(s))
+        cells = torch.minimum(cells, cells.new_tensor([f.shape[-2], f.shape[-1]]))
+        ratio = (cells / pad).float()  # python-float ratio, cast to float32 by the product
+        scale = torch.stack([ratio[:, 1], ratio[:, 0], ratio[:, 1], ratio[:, 0]], dim=1)
+        # the slice of the image's own map stops at its last cell, even where the batched map
+        # (padded to a larger image) goes on
+        last = (cells - 1).float()
+        last = torch.stack([last[:, 1], last[:, 0], last[:, 1], last[:, 0]], dim=1)
+        out[s] = box_mean_pool(f, torch.minimum(flat * scale, last), index, 1.0)
+    return out
 
 
 def select_pgm_instances(
@@ -82,7 +140,8 @@ def select_pgm_instances(
         records: kd2 dataset records (``boxes`` (G, 4) XYXY original pixels, ``labels`` (G,)
             contiguous classes ``0..K-1``, ``file_name``, ``image_id``).
         num_classes: ``K``.
-        min_size: a box qualifies when its width and height are both ``>= min_size``.
+        min_size: a box qualifies when its width and height are both ``> min_size`` (strictly,
+            as the released ``_filter_predictions``: ``box_w > min_size[0]``).
         max_images_per_class: per class, at most this many images (those holding a qualifying
             box of the class), drawn by ``numpy.random.RandomState(seed).permutation``.
         seed: the draw's seed.
@@ -96,7 +155,9 @@ def select_pgm_instances(
     for i, rec in enumerate(records):
         boxes = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
         labels = np.asarray(rec["labels"], dtype=np.int64).reshape(-1)
-        ok = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+        box_w = np.abs(boxes[:, 2] - boxes[:, 0])
+        box_h = np.abs(boxes[:, 3] - boxes[:, 1])
+        ok = (box_w > min_size) & (box_h > min_size)
         ok &= (labels >= 0) & (labels < num_classes)
         valid[i] = [([float(v) for v in boxes[j]], int(labels[j])) for j in np.nonzero(ok)[0]]
         for c in set(labels[ok].tolist()):
@@ -177,7 +238,7 @@ class PrototypeRefresher:
         )
         if not self.instances:
             logger.warning(
-                "PGM: no training box is at least %s x %s pixels; every instance is distilled "
+                "PGM: no training box is larger than %s x %s pixels; every instance is distilled "
                 "with eta = 1 (lower KD.GLOBALKD.MIN_BOX_SIZE for small objects)",
                 node.MIN_BOX_SIZE,
                 node.MIN_BOX_SIZE,

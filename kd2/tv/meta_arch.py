@@ -24,7 +24,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from kd2.modeling.distiller import DistillerMixin
-from kd2.modeling.prototypes import pool_instance_boxes
+from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
 from kd2.structures import RoiOutputs, StepRecord
 
 from . import record as R
@@ -100,7 +100,9 @@ class _KDMixin(DistillerMixin):
         self, images: List[Tensor], boxes: List[Tensor], teacher: bool = False
     ) -> dict:
         """PGM instance features: each image through the (student's or teacher's) **test-time**
-        transform and FPN, each box pooled on every level with :func:`kd2.ops.box_mean_pool`.
+        transform and FPN, each box pooled on every level with
+        :func:`kd2.modeling.prototypes.pool_instance_boxes` (feature size / the image's own
+        padded size, as the released PGM).
 
         Args:
             images: ``(3, H_i, W_i)`` float images in ``[0, 1]``.
@@ -122,7 +124,9 @@ class _KDMixin(DistillerMixin):
             feats = R.features_by_stride(net.backbone(image_list.tensors), strides)
         finally:
             net.train(was_training)
-        return pool_instance_boxes(feats, [t["boxes"] for t in targets])
+        div = int(getattr(net.transform, "size_divisible", 32))
+        padded = [own_padded_size(hw, div) for hw in image_list.image_sizes]
+        return pool_instance_boxes(feats, [t["boxes"] for t in targets], padded)
 
     def _teacher_features(self, student: StepRecord):
         t = self._teacher

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Distillation gains on the two bundled pairs, one small JSON file per finished run.
+
+The ``tools/demo.py`` protocol (same teacher, same student, same schedule, seeds 0 / 1 / 2, COCO
+AP on the synthetic val split), run for any number of distilled configs, with every finished
+run written to ``benchmarks/results/gains/<pair>/<run>.json`` (AP metrics, config, seed, config
+digest, torch version, wall time). A run whose JSON holds the digest of the same full config is
+never re-trained, so the table can grow one method at a time::
+
+    python benchmarks/gains.py --pair faster_rcnn \
+        --configs configs/synthetic/faster_rcnn_MNv3_CWD.yaml
+    python benchmarks/gains.py --pair fcos --configs configs/synthetic/fcos_MNv3_PKD.yaml
+    python benchmarks/gains.py --pair faster_rcnn --baselines-only   # teacher + students only
+    python benchmarks/gains_table.py                                 # the README rows
+
+Runs are sequential (never two at once: the wall times are recorded). Each run's training output
+stays in ``output/bench/<pair>/<run>`` as with ``tools/demo.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "gains")
+
+#: pair -> (teacher config, baseline student config)
+PAIRS = {
+    "faster_rcnn": (
+        "configs/synthetic/faster_rcnn_R18_teacher.yaml",
+        "configs/synthetic/faster_rcnn_MNv3_student.yaml",
+    ),
+    "fcos": (
+        "configs/synthetic/fcos_R18_teacher.yaml",
+        "configs/synthetic/fcos_MNv3_student.yaml",
+    ),
+}
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("kd2_demo", os.path.join(ROOT, "tools/demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result_path(pair: str, run_name: str) -> str:
+    return os.path.join(RESULTS, pair, f"{run_name}.json")
+
+
+def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name: str) -> dict:
+    """Train (or reuse) one run and write its JSON; returns the JSON's content."""
+    import torch
+
+    out_dir = os.path.join(ROOT, "output", "bench", pair, run_name)
+    path = result_path(pair, run_name)
+    cfg = demo.setup_cfg(os.path.join(ROOT, config), list(opts) + ["OUTPUT_DIR", out_dir])
+    digest = demo.config_digest(cfg)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("config_sha") == digest and old.get("torch") == torch.__version__:
+            print(f"[gains] {pair}/{run_name}: finished result reused ({path})", flush=True)
+            return old
+    t0 = time.time()
+    done = demo.run(run_name, config, opts, out_dir, fresh=False)
+    record = {
+        "pair": pair,
+        "kind": kind,
+        "run": run_name,
+        "config": config,
+        "opts": [str(o) for o in opts if not str(o).startswith(ROOT)],
+        "seed": int(cfg.SEED),
+        "methods": list(cfg.KD.METHODS),
+        "inherit_teacher": list(getattr(cfg.KD, "INHERIT_TEACHER", [])),
+        "config_sha": digest,
+        "bbox": {k: round(float(v), 4) for k, v in done["bbox"].items()},
+        "train_seconds": round(float(done.get("train_seconds", time.time() - t0)), 1),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    print(f"[gains] {pair}/{run_name}: AP {record['bbox']['AP']:.2f} -> {path}", flush=True)
+    return record
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--pair", choices=sorted(PAIRS), required=True)
+    p.add_argument("--configs", nargs="*", default=[], help="distilled student configs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--baselines-only", action="store_true")
+    args = p.parse_args(argv)
+    os.chdir(ROOT)
+    os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
+    demo = _demo()
+    demo.setup_logger(os.path.join(ROOT, "output", "bench", args.pair))
+    teacher_cfg, student_cfg = PAIRS[args.pair]
+    jobs = [("teacher", teacher_cfg, [], "teacher")]
+    jobs += [("student", student_cfg, ["SEED", str(s)], f"student_seed{s}") for s in args.seeds]
+    teacher_weights = os.path.join(ROOT, "output", "bench", args.pair, "teacher", "model_final.pth")
+    if not args.baselines_only:
+        for config in args.configs:
+            name = os.path.splitext(os.path.basename(config))[0]
+            for s in args.seeds:
+                opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights]
+                jobs.append(("distilled", config, opts, f"{name}_seed{s}"))
+    t0 = time.time()
+    for i, (kind, config, opts, run_name) in enumerate(jobs, 1):
+        print(
+            f"[gains] [{i}/{len(jobs)}] {args.pair}/{run_name} ({config}), "
+            f"{time.time() - t0:.0f}s elapsed",
+            flush=True,
+        )
+        run_and_record(demo, args.pair, kind, config, opts, run_name)
+    print(f"[gains] done in {time.time() - t0:.0f}s", flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The README's gain table is generated from the committed per-run results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from .helpers import REPO
+
+
+def _gains_table():
+    spec = importlib.util.spec_from_file_location(
+        "kd2_gains_table", REPO / "benchmarks" / "gains_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_gain_table_matches_the_results_json():
+    assert _gains_table().main(["--check"]) == 0, (
+        "README.md's gain table is stale: run python benchmarks/gains_table.py --write-readme"
+    )
+
+
+def test_rows_pair_seeds_and_compute_gain_and_gap(tmp_path, monkeypatch):
+    table = _gains_table()
+    pair = tmp_path / "fcos"
+    pair.mkdir()
+
+    def write(name, kind, seed, ap, config="c.yaml"):
+        record = {
+            "kind": kind,
+            "seed": seed,
+            "bbox": {"AP": ap},
+            "config": config,
+            "methods": ["PKD"] if kind == "distilled" else [],
+            "inherit_teacher": [],
+            "torch": "x",
+        }
+        (pair / f"{name}.json").write_text(json.dumps(record))
+
+    write("teacher", "teacher", 0, 30.0)
+    for seed, (s, d) in enumerate([(10.0, 12.0), (12.0, 13.0), (14.0, 18.0)]):
+        write(f"student_seed{seed}", "student", seed, s)
+        write(f"pkd_seed{seed}", "distilled", seed, d)
+    monkeypatch.setattr(table, "RESULTS", str(tmp_path))
+    (row,) = table.rows_for("fcos")
+    assert row["per_seed"] == [2.0, 1.0, 4.0]
+    assert row["gain"][0] == 7.0 / 3.0
+    assert row["gap_closed"] == (43.0 / 3.0 - 12.0) / (30.0 - 12.0)
