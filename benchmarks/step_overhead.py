@@ -9,6 +9,9 @@ R18-FPN teacher, the demo's KD method) it times, interleaved per batch and after
   sampled proposals, under ``no_grad`` (the student's record is prepared outside the timer);
 * ``KD step``        — the KD meta-architecture: student forward, teacher forward, KD losses
   (adapters included), backward, SGD step;
+* ``KD step + diagnostics`` — the same step when it also measures every term's gradient at the
+  trunk (``KD.DIAG``, every ``KD.DIAG.PERIOD`` steps), reported as its extra cost averaged over
+  the period (``diag_overhead``);
 
 prints the median of each and, per config, ``KD step / student step`` and
 ``kd_overhead_ratio=<KD step / (student step + teacher forward)>``. Several configs of one
@@ -118,6 +121,7 @@ def main() -> None:
     for name in kd_models:
         times[f"{name}: teacher forward"] = []
         times[f"{name}: KD step"] = []
+        times[f"{name}: KD step + diagnostics"] = []
     for i, (images, targets) in enumerate(batches):
         t0 = time.perf_counter()
         step(student, optimizers["student"], images, targets)
@@ -129,11 +133,23 @@ def main() -> None:
                 t2 = time.perf_counter()
                 model.teacher_step(rec)
                 t3 = time.perf_counter()
+            model.kd_iteration = 1  # not a diagnostics step (KD.DIAG.PERIOD does not divide 1)
             step(model, optimizers[name], images, targets)
             t4 = time.perf_counter()
+            # the same step measuring the per-term trunk gradients (KD.DIAG), as every
+            # KD.DIAG.PERIOD-th step does; the optimizer is stepped on zero gradients
+            period, model.kd_diag_period = model.kd_diag_period, 1
+            model.kd_iteration = 0
+            losses = model(images, copy.deepcopy(targets))
+            optimizers[name].zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizers[name].zero_grad(set_to_none=True)
+            t5 = time.perf_counter()
+            model.kd_diag_period = period
             if i >= args.warmup:
                 times[f"{name}: teacher forward"].append(t3 - t2)
                 times[f"{name}: KD step"].append(t4 - t3)
+                times[f"{name}: KD step + diagnostics"].append(t5 - t4)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
@@ -147,6 +163,8 @@ def main() -> None:
     rows = {}
     for name, (kcfg, model) in kd_models.items():
         kd, tf = med[f"{name}: KD step"], med[f"{name}: teacher forward"]
+        diag = med[f"{name}: KD step + diagnostics"]
+        diag_period = int(kcfg.KD.DIAG.PERIOD) or 50
         rows[name] = {
             "methods": list(kcfg.KD.METHODS),
             "teacher_parts": sorted(model.teacher_parts),
@@ -155,11 +173,15 @@ def main() -> None:
             "kd_step_ms": round(kd * 1000, 1),
             "kd_over_student": round(kd / med["student step"], 3),
             "kd_overhead_ratio": round(kd / (med["student step"] + tf), 3),
+            "diag_step_ms": round(diag * 1000, 1),
+            # the diagnostics' extra cost averaged over KD.DIAG.PERIOD steps, per KD step
+            "diag_overhead": round((diag - kd) / diag_period / kd, 4),
         }
         print(
             f"{name}: teacher parts {rows[name]['teacher_parts']}, KD step / student step "
             f"{rows[name]['kd_over_student']:.3f}, kd_overhead_ratio="
-            f"{rows[name]['kd_overhead_ratio']:.3f}"
+            f"{rows[name]['kd_overhead_ratio']:.3f}, diagnostics every {diag_period} steps "
+            f"cost {100 * rows[name]['diag_overhead']:.2f} % of a KD step"
         )
     if args.json:
         out = {

@@ -44,6 +44,7 @@ def tiny_cfg(
     # The tests' teachers are randomly initialised: their distillation losses can be huge by
     # design. The divergence guard has tests of its own (tests/test_first_contact.py).
     cfg.SOLVER.DIVERGENCE.ENABLED = False
+    cfg.KD.PREFLIGHT.ENABLED = False  # likewise the pre-flight check (it refuses such teachers)
     if arch == "FasterRCNN":
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -37,6 +38,7 @@ def d2_cfg(arch="GeneralizedRCNN", depth=18, fpn=32):
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.FPN.OUT_CHANNELS = fpn
+    cfg.KD.PREFLIGHT.ENABLED = False  # random teachers (the check has tests of its own)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = K
     cfg.MODEL.RETINANET.NUM_CLASSES = K
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
@@ -751,3 +753,66 @@ def test_register_config_datasets_detectron2_idempotent_and_clashes(syn_coco):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
                 MetadataCatalog.remove(name)
+
+
+def test_diagnostics_and_balance_on_detectron2(tmp_path):
+    from kd2.d2.engine import student_checkpointer
+
+    cfg = kd_cfg(tmp_path, "RetinaNet", ["FitNet", "DeFeat"])
+    cfg.KD.BALANCE.MODE = "grad_share"
+    cfg.KD.BALANCE.PERIOD = 1
+    cfg.KD.BALANCE.WARMUP = 0
+    model = build_model(cfg).train()
+    with EventStorage(0) as storage:
+        model.kd_before_step(0)
+        losses = model(batch())
+        scalars = storage.latest()
+    for name in ("detection", "loss_kd_fitnet", "loss_kd_defeat_fg"):
+        assert f"grad_share/{name}" in scalars and f"grad_cos/{name}" in scalars
+    assert "kd_multiplier/loss_kd_fitnet" in scalars
+    assert model.kd_diag_last["iteration"] == 0 and model.kd_balance.updates == 1
+    shares = [model.kd_diag_last[k] for k in model.kd_diag_last if k.startswith("grad_share/")]
+    assert sum(shares) == pytest.approx(1.0)
+    sum(losses.values()).backward()
+    model.kd_balance.multipliers["loss_kd_fitnet"] = 0.125  # as if adapted
+    student_checkpointer(model, str(tmp_path)).save("ckpt")
+    fresh = build_model(cfg)
+    student_checkpointer(fresh, str(tmp_path)).load(str(tmp_path / "ckpt.pth"))
+    assert fresh.kd_balance.multipliers == model.kd_balance.multipliers
+    plain = d2_cfg("RetinaNet")
+    build_model(plain).load_state_dict(  # the student checkpoint stays a plain model's
+        torch.load(tmp_path / "ckpt.pth", weights_only=False)["model"], strict=True
+    )
+
+
+def test_preflight_on_detectron2_stops_a_random_teacher(tmp_path, syn_coco):
+    from kd2.d2 import KDTrainer
+    from kd2.engine.preflight import PreflightError
+
+    cfg = kd_cfg(tmp_path, "RetinaNet", ["FitNet"])
+    cfg.DATASETS.TRAIN = (f"{syn_coco['train_json']}:{syn_coco['train_image_root']}",)
+    cfg.DATASETS.TEST = (f"{syn_coco['val_json']}:{syn_coco['val_image_root']}",)
+    cfg.MODEL.RETINANET.NUM_CLASSES = 6
+    cfg.KD.PREFLIGHT.ENABLED = True
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER = 2, 2
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    tcfg = d2_cfg("RetinaNet", 34, 64)
+    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
+    torch.manual_seed(5)
+    DetectionCheckpointer(build_model(tcfg), save_dir=str(tmp_path)).save("teacher6")
+    with open(tmp_path / "teacher6.yaml", "w") as f:
+        f.write(tcfg.dump())
+    cfg.KD.TEACHER.CONFIG = str(tmp_path / "teacher6.yaml")
+    cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "teacher6.pth")
+    trainer = KDTrainer(cfg)
+    with pytest.raises(PreflightError, match="MIN_TEACHER_AP"):
+        trainer.train()
+    report = json.loads((tmp_path / "out" / "preflight.json").read_text())
+    assert report["val_images"] == 2 and report["teacher_ap"] < 1.0
+    assert (
+        "loss_kd_fitnet" in report["terms"] and report["terms"]["loss_kd_fitnet"]["grad_norm"] > 0
+    )
+    assert not (tmp_path / "out" / "model_final.pth").exists()

@@ -87,6 +87,8 @@ def config_digest(cfg) -> str:
     cfg = cfg.clone()
     cfg.defrost()
     keep = {method_node_name(m) for m in cfg.KD.METHODS} | {"TEACHER"}
+    if cfg.KD.get("BALANCE", {}).get("MODE", "none") != "none":
+        keep.add("BALANCE")  # the controller changes the run; "none" keeps older digests valid
     for key in [k for k, v in cfg.KD.items() if isinstance(v, dict) and k not in keep]:
         del cfg.KD[key]
     if cfg.MODEL.META_ARCHITECTURE != "SSD":  # the architecture's node, added in kd2 0.3

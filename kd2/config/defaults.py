@@ -164,6 +164,31 @@ _C.KD.TEACHER = CN()
 # The teacher's own config file (a kd2 yaml) and its trained weights (a local path).
 _C.KD.TEACHER.CONFIG = ""
 _C.KD.TEACHER.WEIGHTS = ""
+# Diagnostics: every PERIOD iterations each loss_kd_* term's and the detection losses' gradient
+# at the student's trunk (backbone + FPN): norm, share of the summed norms, cosine with the
+# detection gradient -> metrics.json / TensorBoard (grad_norm/, grad_share/, grad_cos/).
+# tools/plot_kd_diagnostics.py OUTPUT_DIR draws them. 0 = off.
+_C.KD.DIAG = CN()
+_C.KD.DIAG.PERIOD = 50
+# Pre-flight check before the first step of a distillation run: the teacher's AP on VAL_IMAGES
+# images of DATASETS.TEST[0] (below MIN_TEACHER_AP, in AP points, the run stops: set 0 to accept
+# any teacher), teacher/student input and classes, each KD term's value and gradient share on
+# BATCHES training batches -> a table in the log and OUTPUT_DIR/preflight.json.
+_C.KD.PREFLIGHT = CN()
+_C.KD.PREFLIGHT.ENABLED = True
+_C.KD.PREFLIGHT.BATCHES = 2
+_C.KD.PREFLIGHT.VAL_IMAGES = 24
+_C.KD.PREFLIGHT.MIN_TEACHER_AP = 1.0
+# Automatic gradient-share control (kd2/modeling/balance.py): "none" keeps the methods' own
+# weights; "grad_share" adapts one multiplier per loss_kd_* term every PERIOD iterations (from
+# WARMUP on) to keep its share of the trunk gradient inside [LOW, HIGH]. Multipliers are logged
+# (kd_multiplier/<term>) and checkpointed.
+_C.KD.BALANCE = CN()
+_C.KD.BALANCE.MODE = "none"
+_C.KD.BALANCE.PERIOD = 20
+_C.KD.BALANCE.WARMUP = 20
+_C.KD.BALANCE.LOW = 0.1
+_C.KD.BALANCE.HIGH = 0.3
 # Teacher-initialised student (FGD's / MGD's "inheriting strategy"): copy the teacher's weights
 # into the student wherever names and shapes match, for these parts: "backbone", "neck" (the FPN),
 # "head" (the dense head, or the RPN + ROI heads of a two-stage detector), or any state-dict name

@@ -23,10 +23,12 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -55,7 +57,7 @@ class StudentView(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         for name, child in model.named_children():
-            if name != "kd_methods":
+            if name not in ("kd_methods", "kd_balance"):
                 self.add_module(name, child)
         for name, buf in model.named_buffers(recurse=False):
             persistent = name not in model._non_persistent_buffers_set
@@ -69,6 +71,8 @@ def student_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> Dete
         model = model.module
     if hasattr(model, "kd_methods"):
         kwargs.setdefault("kd", model.kd_methods)
+        if getattr(model, "kd_balance", None) is not None:
+            kwargs.setdefault("kd_balance", model.kd_balance)  # the controller's multipliers
         model = StudentView(model)
     return _WeightsOnlyCheckpointer(model, save_dir, **kwargs)
 
@@ -114,7 +118,6 @@ def replica_sync_hook(cfg) -> hooks.HookBase:
         # no collective here: after_train also runs when a rank fails (trainer.iter < max_iter)
         if trainer.iter < trainer.max_iter:
             return
-        from detectron2.utils import comm
 
         params = sum(float(p.detach().double().sum()) for p in trainer.model.parameters())
         buffers = sum(float(b.detach().double().sum()) for b in trainer.model.buffers())
@@ -186,12 +189,58 @@ def prototype_refresh_hook(cfg) -> hooks.HookBase:
         state["refresher"] = build_prototype_refresher(
             cfg, model, train_records(cfg.DATASETS.TRAIN), lambda r: read_image(r["file_name"])
         )
+        trainer.kd_prototype_refresher = state["refresher"]  # the pre-flight check uses it
 
     def before_step(trainer):
         if state.get("refresher") is not None:
             state["refresher"].maybe_refresh(trainer.iter)
 
     return hooks.CallbackHook(before_train=before_train, before_step=before_step)
+
+
+def preflight_hook(cfg) -> hooks.HookBase:
+    """``KD.PREFLIGHT`` (:mod:`kd2.engine.preflight`) before the first step of a fresh run."""
+
+    def before_train(trainer):
+        model = _unwrap(trainer.model)
+        node = cfg.KD.PREFLIGHT
+        if trainer.iter != 0 or not node.ENABLED or getattr(model, "teacher", None) is None:
+            return
+        from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
+        from detectron2.evaluation import inference_on_dataset
+
+        from kd2.engine.preflight import run_preflight
+
+        refresher = getattr(trainer, "kd_prototype_refresher", None)
+        if refresher is not None:  # GlobalKD's terms need their prototypes
+            refresher.maybe_refresh(trainer.iter)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            teacher_ap, n_val = None, 0
+            if cfg.DATASETS.TEST and node.VAL_IMAGES > 0:
+                name = cfg.DATASETS.TEST[0]
+                dicts = DatasetCatalog.get(name)[: int(node.VAL_IMAGES)]
+                n_val = len(dicts)
+                loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, False))
+                evaluator = COCOEvaluator(name, output_dir=None)
+                res = inference_on_dataset(model.teacher, loader, evaluator)
+                teacher_ap = float(res["bbox"]["AP"]) if res and "bbox" in res else None
+            data = iter(trainer.build_train_loader(cfg))
+            batches = [next(data) for _ in range(max(1, int(node.BATCHES)))]
+        run_preflight(
+            model,
+            batches,
+            model,
+            output_dir=cfg.OUTPUT_DIR,
+            teacher_ap=teacher_ap,
+            val_images=n_val,
+            min_teacher_ap=float(node.MIN_TEACHER_AP),
+            input_checks=model.kd_input_checks(),
+            start_iteration=trainer.iter,
+            write=comm.is_main_process(),
+        )
+
+    return hooks.CallbackHook(before_train=before_train)
 
 
 def check_dataset_classes(cfg) -> None:
@@ -239,7 +288,7 @@ class KDTrainer(DefaultTrainer):
             len(ret),
         )
         ret.insert(at, replica_sync_hook(self.cfg))
-        return [prototype_refresh_hook(self.cfg), kd_step_hook()] + ret
+        return [prototype_refresh_hook(self.cfg), preflight_hook(self.cfg), kd_step_hook()] + ret
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -56,6 +56,13 @@ def _input_normalization(model: nn.Module):
     )
 
 
+def _num_classes(model: nn.Module) -> int:
+    """Foreground classes of a Detectron2 detector (dense heads or ROI heads)."""
+    if hasattr(model, "num_classes"):
+        return int(model.num_classes)
+    return int(model.roi_heads.num_classes)
+
+
 def _by_stride(model: nn.Module, features: Dict[str, Tensor]) -> Dict[int, Tensor]:
     strides = _strides(model)
     return {strides[name]: f for name, f in sorted(features.items(), key=lambda x: strides[x[0]])}
@@ -145,6 +152,25 @@ class _Distill(DistillerMixin):
         ret["kd_cfg"] = cfg.KD
         return ret
 
+    def kd_input_checks(self) -> list:
+        """``(ok, line)`` pairs for the pre-flight check: the teacher normalises the student's
+        batch itself (``preprocess_image``), so its input format must be the student's."""
+        t = self._teacher
+        s_fmt, t_fmt = _input_normalization(self)[2], _input_normalization(t)[2]
+        return [
+            (True, f"classes: teacher {_num_classes(t)}, student {_num_classes(self)}"),
+            (
+                s_fmt == t_fmt,
+                f"input format: the data loader gives {s_fmt} images (the student's "
+                f"INPUT.FORMAT), the teacher expects {t_fmt}",
+            ),
+            (
+                True,
+                f"normalisation: student mean/std {_input_normalization(self)[:2]}, teacher "
+                f"{_input_normalization(t)[:2]} (each normalises the raw batch itself)",
+            ),
+        ]
+
     #: ``(shortest edge, max size)`` of the PGM's test-time resize (``INPUT.*_TEST``); the
     #: trainer sets it.
     pgm_test_size = (800, 1333)
@@ -202,7 +228,7 @@ class _Distill(DistillerMixin):
         with torch.no_grad():
             teacher = self.teacher_step(batched_inputs, student)
         losses.update(self.distill_losses(student, teacher))
-        return losses
+        return self.finalize_kd_losses(losses)
 
 
 @META_ARCH_REGISTRY.register()

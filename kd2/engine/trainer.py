@@ -66,6 +66,7 @@ from .batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatc
 from .checkpoint import find_resume_checkpoint, last_checkpoint, save_checkpoint
 from .divergence import DivergenceGuard
 from .launch import get_rank, get_world_size, is_main_process
+from .preflight import run_preflight
 from .run_dir import lock_output_dir, release_output_dir
 
 __all__ = ["Trainer", "build_lr_lambda", "ContiguousLabels", "evaluate", "unwrap"]
@@ -117,12 +118,19 @@ def _model_targets(targets: List[Dict], offset: int, device) -> List[Dict[str, t
     ]
 
 
-def evaluate(cfg, model: nn.Module, dataset_names=None, output_dir: str | None = None) -> Dict:
-    """COCO-evaluate ``model`` on each of ``DATASETS.TEST`` (or ``dataset_names``)."""
+def evaluate(
+    cfg,
+    model: nn.Module,
+    dataset_names=None,
+    output_dir: str | None = None,
+    max_images: int | None = None,
+) -> Dict:
+    """COCO-evaluate ``model`` on each of ``DATASETS.TEST`` (or ``dataset_names``); on the first
+    ``max_images`` images of each when given (the metrics then cover those images only)."""
     results = OrderedDict()
     rank, world = get_rank(), get_world_size()
     for name in dataset_names if dataset_names is not None else cfg.DATASETS.TEST:
-        records = DatasetCatalog.get(name)[rank::world]
+        records = DatasetCatalog.get(name)[:max_images][rank::world]
         loader = build_test_loader(
             DetectionDataset(records, train=False, corrupt_images=cfg.DATALOADER.CORRUPT_IMAGES),
             num_workers=cfg.DATALOADER.NUM_WORKERS,
@@ -271,14 +279,18 @@ class Trainer:
         gathered by :meth:`save`); this process's alone when not given."""
         rngs = rng_per_rank if rng_per_rank is not None else [_rng_state()]
         model = self.model
+        balance_state = {}
         if hasattr(model, "student_state_dict"):
             model_state = model.student_state_dict()
             kd_state = model.kd_methods.state_dict()
+            if getattr(model, "kd_balance", None) is not None:
+                balance_state = model.kd_balance.state_dict()
         else:
             model_state, kd_state = model.state_dict(), {}
         return {
             "model": model_state,
             "kd": kd_state,
+            "kd_balance": balance_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
@@ -304,7 +316,11 @@ class Trainer:
             if self.cfg.MODEL.WEIGHTS:
                 state = load_checkpoint_state(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
                 result = self.model.load_state_dict(state, strict=False)
-                missing = [k for k in result.missing_keys if not k.startswith("kd_methods.")]
+                missing = [
+                    k
+                    for k in result.missing_keys
+                    if not k.startswith(("kd_methods.", "kd_balance."))
+                ]
                 if missing or result.unexpected_keys:
                     raise ValueError(
                         f"MODEL.WEIGHTS {self.cfg.MODEL.WEIGHTS!r} does not match the model: "
@@ -315,6 +331,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"], strict=not hasattr(self.model, "kd_methods"))
         if hasattr(self.model, "kd_methods"):
             self.model.kd_methods.load_state_dict(ckpt["kd"])
+        if getattr(self.model, "kd_balance", None) is not None and ckpt.get("kd_balance"):
+            self.model.kd_balance.load_state_dict(ckpt["kd_balance"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["grad_scaler"])
@@ -437,6 +455,9 @@ class Trainer:
         self.prototype_refresher = build_prototype_refresher(
             cfg, self.model, records, _read_record_image
         )
+        if self.start_iter == 0 and cfg.KD.PREFLIGHT.ENABLED and hasattr(self.model, "teacher"):
+            if self.model.teacher is not None:
+                self._preflight(records)
         writer = _tensorboard(cfg.OUTPUT_DIR) if is_main_process() else None
         from tqdm import tqdm
 
@@ -456,6 +477,11 @@ class Trainer:
                 images, targets = next(loader)
                 data_time = time.perf_counter() - t0
                 losses = self.run_step(images, targets)
+                diag = getattr(self.model, "kd_diag_last", None)
+                if diag and diag.get("iteration") == it:
+                    self._write_metrics(
+                        {k: v for k, v in diag.items() if k != "iteration"}, it, writer
+                    )
                 done = self.iter + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['total_loss']:.3f}", refresh=False)
@@ -501,6 +527,42 @@ class Trainer:
         if writer is not None:
             writer.close()
         return self.last_results
+
+    def _preflight(self, records: List[Dict]) -> None:
+        """``KD.PREFLIGHT`` (:mod:`kd2.engine.preflight`) before the first step; it leaves the
+        run unchanged (forked RNG, restored buffers, no step)."""
+        cfg, model, node = self.cfg, self.model, self.cfg.KD.PREFLIGHT
+        if self.prototype_refresher is not None:  # GlobalKD's terms need their prototypes
+            self.prototype_refresher.maybe_refresh(self.start_iter)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            teacher_ap, n_val = None, 0
+            if cfg.DATASETS.TEST and node.VAL_IMAGES > 0:
+                name = cfg.DATASETS.TEST[0]
+                n_val = min(int(node.VAL_IMAGES), len(DatasetCatalog.get(name)))
+                res = evaluate(cfg, model.teacher, [name], max_images=n_val)
+                teacher_ap = float(res[name]["bbox"]["AP"]) if res.get(name) else None
+            loader = iter(self.build_train_loader(records))
+            batches = [next(loader) for _ in range(max(1, int(node.BATCHES)))]
+
+        def forward(batch):
+            images, targets = batch
+            images = [im.to(self.device) for im in images]
+            with torch.autocast(self.device.type, enabled=self.amp):
+                return model(images, _model_targets(targets, self.label_offset, self.device))
+
+        run_preflight(
+            model,
+            batches,
+            forward,
+            output_dir=cfg.OUTPUT_DIR,
+            teacher_ap=teacher_ap,
+            val_images=n_val,
+            min_teacher_ap=float(node.MIN_TEACHER_AP),
+            input_checks=model.kd_input_checks(),
+            start_iteration=self.start_iter,
+            write=is_main_process(),
+        )
 
     def run_step(self, images, targets) -> Dict[str, float]:
         model = unwrap(self.ddp_model)

@@ -108,6 +108,7 @@ class DistillerMixin:
         self.teacher_parts: FrozenSet[str] = frozenset().union(
             *(m.teacher_parts for m in methods.values())
         )
+        self._init_kd_control(kd_cfg)
         inherit = list(getattr(kd_cfg, "INHERIT_TEACHER", []) or [])
         if inherit:
             if teacher is None:
@@ -125,6 +126,24 @@ class DistillerMixin:
             if issubclass(cls, nn.Module) and not issubclass(cls, DistillerMixin):
                 return cls.__name__
         return type(self).__name__
+
+    def _init_kd_control(self, kd_cfg) -> None:
+        """Diagnostics (``KD.DIAG``) and the gradient-share controller (``KD.BALANCE``)."""
+        diag = getattr(kd_cfg, "DIAG", None)
+        self.kd_diag_period = int(getattr(diag, "PERIOD", 0) or 0)
+        self.kd_diag_last: Dict[str, float] = {}
+        self.kd_term_owner: Dict[str, str] = {}  # loss_kd_* term -> its method (KD.METHODS)
+        balance = getattr(kd_cfg, "BALANCE", None)
+        mode = str(getattr(balance, "MODE", "none")).lower()
+        if mode not in ("none", "grad_share"):
+            raise ValueError(f"KD.BALANCE.MODE must be 'none' or 'grad_share', got {mode!r}")
+        self.kd_balance = None
+        if mode == "grad_share":
+            from kd2.modeling.balance import GradShareBalancer
+
+            self.kd_balance = GradShareBalancer(
+                balance.LOW, balance.HIGH, balance.PERIOD, balance.WARMUP
+            )
 
     def _detector_family(self) -> str:
         """``"faster_rcnn"`` (any two-stage), ``"ssd"``, ``"fcos"`` or ``"retinanet"`` (any other
@@ -172,7 +191,11 @@ class DistillerMixin:
 
     def student_state_dict(self) -> Dict[str, Tensor]:
         """The student alone: loads into a plain detector of the student's architecture."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("kd_methods.")}
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith(("kd_methods.", "kd_balance."))
+        }
 
     def kd_before_step(self, iteration: int) -> None:
         """Called by the trainers before each step: records the iteration (KD warm-up) and runs
@@ -190,8 +213,80 @@ class DistillerMixin:
     def distill_losses(self, student: StepRecord, teacher: StepRecord) -> Dict[str, Tensor]:
         """Every configured method's losses on the two records, times the warm-up factor."""
         factor = self.kd_warmup_factor()
+        balance = self.kd_balance
         losses: Dict[str, Tensor] = {}
-        for method in self.kd_methods.values():
+        for method_name, method in self.kd_methods.items():
             for name, value in method(student, teacher).items():
-                losses[name] = value * factor
+                self.kd_term_owner[name] = method_name
+                m = balance.multiplier(name) if balance is not None else 1.0
+                losses[name] = value * (factor * m)
         return losses
+
+    def kd_diagnostics_due(self) -> bool:
+        """Whether this training step measures the gradient diagnostics (``KD.DIAG.PERIOD``, or
+        an update of the ``KD.BALANCE`` controller)."""
+        it = self.kd_iteration
+        if self.kd_balance is not None and self.kd_balance.due(it):
+            return True
+        return self.kd_diag_period > 0 and it % self.kd_diag_period == 0
+
+    def finalize_kd_losses(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The end of every training forward (both backends): when due, measure each term's
+        gradient at the trunk (:mod:`kd2.modeling.kd_diagnostics`) into :attr:`kd_diag_last`
+        and let the ``KD.BALANCE`` controller update its multipliers (used from the next step).
+        ``losses`` is returned unchanged."""
+        if not self.training or not self.kd_diagnostics_due():
+            return losses
+        from kd2.modeling.kd_diagnostics import (
+            gradient_statistics,
+            term_gradients,
+            trunk_parameters,
+        )
+
+        params = trunk_parameters(self)
+        stats = gradient_statistics(term_gradients(losses, params))
+        stats = _mean_over_processes(stats)
+        if self.kd_balance is not None:
+            if self.kd_balance.due(self.kd_iteration):
+                shares = {
+                    k[len("grad_share/") :]: v
+                    for k, v in stats.items()
+                    if k.startswith("grad_share/loss_kd_")
+                }
+                self.kd_balance.update(shares)
+            for name in losses:
+                if name.startswith("loss_kd_"):
+                    stats[f"kd_multiplier/{name}"] = self.kd_balance.multiplier(name)
+        self.kd_diag_last = {"iteration": self.kd_iteration, **stats}
+        _put_event_scalars(stats)
+        return losses
+
+
+def _mean_over_processes(stats: Dict[str, float]) -> Dict[str, float]:
+    """The average of every statistic over the processes (identical controller updates)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    keys = sorted(stats)
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _put_event_scalars(stats: Dict[str, float]) -> None:
+    """Into Detectron2's event storage when training under Detectron2 (its metrics.json and
+    TensorBoard writers pick them up); kd2's own trainer reads :attr:`kd_diag_last` instead."""
+    try:
+        from detectron2.utils.events import get_event_storage
+    except ImportError:
+        return
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # no storage: not inside a Detectron2 training loop
+        return
+    storage.put_scalars(**stats, smoothing_hint=False)

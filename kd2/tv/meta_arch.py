@@ -67,7 +67,7 @@ class _KDMixin(DistillerMixin):
         with torch.no_grad():
             teacher = self.teacher_step(student)
         losses.update(self.distill_losses(student, teacher))
-        return losses
+        return self.finalize_kd_losses(losses)
 
     # -- helpers used by the subclasses ---------------------------------------------------
     def _transform(self, images, targets):
@@ -75,6 +75,21 @@ class _KDMixin(DistillerMixin):
             if t["boxes"].numel() and not torch.all(t["boxes"][:, 2:] > t["boxes"][:, :2]):
                 raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in target {t}")
         return self.transform(images, targets)
+
+    def kd_input_checks(self) -> list:
+        """``(ok, line)`` pairs for the pre-flight check: how the teacher's input is made."""
+        t = self._teacher
+        s_norm = (list(self.transform.image_mean), list(self.transform.image_std))
+        t_norm = (list(t.transform.image_mean), list(t.transform.image_std))
+        how = (
+            "the same normalised tensor"
+            if s_norm == t_norm
+            else f"the student's tensor re-normalised from mean/std {s_norm} to {t_norm}"
+        )
+        return [
+            (True, f"classes: teacher {_num_classes(t)}, student {_num_classes(self)}"),
+            (True, f"the teacher reads the student's resized, padded batch as {how}"),
+        ]
 
     def _teacher_input(self, images: Tensor) -> Tensor:
         """Student-normalised tensor -> teacher-normalised (identity when they agree)."""
