@@ -88,7 +88,9 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
         "kind": kind,
         "run": run_name,
         "config": config,
-        "opts": [str(o) for o in opts if not str(o).startswith(ROOT)],
+        "opts": [
+            os.path.relpath(str(o), ROOT) if str(o).startswith(ROOT) else str(o) for o in opts
+        ],
         "seed": int(cfg.SEED),
         "methods": list(cfg.KD.METHODS),
         "inherit_teacher": list(getattr(cfg.KD, "INHERIT_TEACHER", [])),

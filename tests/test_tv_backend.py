@@ -15,9 +15,9 @@ from .helpers import NUM_CLASSES, batch, kd_cfg, save_teacher, tiny_cfg
 
 ARCHS = ["FasterRCNN", "RetinaNet", "FCOS"]
 METHODS = {
-    "FasterRCNN": ["FitNet", "Hinton", "FGFI", "DeFeat", "CWD", "PKD", "MGD", "FGD", "FBKD"],
-    "RetinaNet": ["FitNet", "Hinton", "FGFI", "DeFeat", "CWD", "PKD", "MGD", "FGD", "FBKD"],
-    "FCOS": ["FitNet", "Hinton", "FGFI", "DeFeat", "CWD", "PKD", "MGD", "FGD", "FBKD"],
+    "FasterRCNN": ["FitNet", "Hinton", "FGFI", "DeFeat", "CWD", "PKD", "MGD", "FGD", "FBKD", "RKD"],
+    "RetinaNet": ["FitNet", "Hinton", "FGFI", "DeFeat", "CWD", "PKD", "MGD", "FGD", "FBKD", "RKD"],
+    "FCOS": ["FitNet", "Hinton", "FGFI", "DeFeat", "CWD", "PKD", "MGD", "FGD", "FBKD", "RKD"],
 }
 
 

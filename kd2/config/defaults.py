@@ -327,6 +327,12 @@ _C.KD.FBKD.NONLOCAL_WEIGHT = 7e-5
 _C.KD.FBKD.TEMPERATURE = 0.5
 _C.KD.FBKD.STRIDES = []
 
+# RKD (relational KD, CVPR 2019) on the GT instances' pooled FPN features (distance and angle
+# potentials, SmoothL1); weights of the Global-Knowledge code's detection RKD.
+_C.KD.RKD = CN()
+_C.KD.RKD.DISTANCE_WEIGHT = 5.0
+_C.KD.RKD.ANGLE_WEIGHT = 10.0
+
 # Classifier-to-detector distillation (NeurIPS 2021): an image classifier trained on GT crops
 # (tools/train_crop_classifier.py) teaches the classification (KD-cls) and box regression
 # (KD-loc) of the detector. Needs no detector teacher; composable with detector-teacher methods.

@@ -1,0 +1,90 @@
+"""The tensor functions of CrossKD, GID and LD against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd2.losses import (
+    localization_distillation_loss,
+    quality_focal_kd_loss,
+    recolor_features,
+    select_general_instances,
+)
+
+
+def test_recolor_features_takes_the_teachers_statistics():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 4, 5, generator=g, requires_grad=True)
+    t = 3.0 * torch.randn(2, 3, 4, 5, generator=g) + 7.0
+    out = recolor_features(s, t, eps=0.0)
+    flat = lambda x: x.transpose(0, 1).reshape(3, -1)  # noqa: E731
+    torch.testing.assert_close(flat(out).mean(1), flat(t).mean(1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(flat(out).std(1), flat(t).std(1), atol=1e-4, rtol=1e-4)
+    # hand: one channel, values (1, 3) -> standardised (-1/sqrt2, 1/sqrt2) (unbiased std sqrt2)
+    small = recolor_features(
+        torch.tensor([1.0, 3.0]).view(1, 1, 1, 2), torch.tensor([0.0, 10.0]).view(1, 1, 1, 2), 0.0
+    )
+    torch.testing.assert_close(small.flatten(), torch.tensor([0.0, 10.0]))
+    out.sum().backward()
+    assert s.grad is not None
+    with pytest.raises(ValueError, match="1x1 conv"):
+        recolor_features(torch.randn(1, 2, 3, 3), torch.randn(1, 4, 3, 3))
+
+
+def test_quality_focal_kd_loss_hand_computed():
+    s = torch.tensor([[0.0, 2.0]], requires_grad=True)
+    t = torch.tensor([[0.0, -1.0]])
+    p_t = 1 / (1 + math.exp(1.0))
+    p_s = 1 / (1 + math.exp(-2.0))
+    bce = -(p_t * math.log(p_s) + (1 - p_t) * math.log(1 - p_s))
+    # the first element: equal probabilities, focal factor 0
+    assert quality_focal_kd_loss(s, t).item() == pytest.approx(bce * abs(p_s - p_t), rel=1e-5)
+    assert quality_focal_kd_loss(s, t, beta=2.0).item() == pytest.approx(
+        bce * abs(p_s - p_t) ** 2, rel=1e-5
+    )
+    quality_focal_kd_loss(s, t).backward()
+    assert s.grad[0, 0] == 0 and s.grad[0, 1] > 0
+
+
+def test_ld_hand_computed_and_mean_over_bins():
+    s = torch.zeros(1, 4, 2)
+    t = torch.zeros(1, 4, 2)
+    t[0, 0] = torch.tensor([math.log(3.0) * 10, 0.0])  # side 0: teacher (3/4, 1/4) at T = 10
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    expected = 100.0 * kl / 2  # T^2 x KL averaged over the 2 bins; other sides 0
+    assert localization_distillation_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    ref = F.kl_div(F.log_softmax(s / 10, -1), F.softmax(t / 10, -1), reduction="none").mean(-1)
+    assert localization_distillation_loss(s, t).item() == pytest.approx(
+        (100 * ref).sum(1).mean().item(), rel=1e-6
+    )
+    empty = localization_distillation_loss(
+        torch.zeros(0, 4, 17, requires_grad=True), torch.zeros(0, 4, 17)
+    )
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_select_general_instances_orders_suppresses_and_caps():
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # diff 0.5
+            [1.0, 1.0, 11.0, 11.0],  # diff 0.9, overlaps box 0 (IoU 0.68)
+            [20.0, 20.0, 30.0, 30.0],  # diff 0.2
+            [50.0, 50.0, 60.0, 60.0],  # diff 0.0
+        ]
+    )
+    student = torch.tensor([[0.1, 0.2], [0.0, 0.0], [0.5, 0.5], [0.3, 0.3]])
+    teacher = torch.tensor([[0.6, 0.2], [0.9, 0.1], [0.3, 0.5], [0.3, 0.3]])
+    assert select_general_instances(boxes, student, teacher).tolist() == [1, 2, 3]
+    assert select_general_instances(boxes, student, teacher, top_k=2).tolist() == [1, 2]
+    assert select_general_instances(boxes, student, teacher, iou_threshold=0.7).tolist() == [
+        1,
+        0,
+        2,
+        3,
+    ]
+    none = select_general_instances(torch.zeros(0, 4), torch.zeros(0, 2), torch.zeros(0, 2))
+    assert none.numel() == 0
