@@ -30,7 +30,7 @@ __all__ = ["DenseOutputs", "RoiOutputs", "StepRecord"]
 
 @dataclass
 class DenseOutputs:
-    """Outputs of a dense head (RetinaNet, FCOS) or of an RPN (``num_classes == 1``).
+    """Outputs of a dense head (RetinaNet, FCOS, GFL) or of an RPN (``num_classes == 1``).
 
     Attributes:
         cls_logits: per level, ``(N, R_l, K)`` raw sigmoid logits, or ``(N, R_l, K + 1)`` softmax
@@ -51,6 +51,11 @@ class DenseOutputs:
             :func:`kd2.losses.utils.decode_boxes`), used to turn ``box_deltas`` into boxes.
         grid_sizes: per level ``(H_l, W_l)``.
         softmax: the head is a softmax classifier over ``K + 1`` (background last).
+        box_dist: per level ``(N, R_l, 4 * (reg_max + 1))`` distribution logits of a GFL-style
+            head (the four sides ``l, t, r, b`` in order, ``reg_max + 1`` bins each, after the
+            level's learnable scale), else ``None``. For such a head ``box_deltas`` holds the
+            expected side distances ``Σ_i softmax(z)_i · i`` in units of the level stride, which
+            ``box_coder`` decodes from the anchors' centres.
     """
 
     cls_logits: List[Tensor]
@@ -65,6 +70,7 @@ class DenseOutputs:
     matched_gt_boxes: Tensor | None = None
     box_coder: object | None = None
     softmax: bool = False
+    box_dist: List[Tensor] | None = None
 
     def anchors_per_level(self) -> List[int]:
         """``A_l`` of every level."""

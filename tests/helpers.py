@@ -34,6 +34,7 @@ def tiny_cfg(
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.MODEL.FCOS.NUM_CLASSES = num_classes
+    cfg.MODEL.GFL.NUM_CLASSES = num_classes
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 200
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
@@ -47,6 +48,8 @@ def tiny_cfg(
     cfg.KD.PREFLIGHT.ENABLED = False  # likewise the pre-flight check (it refuses such teachers)
     if arch == "FasterRCNN":
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
+    elif arch == "GFL":  # one anchor per location, OCTAVE_BASE_SCALE x stride
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = []
     else:
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
     return cfg
@@ -102,6 +105,7 @@ def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6):
     cfg = tiny_cfg(arch)
     cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6
     cfg.MODEL.FCOS.NUM_CLASSES = 6
+    cfg.MODEL.GFL.NUM_CLASSES = 6
     cfg.INPUT.MIN_SIZE_TRAIN = (64,)
     cfg.INPUT.MAX_SIZE_TRAIN = 64
     cfg.INPUT.MIN_SIZE_TEST = 64

@@ -91,8 +91,9 @@ def config_digest(cfg) -> str:
         keep.add("BALANCE")  # the controller changes the run; "none" keeps older digests valid
     for key in [k for k, v in cfg.KD.items() if isinstance(v, dict) and k not in keep]:
         del cfg.KD[key]
-    if cfg.MODEL.META_ARCHITECTURE != "SSD":  # the architecture's node, added in kd2 0.3
-        cfg.MODEL.pop("SSD", None)
+    for arch in ("SSD", "GFL"):  # the architectures' nodes, added in kd2 0.3 and later
+        if cfg.MODEL.META_ARCHITECTURE != arch:
+            cfg.MODEL.pop(arch, None)
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 
@@ -104,6 +105,7 @@ def legacy_digest(cfg) -> str:
     cfg.KD.pop("GLOBALKD", None)
     cfg.KD.pop("CLASSIFIERKD", None)
     cfg.MODEL.pop("SSD", None)
+    cfg.MODEL.pop("GFL", None)
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 

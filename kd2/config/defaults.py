@@ -68,6 +68,21 @@ _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.2
 _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
 _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 1.5
 
+# GFL (kd2.tv.gfl; no torchvision/Detectron2 original): ATSS assignment, QFL + DFL + GIoU, one
+# anchor per location, a square of OCTAVE_BASE_SCALE x stride (MODEL.ANCHOR_GENERATOR is not read).
+_C.MODEL.GFL = CN()
+_C.MODEL.GFL.NUM_CLASSES = 80
+_C.MODEL.GFL.REG_MAX = 16  # distribution bins 0..REG_MAX per side (units of the stride)
+_C.MODEL.GFL.OCTAVE_BASE_SCALE = 8
+_C.MODEL.GFL.ATSS_TOPK = 9  # ATSS candidates per level and GT
+_C.MODEL.GFL.QFL_BETA = 2.0
+_C.MODEL.GFL.LOSS_QFL_WEIGHT = 1.0
+_C.MODEL.GFL.LOSS_DFL_WEIGHT = 0.25
+_C.MODEL.GFL.LOSS_GIOU_WEIGHT = 2.0
+_C.MODEL.GFL.SCORE_THRESH_TEST = 0.05
+_C.MODEL.GFL.NMS_THRESH_TEST = 0.6
+_C.MODEL.GFL.TOPK_CANDIDATES_TEST = 1000
+
 # SSD (torchvision): BACKBONE.NAME "vgg16" = SSD300-VGG16 (SIZE 300, torchvision's
 # ssd300_vgg16 layout; set PIXEL_MEAN [0.48235, 0.45882, 0.40784] / PIXEL_STD [1/255] * 3 as its
 # builder does), "mobilenet_v3_large" = SSDLite (any SIZE). Softmax head with a background class.

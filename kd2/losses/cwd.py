@@ -16,8 +16,9 @@ positions by a softmax at temperature ``τ``;
   channel per anchor and class, ``(N, A·K, H, W)``, raw logits. One-stage detectors only.
 
 ``RECIPE "auto"`` picks by detector: ``neck`` for Faster R-CNN and RetinaNet (their released
-1.x configs), ``logits`` for FCOS (the published recipe's GFL head is FCOS-style — one location
-per anchor, ``K`` sigmoid channels — so it is the closest to a published FCOS recipe).
+1.x configs), ``logits`` for GFL (the published recipe) and FCOS (the published recipe's GFL head
+is FCOS-style — one location per anchor, ``K`` sigmoid channels — so it is the closest to a
+published FCOS recipe).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class CWD(KDMethod):
 
     def bind_detector(self, family: str) -> None:
         if self.recipe == "auto":
-            self._set_recipe("logits" if family == "fcos" else "neck")
+            self._set_recipe("logits" if family in ("fcos", "gfl") else "neck")
 
     def unsupported_reason(self, arch: str, dense_softmax: bool) -> str | None:
         if self.resolved_recipe == "logits" and dense_softmax:

@@ -67,6 +67,7 @@ __all__ = [
 #: published, gets the one-stage (RetinaNet) values.
 FGD_DEFAULTS: dict[str, tuple[float, float, float, float, float]] = {
     "retinanet": (1e-3, 5e-4, 5e-4, 5e-6, 0.5),
+    "gfl": (1e-3, 5e-4, 5e-4, 5e-6, 0.5),
     "faster_rcnn": (5e-5, 2.5e-5, 5e-5, 5e-7, 0.5),
     "fcos": (1.6e-3, 8e-4, 8e-4, 8e-6, 0.8),
     "ssd": (1e-3, 5e-4, 5e-4, 5e-6, 0.5),

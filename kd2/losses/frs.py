@@ -72,6 +72,7 @@ FRS_DEFAULT_WEIGHTS: dict[str, tuple[float, float]] = {
     "faster_rcnn": (0.002, 0.1),
     "retinanet": (0.005, 0.02),
     "fcos": (0.01, 0.05),
+    "gfl": (0.1, 0.05),
 }
 
 
@@ -250,7 +251,8 @@ class FRS(KDMethod):
         return min(1.0, max(0.0, self.iteration / self.warmup_iters))
 
     def detector_family(self, student: StepRecord) -> str:
-        """``"faster_rcnn"``, ``"fcos"`` (dense head with centerness) or ``"retinanet"``."""
+        """``"faster_rcnn"``, ``"gfl"``, ``"fcos"`` (dense head with centerness) or
+        ``"retinanet"``."""
         if self.arch == "one_stage":
             require_sigmoid_dense("FRS", student.dense)
         return detector_family(self.arch, student)

@@ -192,9 +192,10 @@ def shared_strides(
 
 
 def detector_family(arch: str, record) -> str:
-    """``"faster_rcnn"`` (two-stage), ``"fcos"`` (a dense head with centerness), ``"ssd"`` (a
-    softmax dense head) or ``"retinanet"`` (any other sigmoid dense head): the key of the
-    per-detector defaults the papers' configs give.
+    """``"faster_rcnn"`` (two-stage), ``"gfl"`` (a dense head with box distributions),
+    ``"fcos"`` (a dense head with centerness), ``"ssd"`` (a softmax dense head) or
+    ``"retinanet"`` (any other sigmoid dense head): the key of the per-detector defaults the
+    papers' configs give.
 
     Args:
         arch: ``"two_stage"`` or ``"one_stage"``.
@@ -205,6 +206,8 @@ def detector_family(arch: str, record) -> str:
     dense = getattr(record, "dense", None)
     if dense is not None and getattr(dense, "softmax", False):
         return "ssd"
+    if dense is not None and getattr(dense, "box_dist", None) is not None:
+        return "gfl"
     if dense is not None and dense.centerness is not None:
         return "fcos"
     return "retinanet"

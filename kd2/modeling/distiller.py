@@ -146,13 +146,16 @@ class DistillerMixin:
             )
 
     def _detector_family(self) -> str:
-        """``"faster_rcnn"`` (any two-stage), ``"ssd"``, ``"fcos"`` or ``"retinanet"`` (any other
-        sigmoid dense head): the key of the methods' per-detector defaults."""
+        """``"faster_rcnn"`` (any two-stage), ``"ssd"``, ``"gfl"``, ``"fcos"`` or ``"retinanet"``
+        (any other sigmoid dense head): the key of the methods' per-detector defaults."""
         if self.arch_kind == "two_stage":
             return "faster_rcnn"
         if self.dense_softmax:
             return "ssd"
-        return "fcos" if "FCOS" in self._detector_name().upper() else "retinanet"
+        name = self._detector_name().upper()
+        if "GFL" in name:
+            return "gfl"
+        return "fcos" if "FCOS" in name else "retinanet"
 
     def _build_classifier_teacher(self, method, input_normalization) -> nn.Module:
         from kd2.modeling.classifier_teacher import build_classifier_teacher

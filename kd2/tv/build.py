@@ -2,14 +2,15 @@
 
 Plain models are exactly torchvision's ``FasterRCNN`` / ``RetinaNet`` / ``FCOS`` / ``SSD``
 classes, so a student checkpoint written by kd2 loads into a plain torchvision model of the same
-architecture.
+architecture. ``GFL`` (which torchvision lacks) is kd2's :class:`kd2.tv.gfl.GFL`, built in the same
+style; its checkpoints load back into that class.
 Weights are never downloaded: ``weights=None`` everywhere, and ``MODEL.WEIGHTS`` /
 ``KD.TEACHER.WEIGHTS`` are local paths.
 
 Class conventions: kd2's data gives contiguous labels ``0..K-1``. torchvision's Faster R-CNN
 and SSD reserve class 0 for the background, so they are built with ``K + 1`` classes and trained
-on ``label + 1`` (:func:`label_offset`); RetinaNet and FCOS have no background channel and are
-built with ``K`` classes.
+on ``label + 1`` (:func:`label_offset`); RetinaNet, FCOS and GFL have no background channel and
+are built with ``K`` classes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
+from .gfl import GFL
+
 __all__ = [
     "ARCHITECTURES",
     "NUM_CLASSES_KEYS",
@@ -50,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("FasterRCNN", "RetinaNet", "FCOS", "SSD")
+ARCHITECTURES = ("FasterRCNN", "RetinaNet", "FCOS", "SSD", "GFL")
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -60,6 +63,7 @@ NUM_CLASSES_KEYS = {
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
     "FCOS": "MODEL.FCOS.NUM_CLASSES",
     "SSD": "MODEL.SSD.NUM_CLASSES",
+    "GFL": "MODEL.GFL.NUM_CLASSES",
 }
 
 
@@ -74,6 +78,8 @@ def num_classes_of(cfg) -> int:
         return cfg.MODEL.FCOS.NUM_CLASSES
     if arch == "SSD":
         return cfg.MODEL.SSD.NUM_CLASSES
+    if arch == "GFL":
+        return cfg.MODEL.GFL.NUM_CLASSES
     raise ValueError(
         f"MODEL.META_ARCHITECTURE={arch!r} is not a torchvision architecture kd2 supports; "
         f"use one of {ARCHITECTURES}"
@@ -140,6 +146,12 @@ def _build_backbone(cfg, arch: str) -> nn.Module:
 
 def _anchor_generator(cfg, arch: str) -> AnchorGenerator | None:
     sizes: List[List[int]] = cfg.MODEL.ANCHOR_GENERATOR.SIZES
+    if arch == "GFL" and sizes:
+        raise ValueError(
+            "GFL places one anchor per location, a square of MODEL.GFL.OCTAVE_BASE_SCALE x the "
+            f"level's stride (ATSS); it does not read MODEL.ANCHOR_GENERATOR.SIZES ({sizes}): "
+            "leave them empty"
+        )
     if not sizes:
         return None
     ratios = cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS
@@ -263,6 +275,20 @@ def detector_kwargs(cfg) -> Dict[str, object]:
         )
         if anchors is not None:
             kw["anchor_generator"] = anchors
+    elif arch == "GFL":
+        g = cfg.MODEL.GFL
+        kw = dict(
+            num_classes=k,
+            reg_max=g.REG_MAX,
+            octave_base_scale=g.OCTAVE_BASE_SCALE,
+            atss_topk=g.ATSS_TOPK,
+            qfl_beta=g.QFL_BETA,
+            loss_weights=(g.LOSS_QFL_WEIGHT, g.LOSS_DFL_WEIGHT, g.LOSS_GIOU_WEIGHT),
+            score_thresh=g.SCORE_THRESH_TEST,
+            nms_thresh=g.NMS_THRESH_TEST,
+            detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
+            topk_candidates=g.TOPK_CANDIDATES_TEST,
+        )
     else:  # FCOS
         f = cfg.MODEL.FCOS
         kw = dict(
@@ -297,7 +323,13 @@ def _set_test_size(model: nn.Module, cfg) -> None:
 
 
 def _plain_class(arch: str):
-    return {"FasterRCNN": FasterRCNN, "RetinaNet": RetinaNet, "FCOS": FCOS, "SSD": SSD}[arch]
+    return {
+        "FasterRCNN": FasterRCNN,
+        "RetinaNet": RetinaNet,
+        "FCOS": FCOS,
+        "SSD": SSD,
+        "GFL": GFL,
+    }[arch]
 
 
 def load_checkpoint_state(path: str, what: str) -> Dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Distillation meta-architectures on torchvision detectors.
 
-``KDFasterRCNN``, ``KDRetinaNet``, ``KDFCOS`` and ``KDSSD`` subclass torchvision's classes: in
-eval mode they are the plain student; in train mode they return torchvision's detection losses
-plus the configured ``loss_kd_*`` terms.
+``KDFasterRCNN``, ``KDRetinaNet``, ``KDFCOS`` and ``KDSSD`` subclass torchvision's classes, and
+``KDGFL`` kd2's torchvision-style :class:`kd2.tv.gfl.GFL`: in eval mode they are the plain
+student; in train mode they return the detector's own losses plus the configured ``loss_kd_*``
+terms.
 
 The teacher lives **outside** the module tree: it is not in ``state_dict()``, ``parameters()``,
 the optimizer or DDP, ``.train()`` never switches it out of eval mode, and ``.to()`` moves it
@@ -28,8 +29,9 @@ from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
 from kd2.structures import RoiOutputs, StepRecord
 
 from . import record as R
+from .gfl import GFL
 
-__all__ = ["KDFasterRCNN", "KDRetinaNet", "KDFCOS", "KDSSD", "KD_ARCHITECTURES"]
+__all__ = ["KDFasterRCNN", "KDRetinaNet", "KDFCOS", "KDSSD", "KDGFL", "KD_ARCHITECTURES"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +220,8 @@ class _KDDense(_KDMixin):
     dense_softmax = False
 
     def _run_head(self, model, images, maps, strides):
+        if isinstance(model, GFL):  # a GFL teacher of another dense student, or the student
+            return R.run_gfl_head(model, images, maps, strides)
         return R.run_dense_head(model, images, maps, strides, softmax=self.dense_softmax)
 
     def _detection_losses(self, targets, head_outputs, anchors, matched):
@@ -299,11 +303,44 @@ class KDSSD(_KDDense, SSD):
         return self.compute_loss(targets, head_outputs, anchors, matched)
 
 
+class KDGFL(_KDDense, GFL):
+    """kd2's ``GFL`` student with a frozen teacher (record: ``features``, ``dense`` with the
+    ``K`` joint class-quality logits, ``box_dist`` the distribution logits, ``box_deltas`` their
+    expected side distances in stride units, the ATSS squares as ``anchors`` and the ATSS
+    assignment as ``labels``; anchors in the batch padding outside an image's own padded size
+    are ignored, ``-1``). Detection loss keys: ``loss_qfl``, ``loss_dfl``, ``loss_giou``."""
+
+    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self._init_kd(cfg, teacher)
+        if list(self.kd_strides) != list(self.anchor_strides):
+            raise ValueError(
+                f"the GFL student's FPN strides {self.kd_strides} are not its anchor strides "
+                f"{self.anchor_strides}"
+            )
+
+    # The assignment needs each image's size (valid anchors), so the "anchors" handed from
+    # ``_run_head`` to ``_match`` / ``_detection_losses`` are ``(per-level anchors, sizes)``.
+    def _run_head(self, model, images, maps, strides):
+        dense, head_outputs, anchors = super()._run_head(model, images, maps, strides)
+        return dense, head_outputs, (anchors, images.image_sizes)
+
+    def _match(self, targets, anchors, counts):
+        per_level, image_sizes = anchors
+        return self.assign_targets(targets, per_level, image_sizes)
+
+    def _detection_losses(self, targets, head_outputs, anchors, matched):
+        return self.head.compute_loss(
+            targets, head_outputs, anchors[0], matched, self.anchor_strides
+        )
+
+
 KD_ARCHITECTURES = {
     "FasterRCNN": KDFasterRCNN,
     "RetinaNet": KDRetinaNet,
     "FCOS": KDFCOS,
     "SSD": KDSSD,
+    "GFL": KDGFL,
 }
 
 

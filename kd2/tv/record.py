@@ -33,6 +33,7 @@ __all__ = [
     "features_by_stride",
     "run_rpn",
     "run_dense_head",
+    "run_gfl_head",
     "run_roi_head",
     "sample_rois",
     "dense_labels_from_matches",
@@ -187,6 +188,39 @@ def run_dense_head(
         centerness=_split_levels(ctr, counts) if ctr is not None else None,
         box_coder=model.box_coder,
         softmax=softmax,
+    )
+    return out, head_outputs, anchors
+
+
+def run_gfl_head(
+    model: nn.Module, images: ImageList, maps: List[Tensor], strides: List[int]
+) -> Tuple[DenseOutputs, Dict[str, Tensor], List[Tensor]]:
+    """Run a :class:`kd2.tv.gfl.GFL` head; returns the record part (no labels), the raw
+    ``head_outputs`` and the per-level anchors (for the assignment and the losses).
+
+    Record: ``cls_logits`` the ``K`` joint class-quality (QFL) logits; ``box_dist`` the
+    ``4 (reg_max + 1)`` distribution logits; ``box_deltas`` their expected side distances in
+    units of the stride (:func:`kd2.tv.gfl.integral`, differentiable); ``anchors`` the ATSS
+    squares (side ``octave_base_scale`` x stride, one per location), which ``box_coder``
+    (:class:`kd2.tv.gfl.GFLBoxCoder`) decodes ``box_deltas`` against.
+    """
+    from .gfl import integral
+
+    head_outputs = model.head(maps)
+    anchors = model.grid_anchors(images, maps)
+    counts = [a.shape[0] for a in anchors]
+    logits = head_outputs["cls_logits"]
+    dist = _split_levels(head_outputs["bbox_regression"], counts)
+    out = DenseOutputs(
+        cls_logits=_split_levels(logits, counts),
+        box_deltas=[integral(d, model.reg_max) for d in dist],
+        anchors=anchors,
+        strides=strides,
+        num_anchors_per_loc=1,
+        num_classes=logits.shape[-1],
+        grid_sizes=[tuple(m.shape[-2:]) for m in maps],
+        box_coder=model.box_coder,
+        box_dist=dist,
     )
     return out, head_outputs, anchors
 
