@@ -82,7 +82,11 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
             print(f"[gains] {pair}/{run_name}: finished result reused ({path})", flush=True)
             return old
     t0 = time.time()
-    done = demo.run(run_name, config, opts, out_dir, fresh=False)
+    try:
+        done = demo.run(run_name, config, opts, out_dir, fresh=False)
+    except FloatingPointError as err:  # the divergence guard / NaN stop: a result too
+        print(f"[gains] {pair}/{run_name}: stopped: {str(err).splitlines()[0]}", flush=True)
+        done = {"bbox": {"AP": 0.0}, "diverged": str(err).split(". Training stopped")[0]}
     record = {
         "pair": pair,
         "kind": kind,
@@ -96,6 +100,7 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
         "inherit_teacher": list(getattr(cfg.KD, "INHERIT_TEACHER", [])),
         "config_sha": digest,
         "bbox": {k: round(float(v), 4) for k, v in done["bbox"].items()},
+        "diverged": done.get("diverged"),
         "train_seconds": round(float(done.get("train_seconds", time.time() - t0)), 1),
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu",
@@ -108,6 +113,7 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
         f.write("\n")
     os.replace(tmp, path)
     print(f"[gains] {pair}/{run_name}: AP {record['bbox']['AP']:.2f} -> {path}", flush=True)
+    # a diverged run counts as AP 0 (the run produced no usable model), marked in the table
     return record
 
 

@@ -78,6 +78,7 @@ def rows_for(pair: str) -> list[dict]:
         if not seeds:
             continue
         dist = {r["seed"]: r["bbox"]["AP"] for r in rs}
+        diverged = sorted(r["seed"] for r in rs if r.get("diverged") and r["seed"] in seeds)
         s = [students[k] for k in seeds]
         d = [dist[k] for k in seeds]
         gains = [b - a for a, b in zip(s, d)]
@@ -100,6 +101,8 @@ def rows_for(pair: str) -> list[dict]:
                 "per_seed": gains,
                 "gap_closed": (dm - sm) / (t_ap - sm) if t_ap > sm else float("nan"),
                 "torch": rs[0]["torch"],
+                "diverged": diverged,
+                "balance": "gradshare" in os.path.basename(config),
             }
         )
     rows.sort(key=lambda r: -r["gain"][0])
@@ -120,6 +123,12 @@ def table() -> str:
             title = f"{PAIR_TITLES[pair]} (teacher {r['teacher']:.2f})" if i == 0 else ""
             method = "+".join(r["methods"])
             paper = PAPER.get((pair, method), "—")
+            if r["balance"]:
+                method += ", KD.BALANCE grad_share"
+                paper = "—"
+            if r["diverged"]:
+                seeds_txt = ", ".join(str(x) for x in r["diverged"])
+                method += f" — **diverged** on seed {seeds_txt} (counted as AP 0)"
             inherit = ", ".join(r["inherit"]) if r["inherit"] else "no"
             per_seed = " / ".join(f"{g:+.2f}" for g in r["per_seed"])
             lines.append(

@@ -201,3 +201,30 @@ def test_shipped_pipeline_check_configs_accept_a_near_zero_teacher():
         if name.endswith(".yaml") and ("DeFeat" in name or "GlobalKD" in name):
             cfg = yaml.safe_load((quick / name).read_text())
             assert cfg["KD"]["PREFLIGHT"]["MIN_TEACHER_AP"] == 0.0, name
+
+
+def test_controller_holds_each_term_against_the_detection_gradient(tmp_path):
+    """With several terms, each term's share is measured against the detection gradient alone."""
+    from kd2.tv.build import build_detector
+
+    from .helpers import batch, kd_cfg
+
+    cfg = kd_cfg(tmp_path, "RetinaNet", ["FitNet", "DeFeat"])
+    cfg.KD.BALANCE.MODE = "grad_share"
+    cfg.KD.BALANCE.PERIOD, cfg.KD.BALANCE.WARMUP = 1, 0
+    cfg.KD.BALANCE.LOW, cfg.KD.BALANCE.HIGH = 0.5, 0.9
+    model = build_detector(cfg).train()
+    model.kd_before_step(0)
+    images, targets = batch("RetinaNet")
+    model(images, targets)
+    diag = model.kd_diag_last
+    det = diag["grad_norm/detection"]
+    target_odds = 0.7 / 0.3
+    for term in ("loss_kd_fitnet", "loss_kd_defeat_fg", "loss_kd_defeat_bg"):
+        n = diag[f"grad_norm/{term}"]
+        s = n / (n + det)
+        expected = (
+            1.0 if 0.5 <= s <= 0.9 else min(max(math.sqrt(target_odds / (s / (1 - s))), 0.1), 10)
+        )
+        assert model.kd_balance.multiplier(term) == pytest.approx(expected, rel=1e-9), term
+        assert diag[f"kd_multiplier/{term}"] == model.kd_balance.multiplier(term)

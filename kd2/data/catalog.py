@@ -12,7 +12,10 @@ Builtin names (registered at import; paths resolved when first used, relative to
 * ``coco_2017_train`` / ``coco_2017_val``: ``$DETECTRON2_DATASETS/coco/{train2017,val2017}``
   with ``coco/annotations/instances_{train,val}2017.json``;
 * ``synthetic_train`` / ``synthetic_val``: ``$DETECTRON2_DATASETS/kd2_synthetic/`` (see
-  :mod:`kd2.data.synthetic`), generated there with the default arguments on first use if absent.
+  :mod:`kd2.data.synthetic`), generated there with the default arguments on first use if absent;
+* ``synthetic_crowded_train`` / ``synthetic_crowded_val``:
+  ``$DETECTRON2_DATASETS/kd2_synthetic_crowded/``, the second benchmark's "crowded" profile
+  (:func:`~kd2.data.synthetic.generate_crowded_benchmark`), generated there the same way.
 
 Explicit datasets: any name of the form ``"path/to/instances.json:path/to/image_dir"`` is
 registered automatically (as a COCO dataset under that very name) the first time it is used,
@@ -52,6 +55,7 @@ __all__ = [
     "parse_coco_name",
     "datasets_root",
     "SYNTHETIC_GENERATOR_KWARGS",
+    "SYNTHETIC_CROWDED_GENERATOR_KWARGS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ logger = logging.getLogger(__name__)
 #: Keyword arguments passed to :func:`generate_synthetic_dataset` when the builtin synthetic
 #: datasets are generated on first use (empty = the generator's defaults).
 SYNTHETIC_GENERATOR_KWARGS: Dict[str, Any] = {}
+#: The same for :func:`~kd2.data.synthetic.generate_crowded_benchmark` (``synthetic_crowded_*``).
+SYNTHETIC_CROWDED_GENERATOR_KWARGS: Dict[str, Any] = {}
 
 
 def datasets_root() -> str:
@@ -431,25 +437,37 @@ def _coco_paths(split: str) -> Callable[[], Tuple[str, str]]:
     return paths
 
 
-def _ensure_synthetic(root: str) -> None:
-    """Generate the synthetic dataset at ``root`` unless complete; safe across processes."""
-    from kd2.data.synthetic import generate_synthetic_dataset, synthetic_dataset_exists
+def _synthetic_generator(profile: str) -> Tuple[Callable[..., Dict[str, str]], Dict[str, Any]]:
+    """The generator and its keyword arguments (read at call time) of a builtin profile."""
+    from kd2.data import synthetic
+
+    if profile == "crowded":
+        return synthetic.generate_crowded_benchmark, SYNTHETIC_CROWDED_GENERATOR_KWARGS
+    return synthetic.generate_synthetic_dataset, SYNTHETIC_GENERATOR_KWARGS
+
+
+def _ensure_synthetic(root: str, profile: str = "default") -> None:
+    """Generate the synthetic dataset of ``profile`` at ``root`` unless complete; safe across
+    processes."""
+    from kd2.data.synthetic import synthetic_dataset_exists
 
     if synthetic_dataset_exists(root):
         return
+    generate, kwargs = _synthetic_generator(profile)
     logger.warning(
-        "Synthetic dataset not found at %s; generating it now (arguments: %s) ...",
+        "Synthetic dataset%s not found at %s; generating it now (arguments: %s) ...",
+        "" if profile == "default" else f" ({profile} profile)",
         root,
-        SYNTHETIC_GENERATOR_KWARGS or "defaults",
+        kwargs or "defaults",
     )
     if os.path.exists(root):  # a partial/interrupted generation: redo it in place
-        generate_synthetic_dataset(root, overwrite=True, **SYNTHETIC_GENERATOR_KWARGS)
+        generate(root, overwrite=True, **kwargs)
         return
     parent = os.path.dirname(root) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(root)}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    generate_synthetic_dataset(tmp, overwrite=True, **SYNTHETIC_GENERATOR_KWARGS)
+    generate(tmp, overwrite=True, **kwargs)
     try:
         os.rename(tmp, root)
     except OSError:  # another process finished first
@@ -458,10 +476,19 @@ def _ensure_synthetic(root: str) -> None:
             raise
 
 
-def _synthetic_paths(split: str) -> Callable[[], Tuple[str, str]]:
+#: builtin synthetic profile -> (dataset name prefix, directory under ``$DETECTRON2_DATASETS``)
+_SYNTHETIC_BUILTINS = {
+    "default": ("synthetic", "kd2_synthetic"),
+    "crowded": ("synthetic_crowded", "kd2_synthetic_crowded"),
+}
+
+
+def _synthetic_paths(split: str, profile: str = "default") -> Callable[[], Tuple[str, str]]:
+    dirname = _SYNTHETIC_BUILTINS[profile][1]
+
     def paths() -> Tuple[str, str]:
-        root = os.path.abspath(os.path.join(datasets_root(), "kd2_synthetic"))
-        _ensure_synthetic(root)
+        root = os.path.abspath(os.path.join(datasets_root(), dirname))
+        _ensure_synthetic(root, profile)
         return (
             os.path.join(root, "annotations", f"instances_{split}.json"),
             os.path.join(root, split),
@@ -473,9 +500,10 @@ def _synthetic_paths(split: str) -> Callable[[], Tuple[str, str]]:
 def _register_builtins() -> None:
     for split in ("train", "val"):
         _register_lazy_coco(f"coco_2017_{split}", _coco_paths(split), {"evaluator_type": "coco"})
-        _register_lazy_coco(
-            f"synthetic_{split}", _synthetic_paths(split), {"evaluator_type": "coco"}
-        )
+        for profile, (prefix, _) in _SYNTHETIC_BUILTINS.items():
+            _register_lazy_coco(
+                f"{prefix}_{split}", _synthetic_paths(split, profile), {"evaluator_type": "coco"}
+            )
 
 
 _register_builtins()

@@ -35,10 +35,16 @@ non-square images, each with hundreds of small non-overlapping objects (10-60 px
 aerial imagery - the case where default anchors and input sizes fail (see
 :mod:`kd2.data.report`).
 
+The second benchmark's data, :func:`generate_crowded_benchmark` (``--profile crowded``), uses
+that generator for many small objects on mid-sized images: 256-512 px sides, 20-200 objects of
+4-30 px per image, clusters of nearly touching objects, object-like distractors.
+
 Command line::
 
     python -m kd2.data.synthetic --out datasets/kd2_synthetic [--num-train 600] [--num-val 200]
         [--image-size 128] [--num-classes 6] [--seed 0] [--format png] [--overwrite]
+    python -m kd2.data.synthetic --profile crowded --out datasets/kd2_synthetic_crowded
+        [--num-train 300] [--num-val 100] [--num-classes 6] [--seed 0] [--format png]
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "generate_synthetic_dataset",
     "generate_crowded_dataset",
+    "generate_crowded_benchmark",
+    "CROWDED_BENCHMARK",
     "synthetic_dataset_exists",
     "render_synthetic_image",
     "render_crowded_image",
@@ -428,6 +436,32 @@ def _paste(img: np.ndarray, x0: int, y0: int, alpha: np.ndarray, layer: np.ndarr
     region += alpha[..., None] * layer
 
 
+def _crowded_distractor(rng: np.random.Generator, r: float, object_like: bool) -> List[np.ndarray]:
+    """Polygons (origin-centred) of one distractor of radius ``r``: an irregular blob or a bar;
+    with ``object_like`` also an open arc (confusable with rings) or a half disc (confusable
+    with circles)."""
+    kind = int(rng.integers(0, 4)) if object_like else int(rng.random() >= 0.5)
+    if kind == 0:  # irregular blob
+        n = int(rng.integers(5, 10))
+        t = np.sort(rng.uniform(0, 2 * math.pi, size=n))
+        rad = r * rng.uniform(0.35, 1.0, size=n)
+        fill = [np.stack([np.cos(t) * rad, np.sin(t) * rad], axis=1)]
+    elif kind == 1:  # bar
+        bw = r * rng.uniform(0.12, 0.3)
+        bar = np.array([[-r, -bw], [r, -bw], [r, bw], [-r, bw]])
+        fill = [_rotate(bar, rng.uniform(0, 3.2))]
+    elif kind == 2:  # open arc
+        t = rng.uniform(0, 2 * math.pi) + np.linspace(0, rng.uniform(0.8, 1.4) * math.pi, 24)
+        ri = r * rng.uniform(0.5, 0.7)
+        outer = np.stack([np.cos(t) * r, np.sin(t) * r], axis=1)
+        inner = np.stack([np.cos(t[::-1]) * ri, np.sin(t[::-1]) * ri], axis=1)
+        fill = [np.concatenate([outer, inner], axis=0)]
+    else:  # half disc
+        t = rng.uniform(0, 2 * math.pi) + np.linspace(0, math.pi, 24)
+        fill = [np.stack([np.cos(t) * r, np.sin(t) * r], axis=1)]
+    return fill
+
+
 def render_crowded_image(
     rng: np.random.Generator,
     height: int,
@@ -435,14 +469,28 @@ def render_crowded_image(
     classes: Sequence[_ClassSpec],
     num_objects: int,
     object_size: Tuple[float, float],
+    *,
+    distractor_ratio: float = 0.125,
+    object_like_distractors: bool = False,
+    clustered: float = 0.0,
 ) -> Tuple[np.ndarray, List[Dict[str, object]]]:
     """Render one crowded scene: up to ``num_objects`` small, non-overlapping objects.
 
     Each object's extent (diameter) is log-uniform in ``object_size``; objects lie fully inside
     the image, at least one pixel apart (their boxes never touch), over a cluttered background
-    with lines and unannotated blobs/bars of object size. Objects are placed largest first; one
-    that finds no free place in 50 tries is skipped, so a too-small image gets fewer objects than
-    asked for.
+    with lines and ``int(num_objects * distractor_ratio)`` unannotated distractors of object size
+    (blobs and bars; with ``object_like_distractors`` also arcs and half discs, half of them in
+    saturated, possibly object-like hues). Objects are placed largest first; a shape
+    whose visible box is under 3 px is redrawn (up to 5 times, same size), and one that finds no
+    free place in 50 tries is skipped, so a too-small image gets fewer objects than asked for.
+
+    ``clustered`` is the share of objects that look for a place near one of
+    ``max(1, round(num_objects * clustered / 12))`` cluster centres first (a Gaussian of 6-20 px
+    around a centre drawn uniformly in the image, 25 tries, then anywhere): dense groups of
+    nearly touching objects (retail shelves, cell clumps, parking lots) among scattered ones.
+    With the defaults (1/8 plain distractors, no clusters) the images are those this function
+    drew before these options existed, as long as no shape needs a redraw (none does from
+    ~6 px up).
 
     Returns:
         ``(image, objects)`` as :func:`render_synthetic_image`: ``(height, width, 3)`` uint8 BGR
@@ -451,26 +499,26 @@ def render_crowded_image(
     h, w = int(height), int(width)
     lo, hi = float(object_size[0]), float(object_size[1])
     img = _crowded_background(h, w, rng)
-    # distractors: irregular blobs and bars, drawn first (objects may cover them)
-    for _ in range(int(num_objects) // 8):
+    # distractors, drawn first (objects may cover them)
+    for _ in range(int(int(num_objects) * float(distractor_ratio))):
         size = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         half = int(math.ceil(size / 2)) + 2
-        r = size / 2
-        if rng.random() < 0.5:
-            n = int(rng.integers(5, 10))
-            t = np.sort(rng.uniform(0, 2 * math.pi, size=n))
-            rad = r * rng.uniform(0.35, 1.0, size=n)
-            fill = [np.stack([np.cos(t) * rad, np.sin(t) * rad], axis=1)]
-        else:
-            bw = r * rng.uniform(0.12, 0.3)
-            bar = np.array([[-r, -bw], [r, -bw], [r, bw], [-r, bw]])
-            fill = [_rotate(bar, rng.uniform(0, 3.2))]
+        fill = _crowded_distractor(rng, size / 2, object_like_distractors)
         alpha = _draw_mask(2 * half, fill, [], np.array([half, half], dtype=np.float64))
         x0 = int(rng.integers(0, max(w - 2 * half, 0) + 1))
         y0 = int(rng.integers(0, max(h - 2 * half, 0) + 1))
-        col = rng.uniform(20, 235, size=3).astype(np.float32)
+        if object_like_distractors and rng.random() < 0.5:  # saturated, possibly object-like
+            col = _hsv_to_bgr(rng.uniform(0, 180), rng.uniform(120, 255), rng.uniform(120, 255))
+        else:
+            col = rng.uniform(20, 235, size=3).astype(np.float32)
         if 2 * half <= min(h, w):
             _paste(img, x0, y0, alpha.astype(np.float32) / 255.0, np.broadcast_to(col, (1, 1, 3)))
+    centres = np.zeros((0, 2))
+    sigmas = np.zeros(0)
+    if clustered > 0 and num_objects > 0:
+        k = max(1, int(round(num_objects * clustered / 12)))
+        centres = rng.uniform(0, 1, size=(k, 2)) * np.array([w, h], dtype=np.float64)
+        sigmas = rng.uniform(6.0, 20.0, size=k)
 
     occupied = np.zeros((h, w), dtype=bool)
     objects: List[Dict[str, object]] = []
@@ -478,19 +526,30 @@ def render_crowded_image(
     sizes = np.sort(np.exp(rng.uniform(math.log(lo), math.log(hi), size=int(num_objects))))[::-1]
     for size in sizes.tolist():
         spec = classes[int(rng.integers(0, len(classes)))]
-        fill, holes = _shape_polygons(spec.shape, size, rng)
         half = int(math.ceil(size / 2)) + 2
         p = 2 * half
         centre = np.array([half, half], dtype=np.float64)
-        alpha_u8 = _draw_mask(p, fill, holes, centre)
-        binary = alpha_u8 >= 128
-        bx0, by0, bx1, by1 = _tight_box(binary)
+        for _shape_try in range(5):  # a tiny, thin shape may round to a box under 3 px
+            fill, holes = _shape_polygons(spec.shape, size, rng)
+            alpha_u8 = _draw_mask(p, fill, holes, centre)
+            binary = alpha_u8 >= 128
+            bx0, by0, bx1, by1 = _tight_box(binary)
+            if p > min(h, w) or _box_ok((bx0, by0, bx1, by1)):
+                break
         if p > min(h, w) or not _box_ok((bx0, by0, bx1, by1)):
             continue
+        cluster = -1
+        if len(centres) and rng.random() < clustered:
+            cluster = int(rng.integers(0, len(centres)))
         spot = None
-        for _attempt in range(50):
-            x0 = int(rng.integers(0, w - p + 1))
-            y0 = int(rng.integers(0, h - p + 1))
+        for attempt in range(50):
+            if attempt < 25 and cluster >= 0:
+                cx, cy = centres[cluster] + rng.normal(0.0, sigmas[cluster], size=2) - half
+                x0 = int(min(max(round(cx), 0), w - p))
+                y0 = int(min(max(round(cy), 0), h - p))
+            else:
+                x0 = int(rng.integers(0, w - p + 1))
+                y0 = int(rng.integers(0, h - p + 1))
             ys = slice(max(y0 + by0 - 1, 0), y0 + by1 + 1)
             xs = slice(max(x0 + bx0 - 1, 0), x0 + bx1 + 1)
             if not occupied[ys, xs].any():
@@ -761,6 +820,10 @@ def generate_crowded_dataset(
     seed: int = 0,
     overwrite: bool = False,
     image_format: str = "png",
+    count_scales_with_area: bool = False,
+    distractor_ratio: float = 0.125,
+    object_like_distractors: bool = False,
+    clustered: float = 0.0,
 ) -> Dict[str, str]:
     """Generate a crowded small-object dataset (aerial-imagery-like) under ``root``.
 
@@ -776,6 +839,13 @@ def generate_crowded_dataset(
     ``numpy.random.default_rng((seed, split, i, 1))`` only, so outputs are byte-identical per
     seed. The defaults resemble a real aerial set (4 images of 400-2500 px, 10-60 px objects,
     up to ~600 per image, 3 classes).
+
+    With ``count_scales_with_area`` the upper end of ``objects_per_image`` is for an image of
+    ``max_side x max_side`` and shrinks with the image's area (``hi * h * w / max_side**2``, never
+    below the lower end), so small images are not packed denser than large ones.
+    ``distractor_ratio``, ``object_like_distractors`` and ``clustered`` are passed to
+    :func:`render_crowded_image`. :func:`generate_crowded_benchmark` is the benchmark profile
+    built from these options.
 
     Returns:
         the paths dict of :func:`generate_synthetic_dataset`.
@@ -798,6 +868,11 @@ def generate_crowded_dataset(
         )
     if not 0 <= lo_n <= hi_n:
         raise ValueError(f"objects_per_image must be (lo, hi) with 0 <= lo <= hi, got {lo_n, hi_n}")
+    if not (0 <= distractor_ratio and 0 <= clustered <= 1):
+        raise ValueError(
+            f"need distractor_ratio >= 0 and 0 <= clustered <= 1, got {distractor_ratio}, "
+            f"{clustered}"
+        )
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     paths = _prepare_root(root, overwrite)
@@ -814,13 +889,25 @@ def generate_crowded_dataset(
         for i in range(n):
             rng = np.random.default_rng([int(seed), _SPLIT_CODES[split], i, _CROWDED_STREAM])
             h, w = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
-            wanted = int(rng.integers(lo_n, hi_n + 1))
+            top = hi_n
+            if count_scales_with_area:
+                top = max(lo_n, min(hi_n, int(hi_n * h * w / max_side**2)))
+            wanted = int(rng.integers(lo_n, top + 1))
             image, objects = render_crowded_image(
-                rng, h, w, classes, wanted, (min_object, max_object)
+                rng,
+                h,
+                w,
+                classes,
+                wanted,
+                (min_object, max_object),
+                distractor_ratio=distractor_ratio,
+                object_like_distractors=object_like_distractors,
+                clustered=clustered,
             )
             if len(objects) < wanted:
                 logger.warning(
-                    "crowded %s image %d (%dx%d): placed %d of %d objects (no free space left)",
+                    "crowded %s image %d (%dx%d): placed %d of %d objects (no free space left, "
+                    "or shapes too small)",
                     split,
                     i,
                     w,
@@ -847,6 +934,10 @@ def generate_crowded_dataset(
             "num_classes": num_classes,
             "seed": seed,
             "image_format": image_format,
+            "count_scales_with_area": count_scales_with_area,
+            "distractor_ratio": distractor_ratio,
+            "object_like_distractors": object_like_distractors,
+            "clustered": clustered,
         }
         data = _coco_data(
             "kd2 synthetic crowded small-object detection dataset",
@@ -867,6 +958,57 @@ def generate_crowded_dataset(
     return paths
 
 
+#: The "crowded" benchmark profile (:func:`generate_crowded_benchmark`): the second benchmark's
+#: data, unlike the first profile in every way its papers' settings assume.
+CROWDED_BENCHMARK: Dict[str, object] = {
+    "min_side": 256,
+    "max_side": 512,
+    "objects_per_image": (20, 200),
+    "count_scales_with_area": True,
+    "min_object": 4.0,
+    "max_object": 30.0,
+    "num_classes": 6,
+    "distractor_ratio": 0.35,
+    "object_like_distractors": True,
+    "clustered": 0.5,
+}
+
+
+def generate_crowded_benchmark(
+    root: str,
+    *,
+    num_train: int = 300,
+    num_val: int = 100,
+    seed: int = 0,
+    overwrite: bool = False,
+    image_format: str = "png",
+    **overrides: object,
+) -> Dict[str, str]:
+    """Generate the "crowded" benchmark profile under ``root`` (builtin datasets
+    ``synthetic_crowded_train`` / ``synthetic_crowded_val``).
+
+    Many small objects on larger images: sides drawn independently in 256-512 px (non-square),
+    20-200 objects per image with the upper end scaled by the image area (20-50 on a 256 x 256
+    image, 20-200 on a 512 x 512 one), extents log-uniform in 4-30 px, half of the objects
+    packed in clusters of nearly touching objects, and 0.35 unannotated distractors per object
+    (blobs, bars, arcs, half discs, half of them in object-like hues) over the cluttered
+    background. The 6 classes of :func:`generate_synthetic_dataset` (ids 1, 2, 3, 5, 7, 9), whose
+    confusable pairs become very hard below ~8 px. Objects never overlap and are never truncated.
+    :data:`CROWDED_BENCHMARK` holds the profile; ``overrides`` replace its entries (arguments of
+    :func:`generate_crowded_dataset`). Same arguments, byte-identical files.
+    """
+    kwargs = {**CROWDED_BENCHMARK, **overrides}
+    return generate_crowded_dataset(
+        root,
+        num_train=num_train,
+        num_val=num_val,
+        seed=seed,
+        overwrite=overwrite,
+        image_format=image_format,
+        **kwargs,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     p = argparse.ArgumentParser(
@@ -874,26 +1016,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Generate kd2's deterministic synthetic detection dataset (COCO format).",
     )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--num-train", type=int, default=600)
-    p.add_argument("--num-val", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument(
+        "--profile",
+        choices=("default", "crowded"),
+        default="default",
+        help="default: the ambiguous-shapes data (128 px, 1-8 objects); crowded: the second "
+        "benchmark's data (256-512 px, 20-200 objects of 4-30 px, generate_crowded_benchmark)",
+    )
+    p.add_argument("--num-train", type=int, default=None, help="default 600 (crowded: 300)")
+    p.add_argument("--num-val", type=int, default=None, help="default 200 (crowded: 100)")
+    p.add_argument("--image-size", type=int, default=None, help="default 128 (default profile)")
     p.add_argument("--num-classes", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("png", "jpg"), default="png", dest="image_format")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     args = p.parse_args(argv)
+    crowded = args.profile == "crowded"
+    if crowded and args.image_size is not None:
+        p.error("--image-size applies to the default profile (crowded images are 256-512 px)")
+    if args.num_train is None:
+        args.num_train = 300 if crowded else 600
+    if args.num_val is None:
+        args.num_val = 100 if crowded else 200
+    common = dict(
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        image_format=args.image_format,
+    )
     t0 = time.perf_counter()
     try:
-        paths = generate_synthetic_dataset(
-            args.out,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            image_size=args.image_size,
-            num_classes=args.num_classes,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            image_format=args.image_format,
-        )
+        if crowded:
+            paths = generate_crowded_benchmark(args.out, num_classes=args.num_classes, **common)
+        else:
+            paths = generate_synthetic_dataset(
+                args.out,
+                image_size=128 if args.image_size is None else args.image_size,
+                num_classes=args.num_classes,
+                **common,
+            )
     except (FileExistsError, ValueError) as e:
         p.error(str(e))
     print(

@@ -2,11 +2,15 @@
 
 A paper's loss weights are tuned for one detector, one dataset and one schedule. With
 ``KD.BALANCE.MODE "grad_share"`` every ``loss_kd_*`` term gets a multiplier, adapted every
-``PERIOD`` iterations (from ``WARMUP`` on) so that the term's share of the trunk gradient
-(:mod:`kd2.modeling.kd_diagnostics`, ``grad_share/<term>``) stays inside ``[LOW, HIGH]`` — the
-idea of RT-DETRv4's controller for its single distillation term, applied to every term of any
-method. Per period and term, with ``s`` the smoothed share (an exponential average, momentum
-``0.5``, of the measured shares) and ``t`` the band's middle:
+``PERIOD`` iterations (from ``WARMUP`` on) so that the term's share of the trunk gradient stays
+inside ``[LOW, HIGH]`` — the idea of RT-DETRv4's controller for its single distillation term,
+applied to every term of any method. The share a term is held to is measured against the
+detection losses: ``‖g_term‖ / (‖g_term‖ + ‖g_detection‖)`` at the trunk
+(:mod:`kd2.modeling.kd_diagnostics`). For a method with one term it is exactly the term's
+``grad_share/``; with several terms each is measured against the detection gradient alone, so
+every term can sit in the band at once (shares of the summed norms could not: four terms cannot
+each hold half of the total). Per period and term, with ``s`` the smoothed share (an
+exponential average, momentum ``0.5``, of the measured shares) and ``t`` the band's middle:
 
 * inside the band: no change;
 * outside: ``m ← m · clip(r^½, 1/MAX_STEP, MAX_STEP)`` with ``r = (t / (1 − t)) / (s / (1 − s))``
