@@ -195,11 +195,12 @@ _C.KD.PREFLIGHT.BATCHES = 2
 _C.KD.PREFLIGHT.VAL_IMAGES = 24
 _C.KD.PREFLIGHT.MIN_TEACHER_AP = 1.0
 # Automatic gradient-share control (kd2/modeling/balance.py): "none" keeps the methods' own
-# weights; "grad_share" adapts one multiplier per loss_kd_* term every PERIOD iterations (from
-# WARMUP on) to keep its share of the trunk gradient, ||g_term|| / (||g_term|| + ||g_detection||),
-# inside [LOW, HIGH]. Multipliers are logged (kd_multiplier/<term>) and checkpointed. The band is
-# where the bundled pairs' helpful methods sit (CWD 0.92, PKD 0.76 on Faster R-CNN) and the
-# unhelpful ones do not (MGD 0.06, diverging DeFeat ~1): README "Is the teacher helping?".
+# weights; "grad_share" multiplies all loss_kd_* terms by one factor, adapted every PERIOD
+# iterations (from WARMUP on) to keep the distillation's share of the trunk gradient,
+# sum_kd ||g_term|| / (sum_kd ||g_term|| + ||g_detection||), inside [LOW, HIGH]. The multiplier is
+# logged (kd_multiplier/<term>) and checkpointed. The band is where the bundled pairs' helpful
+# methods sit (CWD 0.92, PKD 0.76 on Faster R-CNN) and the unhelpful ones do not (MGD 0.06,
+# diverging DeFeat > 0.9): README "Is the teacher helping?".
 _C.KD.BALANCE = CN()
 _C.KD.BALANCE.MODE = "none"
 _C.KD.BALANCE.PERIOD = 20

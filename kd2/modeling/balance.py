@@ -1,25 +1,29 @@
 """Automatic gradient-share control of the distillation terms (``KD.BALANCE``).
 
 A paper's loss weights are tuned for one detector, one dataset and one schedule. With
-``KD.BALANCE.MODE "grad_share"`` every ``loss_kd_*`` term gets a multiplier, adapted every
-``PERIOD`` iterations (from ``WARMUP`` on) so that the term's share of the trunk gradient stays
-inside ``[LOW, HIGH]`` — the idea of RT-DETRv4's controller for its single distillation term,
-applied to every term of any method. The share a term is held to is measured against the
-detection losses: ``‖g_term‖ / (‖g_term‖ + ‖g_detection‖)`` at the trunk
-(:mod:`kd2.modeling.kd_diagnostics`). For a method with one term it is exactly the term's
-``grad_share/``; with several terms each is measured against the detection gradient alone, so
-every term can sit in the band at once (shares of the summed norms could not: four terms cannot
-each hold half of the total). Per period and term, with ``s`` the smoothed share (an
-exponential average, momentum ``0.5``, of the measured shares) and ``t`` the band's middle:
+``KD.BALANCE.MODE "grad_share"`` the ``loss_kd_*`` terms get a multiplier, adapted every
+``PERIOD`` iterations (from ``WARMUP`` on) so that the distillation's share of the student's
+trunk gradient, ``S = Σ_kd ‖g_term‖ / (Σ_kd ‖g_term‖ + ‖g_detection‖)``
+(:mod:`kd2.modeling.kd_diagnostics`: the sum of the KD terms' ``grad_share/``), stays inside
+``[LOW, HIGH]`` — the idea of RT-DETRv4's controller for its single distillation term. Every KD
+term is multiplied by the same factor, so the ratios between a method's terms stay the paper's
+(and, with several methods, the user's); for a method with one term ``S`` is that term's share.
+A first version held each term's share against the detection gradient separately: on DeFeat's
+four terms each stayed inside the band while together they left the detection losses 5 % of the
+trunk gradient, and the run still diverged (README, "How the band was chosen").
+
+Per period, with ``s`` the smoothed share (an exponential average, momentum ``0.5``, of the
+measured ``S``) and ``t`` the band's middle:
 
 * inside the band: no change;
 * outside: ``m ← m · clip(r^½, 1/MAX_STEP, MAX_STEP)`` with ``r = (t / (1 − t)) / (s / (1 − s))``
-  — the factor that would bring the term's odds to the target's if the other terms stayed put,
-  damped (square root: half the way in log space) and clipped to ``MAX_STEP = 10``, so a
-  dominating term reaches the band in a bounded number of periods — about ``log_10`` of its odds
+  — the factor that would bring the KD terms' odds to the target's if the detection gradient
+  stayed put,
+  damped (square root: half the way in log space) and clipped to ``MAX_STEP = 10``, so
+  dominating terms reach the band in a bounded number of periods — about ``log_10`` of its odds
   ratio while far away, a few halvings of the remaining log-distance near it — without
   oscillating;
-* a term without gradient at the trunk (share 0) is left alone.
+* no KD gradient at the trunk (``S = 0``): no change.
 
 The multipliers are part of the state (``get_extra_state``): saved in every checkpoint and
 restored exactly by ``--resume``. Every process applies the same update: the measured shares are
@@ -32,11 +36,14 @@ import math
 
 from torch import nn
 
-__all__ = ["GradShareBalancer"]
+__all__ = ["KD_GROUP", "GradShareBalancer"]
+
+#: The key of the distillation terms' common multiplier in the controller's state.
+KD_GROUP = "loss_kd"
 
 
 class GradShareBalancer(nn.Module):
-    """Per-term multipliers kept inside a gradient-share band.
+    """The KD terms' common multiplier, kept inside a gradient-share band.
 
     Args:
         low, high: the band, ``0 < low < high < 1``.
@@ -70,35 +77,32 @@ class GradShareBalancer(nn.Module):
         self.updates = 0
 
     def multiplier(self, term: str) -> float:
-        return self.multipliers.get(term, 1.0)
+        """The factor of the loss term ``term`` (1 for anything but a ``loss_kd_*`` term)."""
+        return self.multipliers.get(KD_GROUP, 1.0) if term.startswith("loss_kd_") else 1.0
 
     def due(self, iteration: int) -> bool:
         """Whether :meth:`update` runs at ``iteration`` (the gradient shares are measured then)."""
         return iteration >= self.warmup and iteration % self.period == 0
 
-    def update(self, shares: dict[str, float]) -> dict[str, float]:
-        """One control step from the measured shares ``{"loss_kd_x": share, ...}`` (of the
-        multiplied terms); returns the new multipliers."""
+    def update(self, share: float) -> float:
+        """One control step from the measured KD share ``S`` of the (multiplied) terms; returns
+        the new multiplier."""
         target = 0.5 * (self.low + self.high)
-        odds_target = target / (1.0 - target)
-        for term, share in shares.items():
-            if not term.startswith("loss_kd_"):
-                continue
-            prev = self.smoothed.get(term)
-            s = share if prev is None else self.momentum * prev + (1.0 - self.momentum) * share
-            self.smoothed[term] = s
-            if s <= 0.0 or self.low <= s <= self.high:
-                continue
-            s = min(s, 1.0 - 1e-6)
-            ratio = odds_target / (s / (1.0 - s))
-            step = min(max(math.sqrt(ratio), 1.0 / self.max_step), self.max_step)
-            m = self.multiplier(term) * step
-            self.multipliers[term] = min(max(m, 1e-8), 1e8)
-            # the smoothed share follows the change, so the next period does not over-correct
-            odds = s / (1.0 - s) * step
-            self.smoothed[term] = odds / (1.0 + odds)
+        prev = self.smoothed.get(KD_GROUP)
+        s = share if prev is None else self.momentum * prev + (1.0 - self.momentum) * share
+        self.smoothed[KD_GROUP] = s
         self.updates += 1
-        return dict(self.multipliers)
+        if s <= 0.0 or self.low <= s <= self.high:
+            return self.multipliers.get(KD_GROUP, 1.0)
+        s = min(s, 1.0 - 1e-6)
+        ratio = (target / (1.0 - target)) / (s / (1.0 - s))
+        step = min(max(math.sqrt(ratio), 1.0 / self.max_step), self.max_step)
+        m = min(max(self.multipliers.get(KD_GROUP, 1.0) * step, 1e-8), 1e8)
+        self.multipliers[KD_GROUP] = m
+        # the smoothed share follows the change, so the next period does not over-correct
+        odds = s / (1.0 - s) * step
+        self.smoothed[KD_GROUP] = odds / (1.0 + odds)
+        return m
 
     def get_extra_state(self) -> dict:
         return {

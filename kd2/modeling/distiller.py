@@ -251,13 +251,8 @@ class DistillerMixin:
         stats = _mean_over_processes(stats)
         if self.kd_balance is not None:
             if self.kd_balance.due(self.kd_iteration):
-                det = stats.get("grad_norm/detection", 0.0)
-                shares = {
-                    k[len("grad_norm/") :]: (v / (v + det) if v + det > 0 else 0.0)
-                    for k, v in stats.items()
-                    if k.startswith("grad_norm/loss_kd_")
-                }
-                self.kd_balance.update(shares)
+                kd_share = sum(v for k, v in stats.items() if k.startswith("grad_share/loss_kd_"))
+                self.kd_balance.update(kd_share)
             for name in losses:
                 if name.startswith("loss_kd_"):
                     stats[f"kd_multiplier/{name}"] = self.kd_balance.multiplier(name)
