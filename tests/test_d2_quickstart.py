@@ -84,7 +84,7 @@ def test_quickstart_commands_in_order(tmp_path):
     # 2. teacher, 3. baseline student, 4. distilled student: each trains and evaluates
     for config in (TEACHER, STUDENT, DEFEAT):
         # the 2-iteration teacher has AP ~ 0: the pre-flight check would (rightly) stop step 4
-        extra = ["KD.PREFLIGHT.MIN_TEACHER_AP", "0"] if config == DEFEAT else []
+        extra = ["KD.PREFLIGHT.MIN_TEACHER_AP", "0.0"] if config == DEFEAT else []
         log = run(tmp_path, train_net, "--config-file", config, *TINY, *extra)
         assert "copypaste: AP,AP50" in log, log[-3000:]
     out = tmp_path / "output" / "d2_synthetic"

@@ -213,7 +213,7 @@ def test_crowded_dataset_flow_teacher_student_distilled(crowded, tmp_path):
     distilled = REPO / "configs" / "synthetic" / "faster_rcnn_MNv3_DeFeat.yaml"
     scale = ["SOLVER.SCALE_LR_WITH_BATCH", "True", "KD.TEACHER.WEIGHTS", teacher_pth]
     scale += ["KD.TEACHER.CONFIG", teacher_yaml]
-    scale += ["KD.PREFLIGHT.MIN_TEACHER_AP", "0"]  # a teacher of a few iterations: AP ~ 0
+    scale += ["KD.PREFLIGHT.MIN_TEACHER_AP", "0.0"]  # a teacher of a few iterations: AP ~ 0
     for cfg_file, out in ((student, "student"), (distilled, "distilled")):
         cfg = setup_cfg(str(cfg_file), _crowded_opts(crowded, tmp_path / out, *scale))
         results = Trainer(cfg).train()

@@ -200,7 +200,7 @@ def run_preflight(
             "KD.TEACHER.WEIGHTS (the right file, a trained checkpoint), that its config's classes "
             "are the student dataset's (NUM_CLASSES, category order), and its input format "
             "(PIXEL_MEAN / PIXEL_STD, RGB vs BGR). To distil from it anyway set "
-            "KD.PREFLIGHT.MIN_TEACHER_AP 0 (or KD.PREFLIGHT.ENABLED False). Report: "
+            "KD.PREFLIGHT.MIN_TEACHER_AP 0.0 (or KD.PREFLIGHT.ENABLED False). Report: "
             f"{os.path.join(output_dir, 'preflight.json')}"
         )
     return report
