@@ -32,7 +32,6 @@ import os
 import random
 from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageFile
@@ -372,7 +371,9 @@ class TrainingSampler:
 
 
 def _worker_init(worker_id: int) -> None:
-    cv2.setNumThreads(1)
+    # No cv2 call here: a worker is a fork of a process whose OpenCV thread pool may be running
+    # (the synthetic generators blur and resize large images in-process), and reconfiguring that
+    # pool in the child deadlocks; the workers decode with Pillow and use no OpenCV op.
     torch.set_num_threads(1)
 
 
