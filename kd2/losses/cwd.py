@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kd2.structures import StepRecord
@@ -39,6 +38,7 @@ from .utils import (
     level_adapter,
     require_sigmoid_dense,
     shared_strides,
+    softmax_kl_div,
 )
 
 __all__ = ["CWD", "CWD_DEFAULT_WEIGHTS", "channel_wise_distillation_loss"]
@@ -67,11 +67,9 @@ def channel_wise_distillation_loss(student: Tensor, teacher: Tensor, tau: float 
     if tau <= 0:
         raise ValueError(f"CWD temperature must be > 0, got {tau}")
     n, c, h, w = student.shape
-    s = student.float().reshape(n * c, h * w) / tau
-    t = teacher.detach().float().reshape(n * c, h * w) / tau
-    log_p_t = F.log_softmax(t, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s, dim=1))).sum()
-    return kl * (tau * tau) / (n * c)
+    # softmax_kl_div: per (n, c) row, τ² · KL over the H·W positions
+    kl = softmax_kl_div(student.reshape(n * c, h * w), teacher.reshape(n * c, h * w), tau)
+    return kl.sum() / (n * c)
 
 
 @KD_METHOD_REGISTRY.register()

@@ -8,8 +8,9 @@ KL between the teacher's and the student's distributions of every side at temper
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
+
+from .utils import softmax_kl_div
 
 __all__ = ["localization_distillation_loss"]
 
@@ -37,8 +38,8 @@ def localization_distillation_loss(
         raise ValueError(f"LD temperature must be > 0, got {temperature}")
     if student_dist.shape[0] == 0:
         return student_dist.float().sum() * 0.0
-    t = float(temperature)
-    log_p_s = F.log_softmax(student_dist.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_dist.detach().float() / t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).mean(dim=-1)  # (M, 4): mean over the bins
-    return (kl * (t * t)).sum(dim=1).mean()
+    m, sides, bins = student_dist.shape
+    kl = softmax_kl_div(
+        student_dist.reshape(m * sides, bins), teacher_dist.reshape(m * sides, bins), temperature
+    )  # T² · KL summed over the bins, per side
+    return (kl.view(m, sides) / bins).sum(dim=1).mean()
