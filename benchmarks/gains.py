@@ -44,6 +44,11 @@ PAIRS = {
         "configs/synthetic/fcos_R18_teacher.yaml",
         "configs/synthetic/fcos_MNv3_student.yaml",
     ),
+    # the GFL pair (kd2.tv.gfl): the head-distillation methods' detector (CrossKD, LD)
+    "gfl": (
+        "configs/synthetic/gfl_R18_teacher.yaml",
+        "configs/synthetic/gfl_MNv3_student.yaml",
+    ),
     # the second benchmark: many small objects on 256-512 px images (synthetic_crowded_*)
     "faster_rcnn_crowded": (
         "configs/synthetic_crowded/faster_rcnn_R18_teacher.yaml",

@@ -29,6 +29,7 @@ END = "<!-- gains-table:end -->"
 PAIR_TITLES = {
     "faster_rcnn": "Faster R-CNN",
     "fcos": "FCOS",
+    "gfl": "GFL",
     "faster_rcnn_crowded": "Faster R-CNN, crowded",
     "fcos_crowded": "FCOS, crowded",
 }
@@ -46,6 +47,13 @@ PAPER = {
     ("fcos", "MGD"): "RetinaNet X101 → R50 2x: 37.4 → 41.0",
     ("fcos", "FGD"): "FCOS R101 → R50 2x-ms: 38.5 → 42.7",
     ("fcos", "FBKD"): "—",
+    ("fcos", "CrossKD"): "FCOS R101 → R50 2x-ms: 38.5 → 41.1",
+    ("fcos", "GID"): "RetinaNet R101 → R50: 36.2 → 39.1",
+    ("fcos", "RKD"): "—",
+    ("gfl", "CrossKD"): "GFL R101 2x-ms → R50 1x: 40.2 → 43.7",
+    ("gfl", "LD"): "GFL R101 → R50 1x: 40.1 → 41.1 (main region), 42.1 (full scheme)",
+    ("gfl", "GID"): "—",
+    ("gfl", "RKD"): "—",
 }
 
 

@@ -20,12 +20,32 @@ Shapes use ``N`` images, ``R_l = H_l * W_l * A`` dense predictions at level ``l`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOutputs", "RoiOutputs", "StepRecord"]
+__all__ = ["DenseOutputs", "HeadSplit", "RoiOutputs", "StepRecord"]
+
+
+@dataclass
+class HeadSplit:
+    """A dense head's two towers cut after their ``k``-th conv block, before its activation
+    (CrossKD's tap; filled by the backends only when a method asks for it).
+
+    Attributes:
+        k: conv blocks run before the cut (``0``: the FPN maps themselves).
+        cls_features / reg_features: per level ``(N, C, H_l, W_l)`` features at the cut of the
+            classification and box towers.
+        resume: ``resume(cls_features, reg_features)`` runs the rest of **this** head on other
+            features of the same shapes and returns ``{"cls_logits", "box_deltas", "box_dist"}``
+            per level in this record's layout (see :func:`kd2.modeling.head_split.resume_head`).
+    """
+
+    k: int
+    cls_features: List[Tensor]
+    reg_features: List[Tensor]
+    resume: Callable[[List[Tensor], List[Tensor]], Dict[str, List[Tensor] | None]]
 
 
 @dataclass
@@ -56,6 +76,8 @@ class DenseOutputs:
             level's learnable scale), else ``None``. For such a head ``box_deltas`` holds the
             expected side distances ``Σ_i softmax(z)_i · i`` in units of the level stride, which
             ``box_coder`` decodes from the anchors' centres.
+        head_split: the towers' features at a cut, when a method asked for one
+            (:class:`HeadSplit`), else ``None``.
     """
 
     cls_logits: List[Tensor]
@@ -71,6 +93,7 @@ class DenseOutputs:
     box_coder: object | None = None
     softmax: bool = False
     box_dist: List[Tensor] | None = None
+    head_split: HeadSplit | None = None
 
     def anchors_per_level(self) -> List[int]:
         """``A_l`` of every level."""

@@ -116,6 +116,7 @@ def test_student_losses_equal_native_with_kd_weights_zero(tmp_path, arch):
         ("GeneralizedRCNN", ["FGD", "FBKD"]),
         ("RetinaNet", ["CWD", "PKD", "MGD"]),
         ("RetinaNet", ["FGD", "FBKD"]),
+        ("RetinaNet", ["CrossKD", "GID"]),
     ],
 )
 def test_kd_losses_train_student_only(tmp_path, arch, methods):
@@ -480,6 +481,7 @@ def test_fcos_through_lazyconfig(tmp_path):
         ["DeFeat", "Hinton"],
         ["FRS", "RM", "PFI"],
         ["CWD", "PKD", "MGD", "FGD", "FBKD"],
+        ["CrossKD", "GID"],
     ):
         lazy.kd_cfg = L(kd_config)(METHODS=methods, PFI={"ADAPTER_KERNEL": 1})
         model = instantiate(lazy).train()
@@ -816,3 +818,41 @@ def test_preflight_on_detectron2_stops_a_random_teacher(tmp_path, syn_coco):
         "loss_kd_fitnet" in report["terms"] and report["terms"]["loss_kd_fitnet"]["grad_norm"] > 0
     )
     assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+@pytest.mark.parametrize("arch", ["RetinaNet", "FCOS"])
+def test_detectron2_heads_resume_from_every_cut(tmp_path, arch):
+    """The cut-open Detectron2 heads (CrossKD): the hooks change nothing, and resuming from the
+    taps reproduces the head's outputs."""
+    from detectron2.config import instantiate
+
+    from kd2.d2.meta_arch import _dense_outputs, _tower_head
+    from kd2.modeling.head_split import capture_tower_taps, resume_head
+
+    torch.manual_seed(0)
+    if arch == "FCOS":
+        model = instantiate(_lazy_fcos(18)).eval()
+    else:
+        model = build_model(d2_cfg("RetinaNet")).eval()
+    width = model.head.cls_score.in_channels
+    feats = [torch.randn(2, width, s, s) for s in (12, 6, 3, 2, 1)]
+    strides = [8, 16, 32, 64, 128]
+    with torch.no_grad():
+        plain = _dense_outputs(model, feats, strides)[0]
+        head = _tower_head(model)
+        for k in range(5):
+            with capture_tower_taps(head, k) as (cls_taps, reg_taps):
+                rec = _dense_outputs(model, feats, strides)[0]
+            for a, b in zip(rec.cls_logits, plain.cls_logits):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            resumed = resume_head(head, k, cls_taps, reg_taps)
+            for a, b in zip(
+                resumed["cls_logits"] + resumed["box_deltas"], plain.cls_logits + plain.box_deltas
+            ):
+                torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["CrossKD", "GID", "LD"])
+def test_head_methods_refuse_faster_rcnn_on_detectron2(tmp_path, method):
+    with pytest.raises(ValueError, match=f"KD method '{method}'.*does not apply"):
+        build_model(kd_cfg(tmp_path, "GeneralizedRCNN", [method]))

@@ -88,3 +88,15 @@ def test_select_general_instances_orders_suppresses_and_caps():
     ]
     none = select_general_instances(torch.zeros(0, 4), torch.zeros(0, 2), torch.zeros(0, 2))
     assert none.numel() == 0
+
+
+def test_recolor_features_matches_the_official_align_scale():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 4, 3, 5, generator=g), 2.0 * torch.randn(2, 4, 3, 5, generator=g) + 1.0
+    # CrossKD align_scale, written out: eps on the student's std only
+    n, c, h, w = s.shape
+    sf, tf = s.permute(1, 0, 2, 3).reshape(c, -1), t.permute(1, 0, 2, 3).reshape(c, -1)
+    ref = (sf - sf.mean(-1, keepdim=True)) / (sf.std(-1, keepdim=True) + 1e-6)
+    ref = ref * tf.std(-1, keepdim=True) + tf.mean(-1, keepdim=True)
+    ref = ref.reshape(c, n, h, w).permute(1, 0, 2, 3)
+    torch.testing.assert_close(recolor_features(s, t), ref)

@@ -9,7 +9,9 @@ Detectron2's model zoo has no FCOS R101, so train the teacher first with Detectr
         model.teacher.weights=path/to/fcos_R101_2x.pth 'model.kd_cfg.METHODS=[FRS]'
 
 ``model.kd_cfg.METHODS`` picks the method: ``[FRS]`` (FCOS weights alpha 0.01 / beta 0.05),
-``[RM,PFI]`` (4 / 1.5), or any composition of kd2's methods.
+``[RM,PFI]`` (4 / 1.5), ``[CrossKD]`` (k = 2, class KD 0.4, IoU 0.75: the released FCOS recipe,
+38.5 -> 41.1 with an R101 2x-ms teacher in the paper), ``[GID]``, or any composition of kd2's
+methods.
 """
 
 import copy

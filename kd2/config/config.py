@@ -176,7 +176,9 @@ def get_cfg() -> CfgNode:
 
 
 # KD keys that are temperatures (finite > 0); DeFeat's T_POS / T_NEG are its two temperatures.
-_TEMPERATURE_KEYS = frozenset({"TEMPERATURE", "TAU", "T_POS", "T_NEG"})
+_TEMPERATURE_KEYS = frozenset(
+    {"TEMPERATURE", "TAU", "T_POS", "T_NEG", "REG_TEMPERATURE", "CLS_TEMPERATURE"}
+)
 # A negative value is the documented sentinel "the paper's value for the detector".
 _NEGATIVE_SENTINEL_KEYS = frozenset(
     {
@@ -185,6 +187,10 @@ _NEGATIVE_SENTINEL_KEYS = frozenset(
         "KD.CWD.WEIGHT",
         "KD.PKD.WEIGHT",
         "KD.FGD.TEMPERATURE",
+        "KD.CROSSKD.SPLIT",
+        "KD.CROSSKD.CLS_WEIGHT",
+        "KD.CROSSKD.REG_WEIGHT",
+        "KD.CROSSKD.BOX_WEIGHT",
     }
 )
 

@@ -351,6 +351,46 @@ _C.KD.RKD = CN()
 _C.KD.RKD.DISTANCE_WEIGHT = 5.0
 _C.KD.RKD.ANGLE_WEIGHT = 10.0
 
+# CrossKD (CVPR 2024): the student's head features after SPLIT conv blocks run through the
+# frozen teacher head; its predictions mimic the teacher's. Values < 0 = the released config of
+# the student's detector (RetinaNet k 3, cls 1.0, GIoU 1.0; FCOS k 2, cls 0.4, IoU 0.75;
+# GFL k 3, cls 1.0, KL 3.0, GIoU 2.0). BOX_WEIGHT is GFL's extra GIoU term.
+_C.KD.CROSSKD = CN()
+_C.KD.CROSSKD.SPLIT = -1
+_C.KD.CROSSKD.CLS_WEIGHT = -1.0
+_C.KD.CROSSKD.REG_WEIGHT = -1.0
+_C.KD.CROSSKD.BOX_WEIGHT = -1.0
+_C.KD.CROSSKD.BETA = 1.0
+_C.KD.CROSSKD.REG_TEMPERATURE = 1.0
+
+# GID (CVPR 2021): general instances = top-K boxes by max_c |p_t - p_s| after NMS; feature
+# (RoIAlign 10x10, shared 3x3 adapter), relation (RKD distance) and response terms. Weights of the
+# author's Detectron2 port. Dense sigmoid heads (RetinaNet, FCOS, GFL).
+_C.KD.GID = CN()
+_C.KD.GID.FEATURE_WEIGHT = 0.005
+_C.KD.GID.RELATION_WEIGHT = 40.0
+_C.KD.GID.CLS_WEIGHT = 0.1
+_C.KD.GID.REG_WEIGHT = 0.1
+_C.KD.GID.TOP_K = 10
+_C.KD.GID.PRE_NMS_TOPK = 3000
+_C.KD.GID.NMS_THRESH = 0.3
+_C.KD.GID.POOL_SIZE = 10
+# an anchor's predictions enter the response terms when its IoU with an instance reaches this
+_C.KD.GID.MATCH_IOU = 0.5
+
+# LD (CVPR 2022) on a GFL student and teacher: KL of each box side's distribution at T on the
+# ATSS positives (weighted by the student's max class score) and on the valuable localisation
+# region (VLR_WEIGHT, 0 = off), plus classification KD on the positives (CLS_WEIGHT, 0 = off).
+# Weights of the official GFL configs.
+_C.KD.LD = CN()
+_C.KD.LD.WEIGHT = 0.25
+_C.KD.LD.TEMPERATURE = 10.0
+_C.KD.LD.VLR_WEIGHT = 0.25
+_C.KD.LD.CLS_WEIGHT = 10.0
+_C.KD.LD.CLS_TEMPERATURE = 2.0
+# ATSS candidates per level and GT for the VLR's IoU threshold (the detector's own topk)
+_C.KD.LD.ATSS_TOPK = 9
+
 # Classifier-to-detector distillation (NeurIPS 2021): an image classifier trained on GT crops
 # (tools/train_crop_classifier.py) teaches the classification (KD-cls) and box regression
 # (KD-loc) of the detector. Needs no detector teacher; composable with detector-teacher methods.

@@ -16,7 +16,8 @@ except ImportError as e:  # pragma: no cover - exercised where detectron2 is mis
 from .config import add_kd_config
 from .data import register_config_datasets
 from .engine import KDTrainer, StudentView, kd_step_hook, student_checkpointer
-from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillRetinaNet
+from .gfl import GFL
+from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillGFL, DistillRetinaNet
 from .student import student_config, student_model_config
 from .teacher import build_teacher
 
@@ -24,6 +25,8 @@ __all__ = [
     "add_kd_config",
     "build_teacher",
     "DistillFCOS",
+    "DistillGFL",
+    "GFL",
     "DistillGeneralizedRCNN",
     "DistillRetinaNet",
     "KDTrainer",

@@ -248,7 +248,8 @@ def check_dataset_classes(cfg) -> None:
     classes (Detectron2 only fails at the first step, or at evaluation, otherwise)."""
     from detectron2.data import MetadataCatalog
 
-    section = "RETINANET" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else "ROI_HEADS"
+    arch = cfg.MODEL.META_ARCHITECTURE
+    section = "RETINANET" if "RetinaNet" in arch else "GFL" if "GFL" in arch else "ROI_HEADS"
     check_class_count(
         list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST),
         cfg.MODEL[section].NUM_CLASSES,

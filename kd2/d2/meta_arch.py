@@ -17,6 +17,7 @@ are translated. Anchors are ordered size-major within a location, as Detectron2 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, List
 
 import torch
@@ -28,12 +29,15 @@ from detectron2.structures import Boxes
 from torch import Tensor, nn
 
 from kd2.modeling.distiller import DistillerMixin, needs_detector_teacher
+from kd2.modeling.head_split import TowerHead, capture_tower_taps, flat_layers, resume_head
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
-from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
+from kd2.structures import DenseOutputs, HeadSplit, RoiOutputs, StepRecord
+from kd2.tv.gfl import integral
 
+from .gfl import GFL
 from .teacher import build_teacher
 
-__all__ = ["DistillFCOS", "DistillGeneralizedRCNN", "DistillRetinaNet"]
+__all__ = ["DistillFCOS", "DistillGFL", "DistillGeneralizedRCNN", "DistillRetinaNet"]
 
 
 def _strides(model: nn.Module) -> Dict[str, int]:
@@ -97,10 +101,13 @@ def _rpn_outputs(rpn, features: Dict[str, Tensor], strides: Dict[str, int]):
 
 
 def _dense_outputs(model, feats: List[Tensor], strides: List[int]):
-    """A RetinaNet/FCOS head and anchors as :class:`DenseOutputs` (labels not filled).
+    """A RetinaNet/FCOS/GFL head and anchors as :class:`DenseOutputs` (labels not filled).
 
     Returns the record part, the anchors and the transposed predictions (logits, deltas and,
-    for FCOS, centerness) that Detectron2's ``losses`` take."""
+    for FCOS, centerness; GFL: logits and distribution logits) that the detector's ``losses``
+    take."""
+    if isinstance(model, GFL):
+        return model.dense_outputs(feats, strides)
     predictions = model.head(feats)
     dims = [model.num_classes, 4, 1][: len(predictions)]
     transposed = model._transpose_dense_predictions(predictions, dims)
@@ -118,6 +125,39 @@ def _dense_outputs(model, feats: List[Tensor], strides: List[int]):
         box_coder=model.box2box_transform,
     )
     return record, anchors, transposed
+
+
+def _tower_head(model) -> TowerHead:
+    """The towers and predictors of a Detectron2 RetinaNet / FCOS or kd2 GFL head, by role
+    (:class:`kd2.modeling.head_split.TowerHead`; FCOS's ReLU on the box sides is applied at
+    decoding, so its raw outputs need no ``reg_output``)."""
+    head = model.head
+    extra: Dict[str, object] = {}
+    if isinstance(model, GFL):
+        extra = {
+            "reg_output": lambda box, level: head.scales[level](box),
+            "dist_to_deltas": partial(integral, reg_max=model.reg_max),
+        }
+    return TowerHead(
+        cls_tower=flat_layers(head.cls_subnet),
+        reg_tower=flat_layers(head.bbox_subnet),
+        cls_predictor=head.cls_score,
+        reg_predictor=head.bbox_pred,
+        num_anchors=model.anchor_generator.num_anchors[0],
+        **extra,
+    )
+
+
+def _head_outputs(model, feats: List[Tensor], strides: List[int], split: int | None):
+    """:func:`_dense_outputs`, with the towers' features after block ``split`` in the record's
+    ``head_split`` when a method asked for them."""
+    if split is None:
+        return _dense_outputs(model, feats, strides)
+    head = _tower_head(model)
+    with capture_tower_taps(head, split) as (cls_taps, reg_taps):
+        out = _dense_outputs(model, feats, strides)
+    out[0].head_split = HeadSplit(split, cls_taps, reg_taps, partial(resume_head, head, split))
+    return out
 
 
 def _base_record(model, images, gt_instances, features) -> StepRecord:
@@ -338,8 +378,8 @@ class _DistillDense(_Distill):
         rec = _base_record(self, images, gt_instances, features)
         strides = _strides(self)
         feats = [features[f] for f in self.head_in_features]
-        rec.dense, anchors, preds = _dense_outputs(
-            self, feats, [strides[f] for f in self.head_in_features]
+        rec.dense, anchors, preds = _head_outputs(
+            self, feats, [strides[f] for f in self.head_in_features], self.kd_head_split
         )
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         losses = self.losses(anchors, preds[0], gt_labels, preds[1], gt_boxes, *preds[2:])
@@ -357,7 +397,8 @@ class _DistillDense(_Distill):
         if "dense" in self.teacher_parts:
             strides = _strides(t)
             feats = [features[f] for f in t.head_in_features]
-            rec.dense = _dense_outputs(t, feats, [strides[f] for f in t.head_in_features])[0]
+            t_strides = [strides[f] for f in t.head_in_features]
+            rec.dense = _head_outputs(t, feats, t_strides, self.kd_head_split)[0]
         return rec
 
 
@@ -378,6 +419,25 @@ class DistillFCOS(_DistillDense, FCOS):
     ``dense`` with ``centerness`` and FCOS's point labels (no ignore label); box outputs are the
     raw head outputs (Detectron2 applies the ReLU at decode time)."""
 
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
+        super().__init__(**kwargs)
+        self._init_dense(teacher, kd_cfg)
+
+
+@META_ARCH_REGISTRY.register()
+class DistillGFL(_DistillDense, GFL):
+    """kd2's Detectron2 :class:`~kd2.d2.gfl.GFL` with a teacher (yacs ``MODEL.META_ARCHITECTURE:
+    "DistillGFL"``, or LazyConfig ``model._target_ = DistillGFL``).
+
+    Record (as the torchvision ``KDGFL``): ``features``; ``dense`` with the ``K`` joint
+    class-quality logits, ``box_dist`` the distribution logits, ``box_deltas`` their expected side
+    distances in stride units, the ATSS squares as ``anchors`` (one per location), a
+    ``GFLBoxCoder`` as ``box_coder`` and the ATSS assignment as ``labels`` (``-1`` outside an
+    image's own padded size). The teacher's ``dense`` comes from its own head: a GFL teacher's
+    is laid out the same way, a RetinaNet/FCOS teacher's as for those students.
+    """
+
+    @configurable
     def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
         super().__init__(**kwargs)
         self._init_dense(teacher, kd_cfg)

@@ -13,7 +13,8 @@ import copy
 from detectron2.config import CfgNode
 from detectron2.utils.registry import locate
 
-from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillRetinaNet
+from .gfl import GFL
+from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillGFL, DistillRetinaNet
 
 __all__ = ["student_config", "student_model_config"]
 
@@ -21,6 +22,7 @@ _PLAIN = {
     cls: next(b for b in cls.__mro__ if b.__module__.startswith("detectron2."))
     for cls in (DistillGeneralizedRCNN, DistillRetinaNet, DistillFCOS)
 }
+_PLAIN[DistillGFL] = GFL  # kd2's own Detectron2 detector
 
 
 def student_config(cfg: CfgNode) -> CfgNode:

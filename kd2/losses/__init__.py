@@ -7,7 +7,7 @@ torchvision. Importing this package registers every method in :data:`KD_METHOD_R
 
 from .base import KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod
 from .classifier_kd import ClassifierKD, classifier_kd_cls_loss, classifier_kd_loc_loss, crop_boxes
-from .crosskd import quality_focal_kd_loss, recolor_features
+from .crosskd import CrossKD, quality_focal_kd_loss, recolor_features
 from .cwd import CWD, channel_wise_distillation_loss
 from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
 from .fbkd import (
@@ -31,10 +31,10 @@ from .fgd import (
 from .fgfi import FGFI, fgfi_imitation_mask, fgfi_loss
 from .fitnet import FitNet, fitnet_loss
 from .frs import FRS, feature_richness, frs_feature_loss, frs_head_loss
-from .gid import general_instance_scores, select_general_instances
+from .gid import GID, general_instance_scores, select_general_instances
 from .global_knowledge import GlobalKD, robustness
 from .hinton import Hinton, binary_kl_div_with_logits, hinton_dense_loss, hinton_roi_loss
-from .ld import localization_distillation_loss
+from .ld import LD, localization_distillation_loss
 from .mgd import MGD, masked_generation_loss, random_pixel_mask
 from .pfi import PFI, pfi_loss
 from .pkd import PKD, pearson_distillation_loss
@@ -58,6 +58,9 @@ __all__ = [
     "fgd_masks",
     "spatial_attention",
     "CWD",
+    "CrossKD",
+    "GID",
+    "LD",
     "MGD",
     "PKD",
     "RKD",

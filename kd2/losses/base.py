@@ -45,6 +45,13 @@ class KDMethod(nn.Module):
     #: heads (RetinaNet, FCOS) unless it sets this.
     supports_softmax_dense: bool = False
 
+    #: When set (an int ``k``), both records' ``dense.head_split`` carry the head towers'
+    #: features after block ``k`` and the teacher's can resume its head from there (CrossKD).
+    head_split: int | None = None
+
+    #: the student's detector family, set by :meth:`bind_detector` (``None`` before)
+    family: str | None = None
+
     def unsupported_reason(self, arch: str, dense_softmax: bool) -> str | None:
         """Why this built method cannot apply to the detector, or ``None`` when it can.
 
@@ -85,8 +92,9 @@ class KDMethod(nn.Module):
         """Called by the distiller right after :meth:`from_config`, before the teacher parts of
         all methods are collected: ``family`` is the student's detector, ``"faster_rcnn"``,
         ``"retinanet"``, ``"fcos"`` or ``"ssd"``. Methods whose published defaults differ per
-        detector (levels, weights, which tensors they read) resolve them here (default:
-        nothing)."""
+        detector (levels, weights, which tensors they read) resolve them here (default: keep it
+        as :attr:`family`, which :meth:`unsupported_reason` may consult)."""
+        self.family = family
 
     def before_step(self, iteration: int) -> None:
         """Called by both trainers before every training step (default: nothing).

@@ -16,6 +16,8 @@ from kd2.modeling.adapters import FeatureAdapter
 
 __all__ = [
     "adapt_features",
+    "aligned_box_iou",
+    "atss_candidates",
     "assign_fpn_levels",
     "box_iou",
     "cfg_get",
@@ -73,6 +75,65 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     inter = wh[..., 0] * wh[..., 1]
     union = area1[:, None] + area2[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def aligned_box_iou(a: Tensor, b: Tensor, eps: float = 1e-6, giou: bool = False) -> Tensor:
+    """IoU (or GIoU) of paired XYXY boxes (mmdet ``bbox_overlaps(is_aligned=True)``).
+
+    Args:
+        a / b: ``(P, 4)`` boxes, row ``i`` of one paired with row ``i`` of the other.
+        eps: lower bound of the union (and of the enclosing area for GIoU).
+        giou: return the generalized IoU ``IoU − (enclose − union) / enclose`` instead.
+
+    Returns:
+        ``(P,)`` differentiable in both inputs.
+    """
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = (area_a + area_b - inter).clamp(min=eps)
+    iou = inter / union
+    if not giou:
+        return iou
+    enclose_wh = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(
+        min=0
+    )
+    enclose = (enclose_wh[:, 0] * enclose_wh[:, 1]).clamp(min=eps)
+    return iou - (enclose - union) / enclose
+
+
+def atss_candidates(
+    anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Tensor, topk: int = 9
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ATSS's candidates and IoU thresholds on one image (mmdet ``ATSSAssigner``).
+
+    Args:
+        anchors: ``(R, 4)`` XYXY, levels concatenated.
+        num_anchors_per_level: ``R_l`` of every level.
+        gt_boxes: ``(G, 4)`` XYXY, ``G ≥ 1``.
+        topk: candidates per level and GT, the nearest anchor centres (L2).
+
+    Returns:
+        ``ious`` ``(R, G)``, ``candidates`` ``(C, G)`` anchor indices and ``thresholds`` ``(G,)``
+        = mean + std (unbiased) of each GT's candidate IoUs.
+    """
+    anchors, gt_boxes = anchors.float(), gt_boxes.float()
+    ious = box_iou(anchors, gt_boxes)
+    a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+    g_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    dist = (a_ctr[:, None, :] - g_ctr[None]).pow(2).sum(-1).sqrt()  # (R, G)
+    candidates, start = [], 0
+    for n in num_anchors_per_level:
+        if n > 0:
+            _, idx = dist[start : start + n].topk(min(topk, n), dim=0, largest=False)
+            candidates.append(idx + start)
+        start += n
+    cand = torch.cat(candidates, dim=0)
+    cand_iou = ious.gather(0, cand)
+    return ious, cand, cand_iou.mean(0) + cand_iou.std(0)
 
 
 def assign_fpn_levels(

@@ -105,6 +105,14 @@ class DistillerMixin:
                     self._build_classifier_teacher(method, input_normalization)
                 )
         self.kd_methods = nn.ModuleDict(methods)
+        splits = {m.head_split for m in methods.values() if m.head_split is not None}
+        if len(splits) > 1:
+            raise ValueError(
+                f"KD.METHODS {list(kd_cfg.METHODS)} ask to cut the dense head at different "
+                f"blocks {sorted(splits)}; the head is cut at one place per step"
+            )
+        #: the dense head's towers are cut after this many blocks (CrossKD), else ``None``
+        self.kd_head_split: int | None = splits.pop() if splits else None
         self.teacher_parts: FrozenSet[str] = frozenset().union(
             *(m.teacher_parts for m in methods.values())
         )

@@ -52,9 +52,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import box_iou, generalized_box_iou_loss
 from torchvision.ops import boxes as box_ops
+from torchvision.ops import generalized_box_iou_loss
 from torchvision.ops.misc import Conv2dNormActivation
+
+from kd2.losses.utils import aligned_box_iou, atss_candidates
 
 __all__ = [
     "GFL",
@@ -63,6 +65,7 @@ __all__ = [
     "Scale",
     "atss_assign",
     "distribution_focal_loss",
+    "gfl_losses",
     "integral",
     "quality_focal_loss",
 ]
@@ -148,17 +151,6 @@ def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
     )
 
 
-def _aligned_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
-    """IoU of paired XYXY boxes (mmdet ``bbox_overlaps(is_aligned=True)``)."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a + area_b - inter).clamp(min=eps)
-
-
 def _centres(boxes: Tensor) -> Tensor:
     return (boxes[:, :2] + boxes[:, 2:]) / 2
 
@@ -182,18 +174,9 @@ def atss_assign(
     if r == 0 or g == 0:
         return out
     anchors, gt_boxes = anchors.float(), gt_boxes.float()
-    ious = box_iou(anchors, gt_boxes)  # (R, G)
+    ious, cand, threshold = atss_candidates(anchors, num_anchors_per_level, gt_boxes, topk)
     a_ctr = _centres(anchors)
-    dist = (a_ctr[:, None, :] - _centres(gt_boxes)[None]).pow(2).sum(-1).sqrt()  # (R, G)
-    candidates, start = [], 0
-    for n in num_anchors_per_level:
-        if n > 0:
-            _, idx = dist[start : start + n].topk(min(topk, n), dim=0, largest=False)
-            candidates.append(idx + start)
-        start += n
-    cand = torch.cat(candidates, dim=0)  # (C, G)
     cand_iou = ious.gather(0, cand)
-    threshold = cand_iou.mean(0) + cand_iou.std(0)
     is_pos = cand_iou >= threshold[None]
     cx, cy = a_ctr[cand, 0], a_ctr[cand, 1]  # (C, G)
     inside = torch.stack(
@@ -207,6 +190,66 @@ def atss_assign(
     hit = max_iou != -math.inf
     out[hit] = arg[hit]
     return out
+
+
+def gfl_losses(
+    cls_logits: Tensor,
+    dist_logits: Tensor,
+    anchors: Tensor,
+    anchor_strides: Tensor,
+    labels: Tensor,
+    matched_gt_boxes: Tensor,
+    reg_max: int,
+    qfl_beta: float = 2.0,
+    loss_weights: Tuple[float, float, float] = (1.0, 0.25, 2.0),
+) -> Dict[str, Tensor]:
+    """``loss_qfl``, ``loss_dfl`` and ``loss_giou`` of a batch (the formulas of the module
+    docstring), from canonical labels; shared by :meth:`GFLHead.compute_loss` and the
+    Detectron2 ``kd2.d2.gfl.GFL``.
+
+    Args:
+        cls_logits: ``(N, R, K)`` joint class-quality logits, levels concatenated.
+        dist_logits: ``(N, R, 4 (reg_max + 1))`` distribution logits (after the level's scale).
+        anchors: ``(R, 4)`` XYXY ATSS squares, levels concatenated.
+        anchor_strides: ``(R,)`` the stride of each anchor's level.
+        labels: ``(N, R)`` ``-1`` ignore, ``0..K-1`` foreground, ``K`` background.
+        matched_gt_boxes: ``(N, R, 4)`` the matched GT box (read at foreground anchors).
+        reg_max: distribution bins ``0..reg_max``.
+        qfl_beta: QFL's ``β``.
+        loss_weights: ``(QFL, DFL, GIoU)`` weights.
+    """
+    cls_logits = cls_logits.float()  # (N, R, K)
+    dist_logits = dist_logits.float()  # (N, R, 4 (n + 1))
+    n, r, k = cls_logits.shape
+    pos = (labels >= 0) & (labels < k)
+    valid = labels >= 0
+    num_pos = int(pos.sum(dim=1).clamp(min=1).sum())
+
+    img, idx = torch.nonzero(pos, as_tuple=True)
+    stride = anchor_strides[idx][:, None]
+    centres = _centres(anchors[idx].float()) / stride
+    p_dist = dist_logits[img, idx]  # (P, 4 (n + 1))
+    pred = integral(p_dist, reg_max)  # (P, 4)
+    pred_boxes = torch.cat([centres - pred[:, :2], centres + pred[:, 2:]], dim=1)
+    gt_boxes = matched_gt_boxes[img, idx].float() / stride
+    weight = cls_logits.detach().sigmoid().amax(dim=-1)[img, idx]  # (P,)
+    quality = torch.zeros((n, r), dtype=cls_logits.dtype, device=cls_logits.device)
+    quality[img, idx] = aligned_box_iou(pred_boxes.detach(), gt_boxes)
+
+    w_qfl, w_dfl, w_giou = loss_weights
+    qfl = quality_focal_loss(cls_logits[valid], labels[valid], quality[valid], qfl_beta)
+    loss_qfl = w_qfl * qfl.sum() / float(num_pos)
+    if idx.numel() == 0:
+        zero = dist_logits.sum() * 0.0
+        return {"loss_qfl": loss_qfl, "loss_dfl": zero, "loss_giou": zero.clone()}
+    avg = weight.sum().clamp(min=1.0)
+    giou = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
+    loss_giou = w_giou * (weight * giou).sum() / avg
+    target = torch.cat([centres - gt_boxes[:, :2], gt_boxes[:, 2:] - centres], dim=1)
+    target = target.clamp(min=0, max=reg_max - _DFL_EPS)
+    dfl = distribution_focal_loss(p_dist.reshape(-1, reg_max + 1), target.reshape(-1))
+    loss_dfl = w_dfl * (weight[:, None] * dfl.view(-1, 4)).sum() / (4.0 * avg)
+    return {"loss_qfl": loss_qfl, "loss_dfl": loss_dfl, "loss_giou": loss_giou}
 
 
 # -- modules ------------------------------------------------------------------------------
@@ -390,51 +433,31 @@ class GFLHead(nn.Module):
             matched_idxs: per image ``(R,)``: GT index, ``-1`` background, ``-2`` ignored.
             strides: per level stride.
         """
-        cls_logits = head_outputs["cls_logits"].float()  # (N, R, K)
-        dist_logits = head_outputs["bbox_regression"].float()  # (N, R, 4 (n + 1))
+        cls_logits = head_outputs["cls_logits"]
         n, r, k = cls_logits.shape
-        flat_anchors = torch.cat(anchors)
         anchor_stride = torch.cat(
             [a.new_full((a.shape[0],), float(s)) for a, s in zip(anchors, strides)]
         )
         matched = torch.stack(matched_idxs)  # (N, R)
         labels = torch.full((n, r), k, dtype=torch.int64, device=cls_logits.device)
-        gt = cls_logits.new_zeros((n, r, 4))
-        num_pos = 0
+        gt = cls_logits.new_zeros((n, r, 4), dtype=torch.float32)
         for i, (m, t) in enumerate(zip(matched_idxs, targets)):
             fg = m >= 0
-            num_pos += max(int(fg.sum()), 1)
             if fg.any():
                 labels[i, fg] = t["labels"][m[fg]]
                 gt[i, fg] = t["boxes"][m[fg]].float()
-        pos = matched >= 0
-        valid = matched != -2
-
-        img, idx = torch.nonzero(pos, as_tuple=True)
-        stride = anchor_stride[idx][:, None]
-        centres = _centres(flat_anchors[idx].float()) / stride
-        p_dist = dist_logits[img, idx]  # (P, 4 (n + 1))
-        pred = integral(p_dist, self.reg_max)  # (P, 4)
-        pred_boxes = torch.cat([centres - pred[:, :2], centres + pred[:, 2:]], dim=1)
-        gt_boxes = gt[img, idx] / stride
-        weight = cls_logits.detach().sigmoid().amax(dim=-1)[img, idx]  # (P,)
-        quality = torch.zeros((n, r), dtype=cls_logits.dtype, device=cls_logits.device)
-        quality[img, idx] = _aligned_iou(pred_boxes.detach(), gt_boxes)
-
-        w_qfl, w_dfl, w_giou = self.loss_weights
-        qfl = quality_focal_loss(cls_logits[valid], labels[valid], quality[valid], self.qfl_beta)
-        loss_qfl = w_qfl * qfl.sum() / float(num_pos)
-        if idx.numel() == 0:
-            zero = dist_logits.sum() * 0.0
-            return {"loss_qfl": loss_qfl, "loss_dfl": zero, "loss_giou": zero.clone()}
-        avg = weight.sum().clamp(min=1.0)
-        giou = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
-        loss_giou = w_giou * (weight * giou).sum() / avg
-        target = torch.cat([centres - gt_boxes[:, :2], gt_boxes[:, 2:] - centres], dim=1)
-        target = target.clamp(min=0, max=self.reg_max - _DFL_EPS)
-        dfl = distribution_focal_loss(p_dist.reshape(-1, self.reg_max + 1), target.reshape(-1))
-        loss_dfl = w_dfl * (weight[:, None] * dfl.view(-1, 4)).sum() / (4.0 * avg)
-        return {"loss_qfl": loss_qfl, "loss_dfl": loss_dfl, "loss_giou": loss_giou}
+        labels[matched == -2] = -1
+        return gfl_losses(
+            cls_logits,
+            head_outputs["bbox_regression"],
+            torch.cat(anchors),
+            anchor_stride,
+            labels,
+            gt,
+            self.reg_max,
+            self.qfl_beta,
+            self.loss_weights,
+        )
 
 
 # -- the detector -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Without a detector teacher (``ClassifierKD`` alone) no teacher runs at all.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import List
 
 import torch
@@ -25,8 +26,9 @@ from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from kd2.modeling.distiller import DistillerMixin
+from kd2.modeling.head_split import capture_tower_taps, resume_head
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
-from kd2.structures import RoiOutputs, StepRecord
+from kd2.structures import HeadSplit, RoiOutputs, StepRecord
 
 from . import record as R
 from .gfl import GFL
@@ -220,6 +222,18 @@ class _KDDense(_KDMixin):
     dense_softmax = False
 
     def _run_head(self, model, images, maps, strides):
+        """The head's record part, raw outputs and anchors; with the towers' features at the
+        cut when a method asked for one (``kd_head_split``)."""
+        k = self.kd_head_split
+        if k is None:
+            return self._head_outputs(model, images, maps, strides)
+        head = R.tower_head(model)
+        with capture_tower_taps(head, k) as (cls_taps, reg_taps):
+            out = self._head_outputs(model, images, maps, strides)
+        out[0].head_split = HeadSplit(k, cls_taps, reg_taps, partial(resume_head, head, k))
+        return out
+
+    def _head_outputs(self, model, images, maps, strides):
         if isinstance(model, GFL):  # a GFL teacher of another dense student, or the student
             return R.run_gfl_head(model, images, maps, strides)
         return R.run_dense_head(model, images, maps, strides, softmax=self.dense_softmax)

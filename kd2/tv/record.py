@@ -17,15 +17,18 @@ Translations (torchvision -> canonical):
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Dict, List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou
 
+from kd2.modeling.head_split import TowerHead, flat_layers
 from kd2.structures import DenseOutputs
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "dense_labels_from_matches",
     "match_retinanet",
     "match_fcos",
+    "tower_head",
 ]
 
 
@@ -223,6 +227,46 @@ def run_gfl_head(
         box_dist=dist,
     )
     return out, head_outputs, anchors
+
+
+def _relu_output(box: Tensor, level: int) -> Tensor:
+    return F.relu(box)
+
+
+def tower_head(model: nn.Module) -> TowerHead:
+    """The towers and predictors of a torchvision RetinaNet / FCOS or kd2 GFL head, by role
+    (:class:`kd2.modeling.head_split.TowerHead`), for cutting it open (CrossKD).
+
+    torchvision's FCOS applies a ReLU to its box outputs and GFL a learnable scale per level;
+    both are the head's ``reg_output``. SSD has no towers.
+    """
+    from torchvision.models.detection import FCOS, RetinaNet
+
+    from .gfl import GFL, integral
+
+    head = getattr(model, "head", None)
+    if isinstance(model, (RetinaNet, FCOS, GFL)):
+        cls, reg = head.classification_head, head.regression_head
+        extra: Dict[str, object] = {}
+        if isinstance(model, GFL):
+            extra = {
+                "reg_output": lambda box, level: reg.scales[level](box),
+                "dist_to_deltas": partial(integral, reg_max=model.reg_max),
+            }
+        elif isinstance(model, FCOS):
+            extra = {"reg_output": _relu_output}
+        return TowerHead(
+            cls_tower=flat_layers(cls.conv),
+            reg_tower=flat_layers(reg.conv),
+            cls_predictor=cls.cls_logits,
+            reg_predictor=reg.bbox_reg,
+            num_anchors=getattr(cls, "num_anchors", 1),
+            **extra,
+        )
+    raise ValueError(
+        f"{type(model).__name__} has no conv-tower dense head to cut open (RetinaNet, FCOS and "
+        "GFL have one)"
+    )
 
 
 def dense_labels_from_matches(
