@@ -31,6 +31,8 @@ import platform
 import sys
 import time
 
+from gains_table import PAIR_SOURCES  # the same directory: benchmarks/
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "gains")
 
@@ -48,6 +50,15 @@ PAIRS = {
     "gfl": (
         "configs/synthetic/gfl_R18_teacher.yaml",
         "configs/synthetic/gfl_MNv3_student.yaml",
+    ),
+    # any teacher for any student: the other pair's teacher, this pair's students (PAIR_SOURCES)
+    "fcos_to_faster_rcnn": (
+        "configs/synthetic/fcos_R18_teacher.yaml",
+        "configs/synthetic/faster_rcnn_MNv3_student.yaml",
+    ),
+    "faster_rcnn_to_fcos": (
+        "configs/synthetic/faster_rcnn_R18_teacher.yaml",
+        "configs/synthetic/fcos_MNv3_student.yaml",
     ),
     # the second benchmark: many small objects on 256-512 px images (synthetic_crowded_*)
     "faster_rcnn_crowded": (
@@ -122,6 +133,22 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
     return record
 
 
+def _extra_teacher_weights(config: str) -> list:
+    """``KD.TEACHERS.<NAME>.WEIGHTS`` options pointing each extra teacher whose config is a
+    pair's teacher config at that pair's benchmark teacher."""
+    from kd2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, config))
+    teachers = {t: p for p, (t, _) in PAIRS.items() if p not in PAIR_SOURCES}
+    opts = []
+    for name, node in cfg.KD.TEACHERS.items():
+        if node.CONFIG in teachers:
+            path = os.path.join(ROOT, "output", "bench", teachers[node.CONFIG], "teacher")
+            opts += [f"KD.TEACHERS.{name}.WEIGHTS", os.path.join(path, "model_final.pth")]
+    return opts
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), required=True)
@@ -141,23 +168,27 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     demo.setup_logger(os.path.join(ROOT, "output", "bench", args.pair))
     teacher_cfg, student_cfg = PAIRS[args.pair]
-    jobs = [("teacher", teacher_cfg, [], "teacher")]
-    jobs += [("student", student_cfg, ["SEED", str(s)], f"student_seed{s}") for s in args.seeds]
-    teacher_weights = os.path.join(ROOT, "output", "bench", args.pair, "teacher", "model_final.pth")
+    t_pair, s_pair = PAIR_SOURCES.get(args.pair, (args.pair, args.pair))
+    jobs = [(t_pair, "teacher", teacher_cfg, [], "teacher")]
+    jobs += [
+        (s_pair, "student", student_cfg, ["SEED", str(s)], f"student_seed{s}") for s in args.seeds
+    ]
+    teacher_weights = os.path.join(ROOT, "output", "bench", t_pair, "teacher", "model_final.pth")
     if not args.baselines_only:
         for config in args.configs:
             name = os.path.splitext(os.path.basename(config))[0]
+            extra = _extra_teacher_weights(config)
             for s in args.seeds:
-                opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights]
-                jobs.append(("distilled", config, opts, f"{name}_seed{s}"))
+                opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights] + extra
+                jobs.append((args.pair, "distilled", config, opts, f"{name}_seed{s}"))
     t0 = time.time()
-    for i, (kind, config, opts, run_name) in enumerate(jobs, 1):
+    for i, (pair, kind, config, opts, run_name) in enumerate(jobs, 1):
         print(
-            f"[gains] [{i}/{len(jobs)}] {args.pair}/{run_name} ({config}), "
+            f"[gains] [{i}/{len(jobs)}] {pair}/{run_name} ({config}), "
             f"{time.time() - t0:.0f}s elapsed",
             flush=True,
         )
-        run_and_record(demo, args.pair, kind, config, opts, run_name)
+        run_and_record(demo, pair, kind, config, opts, run_name)
     print(f"[gains] done in {time.time() - t0:.0f}s", flush=True)
     sys.stdout.flush()
 

@@ -30,8 +30,18 @@ PAIR_TITLES = {
     "faster_rcnn": "Faster R-CNN",
     "fcos": "FCOS",
     "gfl": "GFL",
+    "fcos_to_faster_rcnn": "FCOS teacher → Faster R-CNN student",
+    "faster_rcnn_to_fcos": "Faster R-CNN teacher → FCOS student",
     "faster_rcnn_crowded": "Faster R-CNN, crowded",
     "fcos_crowded": "FCOS, crowded",
+}
+
+#: Cross-family pairs: (the pair whose teacher run teaches, the pair whose baseline students
+#: learn). Their teacher and students are those pairs' runs, so the rows sit next to the
+#: same-family rows with the same baselines.
+PAIR_SOURCES = {
+    "fcos_to_faster_rcnn": ("fcos", "faster_rcnn"),
+    "faster_rcnn_to_fcos": ("faster_rcnn", "fcos"),
 }
 
 #: The papers' / official repositories' COCO numbers (baseline -> distilled), theirs, not kd2's.
@@ -72,10 +82,11 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def rows_for(pair: str) -> list[dict]:
     """One summary per distilled config of ``pair`` (seeds paired with the baseline's)."""
     runs = load(pair)
-    teacher = [r for r in runs if r["kind"] == "teacher"]
+    t_pair, s_pair = PAIR_SOURCES.get(pair, (pair, pair))
+    teacher = [r for r in load(t_pair) if r["kind"] == "teacher"]
     if not teacher:
         return []
-    students = {r["seed"]: r["bbox"]["AP"] for r in runs if r["kind"] == "student"}
+    students = {r["seed"]: r["bbox"]["AP"] for r in load(s_pair) if r["kind"] == "student"}
     by_config: dict[str, list[dict]] = {}
     for r in runs:
         if r["kind"] == "distilled":

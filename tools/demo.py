@@ -89,8 +89,17 @@ def config_digest(cfg) -> str:
     keep = {method_node_name(m) for m in cfg.KD.METHODS} | {"TEACHER"}
     if cfg.KD.get("BALANCE", {}).get("MODE", "none") != "none":
         keep.add("BALANCE")  # the controller changes the run; "none" keeps older digests valid
+    if cfg.KD.get("TEACHERS"):
+        keep.add("TEACHERS")
     for key in [k for k, v in cfg.KD.items() if isinstance(v, dict) and k not in keep]:
         del cfg.KD[key]
+    # keys added in kd2 0.4 (several teachers, the teacher's framework) at their defaults
+    if cfg.KD.TEACHER.get("BACKEND", "") == "":
+        cfg.KD.TEACHER.pop("BACKEND", None)
+    for name in keep - {"TEACHER", "TEACHERS", "BALANCE"}:
+        node = cfg.KD.get(name)
+        if isinstance(node, dict) and node.get("TEACHER", None) == "":
+            node.pop("TEACHER")
     for arch in ("SSD", "GFL"):  # the architectures' nodes, added in kd2 0.3 and later
         if cfg.MODEL.META_ARCHITECTURE != arch:
             cfg.MODEL.pop(arch, None)

@@ -172,7 +172,9 @@ def get_cfg() -> CfgNode:
     """A fresh copy of kd2's default config."""
     from .defaults import _C
 
-    return CfgNode(_C.clone())
+    cfg = CfgNode(_C.clone())
+    cfg.KD.TEACHERS.set_new_allowed(True)  # a copy does not keep the flag
+    return cfg
 
 
 # KD keys that are temperatures (finite > 0); DeFeat's T_POS / T_NEG are its two temperatures.

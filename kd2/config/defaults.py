@@ -179,6 +179,14 @@ _C.KD.TEACHER = CN()
 # The teacher's own config file (a kd2 yaml) and its trained weights (a local path).
 _C.KD.TEACHER.CONFIG = ""
 _C.KD.TEACHER.WEIGHTS = ""
+# The teacher's framework: "" = the student's, "torchvision" or "detectron2" (a Detectron2 config
+# file or model-zoo name and weights for a torchvision student, a kd2 torchvision yaml for a
+# Detectron2 student). The teacher reads the student's batch in its own input convention.
+_C.KD.TEACHER.BACKEND = ""
+# More teachers, by name: KD.TEACHERS.<NAME>.{CONFIG, WEIGHTS, BACKEND}; a method learns from one
+# with KD.<METHOD>.TEACHER "<NAME>" ("" = KD.TEACHER). Each teacher runs only the parts its
+# methods read. Example: KD.TEACHERS.FCOS.CONFIG "configs/synthetic/fcos_R18_teacher.yaml".
+_C.KD.TEACHERS = CN(new_allowed=True)
 # Diagnostics: every PERIOD iterations each loss_kd_* term's and the detection losses' gradient
 # at the student's trunk (backbone + FPN): norm, share of the summed norms, cosine with the
 # detection gradient -> metrics.json / TensorBoard (grad_norm/, grad_share/, grad_cos/).
@@ -406,3 +414,10 @@ _C.KD.CLASSIFIERKD.TEMPERATURE = 2.0
 _C.KD.CLASSIFIERKD.CROP_SIZE = 0
 # KD-loc's teacher-stem term (pixels 4x4 + stem 8x8, the code's layer=[-1, 0]); False = pixels.
 _C.KD.CLASSIFIERKD.LOC_FEATURES = True
+
+# Every detector-teacher method's TEACHER: the name of its teacher in KD.TEACHERS ("" = KD.TEACHER).
+for _node in (
+    "HINTON", "FITNET", "FGFI", "DEFEAT", "FRS", "RM", "PFI", "GLOBALKD", "CWD", "PKD", "MGD",
+    "FGD", "FBKD", "RKD", "CROSSKD", "GID", "LD",
+):  # fmt: skip
+    _C.KD[_node].TEACHER = ""

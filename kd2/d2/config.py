@@ -16,6 +16,7 @@ def add_kd_config(cfg: CfgNode) -> None:
     head's ``IN_FEATURES``, ``NUM_CONVS``, ``NORM`` and ``PRIOR_PROB``). Call it before
     ``merge_from_file``, like Detectron2 projects' ``add_<x>_config``."""
     cfg.KD = CfgNode(_KD2_DEFAULTS.KD.clone())
+    cfg.KD.TEACHERS.set_new_allowed(True)  # a copy does not keep the flag
     cfg.DATASETS.REGISTER = list(_KD2_DEFAULTS.DATASETS.REGISTER)
     gfl = CfgNode(_KD2_DEFAULTS.MODEL.GFL.clone())
     gfl.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]

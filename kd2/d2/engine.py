@@ -217,7 +217,9 @@ def preflight_hook(cfg) -> hooks.HookBase:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             teacher_ap, n_val = None, 0
-            if cfg.DATASETS.TEST and node.VAL_IMAGES > 0:
+            # a torchvision teacher (KD.TEACHER.BACKEND) is not evaluated by Detectron2's loop
+            foreign = hasattr(model.teacher, "transform")
+            if cfg.DATASETS.TEST and node.VAL_IMAGES > 0 and not foreign:
                 name = cfg.DATASETS.TEST[0]
                 dicts = DatasetCatalog.get(name)[: int(node.VAL_IMAGES)]
                 n_val = len(dicts)

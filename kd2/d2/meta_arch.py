@@ -28,8 +28,10 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes
 from torch import Tensor, nn
 
-from kd2.modeling.distiller import DistillerMixin, needs_detector_teacher
+from kd2.modeling.cross_framework import input_convention, is_torchvision_detector, to_teacher_input
+from kd2.modeling.distiller import DistillerMixin, model_family, teachers_needed
 from kd2.modeling.head_split import TowerHead, capture_tower_taps, flat_layers, resume_head
+from kd2.modeling.level_map import TeacherInfo, foreign_teacher_info
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
 from kd2.structures import DenseOutputs, HeadSplit, RoiOutputs, StepRecord
 from kd2.tv.gfl import integral
@@ -179,6 +181,50 @@ def _roi_outputs(roi_heads, features: Dict[str, Tensor], boxes: List[Boxes]):
     return pooled, head, (logits, deltas)
 
 
+def model_info(model: nn.Module) -> TeacherInfo:
+    """A Detectron2 detector's description for the distiller."""
+    family = model_family(model)
+    if family == "faster_rcnn":
+        parts, per_loc = frozenset({"features", "rpn", "roi"}), None
+    else:
+        parts, per_loc = frozenset({"features", "dense"}), model.anchor_generator.num_anchors[0]
+    return TeacherInfo(
+        channels=_channels(model),
+        num_classes=_num_classes(model),
+        parts=parts,
+        family=family,
+        anchors_per_location=per_loc,
+        name=type(model).__name__,
+    )
+
+
+def teacher_record(
+    t: nn.Module, images: Tensor, student: StepRecord, parts, split: int | None = None
+) -> StepRecord:
+    """A Detectron2 teacher's record of a student step: the ``parts`` of ``t`` run on ``images``
+    (the batch in ``t``'s normalisation, padded to its size divisibility); the ROI head on the
+    student's sampled proposals."""
+    rec = student.teacher_view()
+    if not parts:
+        return rec
+    features = t.backbone(images)
+    rec.features = _by_stride(t, features)
+    strides = _strides(t)
+    if "dense" in parts:
+        feats = [features[f] for f in t.head_in_features]
+        t_strides = [strides[f] for f in t.head_in_features]
+        rec.dense = _head_outputs(t, feats, t_strides, split)[0]
+    if "rpn" in parts:
+        rec.rpn = _rpn_outputs(t.proposal_generator, features, strides)[0]
+    if "roi" in parts:
+        boxes = [Boxes(p) for p in student.roi.proposals]
+        pooled, head, (logits, deltas) = _roi_outputs(t.roi_heads, features, boxes)
+        rec.roi = student.roi.with_outputs(
+            pooled, head, logits, deltas.view(deltas.shape[0], -1, 4)
+        )
+    return rec
+
+
 class _Distill(DistillerMixin):
     """The Detectron2 training forward shared by every meta-architecture: student steps, the
     teacher parts under ``no_grad``, the KD losses. In eval mode: the plain student."""
@@ -188,17 +234,71 @@ class _Distill(DistillerMixin):
         """The student's own ``from_config`` plus the teacher of ``cfg.KD.TEACHER`` (``None``
         when no method reads a detector teacher, e.g. ``ClassifierKD`` alone)."""
         ret = super().from_config(cfg)
-        ret["teacher"] = build_teacher(cfg) if needs_detector_teacher(cfg.KD) else None
+        used = teachers_needed(cfg.KD)
+        ret["teacher"] = build_teacher(cfg) if "" in used else None
+        ret["extra_teachers"] = {name: build_teacher(cfg, name) for name in sorted(used - {""})}
         ret["kd_cfg"] = cfg.KD
         return ret
 
+    def _kd_model_info(self, model: nn.Module) -> TeacherInfo:
+        if is_torchvision_detector(model):  # a torchvision teacher
+            from kd2.tv.meta_arch import model_info as tv_model_info
+
+            return foreign_teacher_info(tv_model_info(model))
+        return model_info(model)
+
+    def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
+        """KD.TEACHER's record of this step (only the parts its methods read)."""
+        return self._teacher_record(batched_inputs, student, "")
+
+    def teacher_records(self, batched_inputs, student: StepRecord) -> Dict[str, StepRecord]:
+        """Every teacher's record of this step, by name (``""`` = KD.TEACHER)."""
+        return {
+            name: self._teacher_record(batched_inputs, student, name)
+            for name in ["", *self.extra_teachers]
+        }
+
+    def _teacher_record(self, batched_inputs, student: StepRecord, name: str) -> StepRecord:
+        """Run the parts teacher ``name``'s methods read: a Detectron2 teacher normalises the
+        batch itself (``preprocess_image``; Detectron2 resizes in the data mapper, so it sees
+        the student's geometry), a torchvision teacher reads the student's tensor in its own
+        convention; the ROI head runs on the student's sampled proposals."""
+        t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
+        if t is None or not parts:
+            return student.teacher_view()
+        if is_torchvision_detector(t):
+            from kd2.tv.record import teacher_record as tv_teacher_record
+
+            images = to_teacher_input(
+                student.images, input_convention(self), input_convention(t), 32
+            )
+            strides = sorted(self.kd_teacher_infos[name].channels)
+            return tv_teacher_record(t, images, student, parts, strides)
+        images = t.preprocess_image(batched_inputs).tensor
+        return teacher_record(t, images, student, parts, self.kd_head_split)
+
     def kd_input_checks(self) -> list:
-        """``(ok, line)`` pairs for the pre-flight check: the teacher normalises the student's
-        batch itself (``preprocess_image``), so its input format must be the student's."""
+        """``(ok, line)`` pairs for the pre-flight check: a Detectron2 teacher normalises the
+        student's batch itself (``preprocess_image``), so its input format must be the
+        student's; a torchvision teacher reads the student's tensor in its own convention."""
         t = self._teacher
+        classes = (
+            True,
+            f"classes: teacher {self.kd_teacher_infos[''].num_classes}, student "
+            f"{_num_classes(self)}",
+        )
+        if is_torchvision_detector(t):
+            return [
+                classes,
+                (
+                    True,
+                    f"the torchvision teacher reads the student's batch converted from (mean, "
+                    f"std, channels, scale) {input_convention(self)} to {input_convention(t)}",
+                ),
+            ]
         s_fmt, t_fmt = _input_normalization(self)[2], _input_normalization(t)[2]
         return [
-            (True, f"classes: teacher {_num_classes(t)}, student {_num_classes(self)}"),
+            classes,
             (
                 s_fmt == t_fmt,
                 f"input format: the data loader gives {s_fmt} images (the student's "
@@ -229,6 +329,11 @@ class _Distill(DistillerMixin):
         image's own padded size, as the released PGM). Returns ``{stride: (sum G_i, C)}``.
         """
         net = self._teacher if teacher else self
+        if is_torchvision_detector(net):
+            raise ValueError(
+                "GlobalKD's prototypes pool the teacher's features of whole images, which kd2 "
+                "does for a teacher of the student's framework only; use a Detectron2 teacher"
+            )
         short, max_size = self.pgm_test_size
         inputs, scaled = [], []
         for img, b in zip(images, boxes):
@@ -266,8 +371,8 @@ class _Distill(DistillerMixin):
             return super().forward(batched_inputs)
         student, losses = self.student_step(batched_inputs)
         with torch.no_grad():
-            teacher = self.teacher_step(batched_inputs, student)
-        losses.update(self.distill_losses(student, teacher))
+            teachers = self.teacher_records(batched_inputs, student)
+        losses.update(self.distill_losses(student, teachers))
         return self.finalize_kd_losses(losses)
 
 
@@ -283,7 +388,7 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
     arch_kind = "two_stage"
 
     @configurable
-    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, extra_teachers=None, **kwargs):
         super().__init__(**kwargs)
         if getattr(self.roi_heads, "train_on_pred_boxes", False):
             raise NotImplementedError("kd2 does not support ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES")
@@ -291,10 +396,9 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
             kd_cfg,
             teacher,
             num_classes=self.roi_heads.num_classes,
-            teacher_num_classes=teacher.roi_heads.num_classes if teacher is not None else None,
             student_channels=_channels(self),
-            teacher_channels=_channels(teacher) if teacher is not None else {},
             input_normalization=_input_normalization(self),
+            extra_teachers=extra_teachers,
         )
 
     def student_step(self, batched_inputs):
@@ -335,39 +439,20 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
         )
         return rec, losses
 
-    def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
-        rec = student.teacher_view()
-        parts, t = self.teacher_parts, self.teacher
-        if not parts:
-            return rec
-        t_images = t.preprocess_image(batched_inputs)  # the teacher's own normalisation
-        features = t.backbone(t_images.tensor)
-        rec.features = _by_stride(t, features)
-        if "rpn" in parts:
-            rec.rpn = _rpn_outputs(t.proposal_generator, features, _strides(t))[0]
-        if "roi" in parts:
-            boxes = [Boxes(p) for p in student.roi.proposals]
-            pooled, head, (logits, deltas) = _roi_outputs(t.roi_heads, features, boxes)
-            rec.roi = student.roi.with_outputs(
-                pooled, head, logits, deltas.view(deltas.shape[0], -1, 4)
-            )
-        return rec
-
 
 class _DistillDense(_Distill):
     """Shared steps of the one-stage meta-architectures (``DenseDetector`` subclasses)."""
 
     arch_kind = "one_stage"
 
-    def _init_dense(self, teacher: nn.Module | None, kd_cfg) -> None:
+    def _init_dense(self, teacher: nn.Module | None, kd_cfg, extra_teachers=None) -> None:
         self._init_distiller(
             kd_cfg,
             teacher,
             num_classes=self.num_classes,
-            teacher_num_classes=teacher.num_classes if teacher is not None else None,
             student_channels=_channels(self),
-            teacher_channels=_channels(teacher) if teacher is not None else {},
             input_normalization=_input_normalization(self),
+            extra_teachers=extra_teachers,
         )
 
     def student_step(self, batched_inputs):
@@ -387,20 +472,6 @@ class _DistillDense(_Distill):
         rec.dense.matched_gt_boxes = torch.stack(gt_boxes)
         return rec, losses
 
-    def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
-        rec = student.teacher_view()
-        if not self.teacher_parts:
-            return rec
-        t = self.teacher
-        features = t.backbone(t.preprocess_image(batched_inputs).tensor)
-        rec.features = _by_stride(t, features)
-        if "dense" in self.teacher_parts:
-            strides = _strides(t)
-            feats = [features[f] for f in t.head_in_features]
-            t_strides = [strides[f] for f in t.head_in_features]
-            rec.dense = _head_outputs(t, feats, t_strides, self.kd_head_split)[0]
-        return rec
-
 
 @META_ARCH_REGISTRY.register()
 class DistillRetinaNet(_DistillDense, RetinaNet):
@@ -408,9 +479,9 @@ class DistillRetinaNet(_DistillDense, RetinaNet):
     labels). Never calls the teacher's ``losses`` (it would move its EMA normaliser)."""
 
     @configurable
-    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, extra_teachers=None, **kwargs):
         super().__init__(**kwargs)
-        self._init_dense(teacher, kd_cfg)
+        self._init_dense(teacher, kd_cfg, extra_teachers)
 
 
 class DistillFCOS(_DistillDense, FCOS):
@@ -419,9 +490,9 @@ class DistillFCOS(_DistillDense, FCOS):
     ``dense`` with ``centerness`` and FCOS's point labels (no ignore label); box outputs are the
     raw head outputs (Detectron2 applies the ReLU at decode time)."""
 
-    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, extra_teachers=None, **kwargs):
         super().__init__(**kwargs)
-        self._init_dense(teacher, kd_cfg)
+        self._init_dense(teacher, kd_cfg, extra_teachers)
 
 
 @META_ARCH_REGISTRY.register()
@@ -438,6 +509,6 @@ class DistillGFL(_DistillDense, GFL):
     """
 
     @configurable
-    def __init__(self, *, teacher: nn.Module | None, kd_cfg, **kwargs):
+    def __init__(self, *, teacher: nn.Module | None, kd_cfg, extra_teachers=None, **kwargs):
         super().__init__(**kwargs)
-        self._init_dense(teacher, kd_cfg)
+        self._init_dense(teacher, kd_cfg, extra_teachers)

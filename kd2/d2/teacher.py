@@ -19,7 +19,7 @@ from kd2.modeling.weights_check import check_teacher_weights
 
 from .config import add_kd_config
 
-__all__ = ["build_teacher", "resolve_config_file"]
+__all__ = ["build_detectron2_teacher", "build_teacher", "resolve_config_file"]
 
 
 def _zoo_names() -> list:
@@ -80,28 +80,38 @@ class _RecordingCheckpointer(_WeightsOnlyCheckpointer):
         return self.incompatible
 
 
-def build_teacher(cfg) -> nn.Module:
-    """The teacher described by ``cfg.KD.TEACHER``, loaded, in eval mode, without gradients.
+def build_teacher(cfg, name: str = "") -> nn.Module:
+    """The teacher described by ``cfg.KD.TEACHER`` (``name`` empty) or ``cfg.KD.TEACHERS.<name>``,
+    loaded, in eval mode, without gradients. ``BACKEND: torchvision`` builds a kd2 torchvision
+    detector from its kd2 yaml (a teacher from the other framework).
 
-    Weights: ``KD.TEACHER.WEIGHTS``, else the teacher config's own ``MODEL.WEIGHTS``. A
+    Weights: ``WEIGHTS``, else the teacher config's own ``MODEL.WEIGHTS``. A
     checkpoint that leaves any teacher parameter missing is an error (never a silently random
     teacher). A ``.pth``/``.pt`` file is read with ``torch.load(weights_only=True)``; a ``.pkl``
     file (``detectron2://`` model zoo) is unpickled by Detectron2: trust its source.
     """
-    if not cfg.KD.TEACHER.CONFIG:
-        raise ValueError("KD.METHODS is set but KD.TEACHER.CONFIG is empty")
+    from kd2.modeling.cross_framework import build_teacher_of_config
+
+    return build_teacher_of_config(cfg, name, "detectron2")
+
+
+def build_detectron2_teacher(node, key: str, device: str) -> nn.Module:
+    """A frozen Detectron2 teacher from ``node.CONFIG`` (a file or a model-zoo name) and
+    ``node.WEIGHTS`` (``key`` names the node in messages)."""
+    if not node.CONFIG:
+        raise ValueError(f"KD.METHODS is set but {key}.CONFIG is empty")
     tcfg = get_cfg()
     add_kd_config(tcfg)
-    tcfg.merge_from_file(resolve_config_file(cfg.KD.TEACHER.CONFIG))
+    tcfg.merge_from_file(resolve_config_file(node.CONFIG))
     if tcfg.KD.METHODS:
-        raise ValueError(f"the teacher config {cfg.KD.TEACHER.CONFIG!r} has KD.METHODS set")
-    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+        raise ValueError(f"the teacher config {node.CONFIG!r} has KD.METHODS set")
+    tcfg.MODEL.DEVICE = device
     teacher = build_model(tcfg)
-    weights = cfg.KD.TEACHER.WEIGHTS or tcfg.MODEL.WEIGHTS
+    weights = node.WEIGHTS or tcfg.MODEL.WEIGHTS
     if not weights:
-        raise FileNotFoundError("no teacher weights: set KD.TEACHER.WEIGHTS")
+        raise FileNotFoundError(f"no teacher weights: set {key}.WEIGHTS")
     if "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"KD.TEACHER.WEIGHTS {weights!r} does not exist")
+        raise FileNotFoundError(f"{key}.WEIGHTS {weights!r} does not exist")
     checkpointer = _RecordingCheckpointer(teacher)
     checkpointer.load(weights)
     incompatible = checkpointer.incompatible
@@ -110,7 +120,7 @@ def build_teacher(cfg) -> nn.Module:
     if missing or shapes:
         raise ValueError(
             f"teacher checkpoint {weights!r} does not match the teacher config "
-            f"{cfg.KD.TEACHER.CONFIG!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{node.CONFIG!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(shapes)} shape mismatches (e.g. {shapes[:3]}). A teacher with random "
             "parameters would teach noise; check the config and the weights"
         )

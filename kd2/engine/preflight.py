@@ -212,7 +212,11 @@ def format_report(report: dict) -> str:
     ap = report["teacher_ap"]
     lines.append(
         f"teacher AP on {report['val_images']} val images: "
-        + ("n/a (no DATASETS.TEST)" if ap is None else f"{ap:.2f}")
+        + (
+            "not measured (no DATASETS.TEST, or a teacher of the other framework)"
+            if ap is None
+            else f"{ap:.2f}"
+        )
         + f" (minimum {report['min_teacher_ap']})"
     )
     lines += [f"input: {c}" for c in report["input_checks"]]

@@ -537,7 +537,9 @@ class Trainer:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             teacher_ap, n_val = None, 0
-            if cfg.DATASETS.TEST and node.VAL_IMAGES > 0:
+            # a Detectron2 teacher (KD.TEACHER.BACKEND) is not evaluated by this loop
+            same_framework = hasattr(model.teacher, "transform")
+            if cfg.DATASETS.TEST and node.VAL_IMAGES > 0 and same_framework:
                 name = cfg.DATASETS.TEST[0]
                 n_val = min(int(node.VAL_IMAGES), len(DatasetCatalog.get(name)))
                 res = evaluate(cfg, model.teacher, [name], max_images=n_val)

@@ -49,6 +49,12 @@ class KDMethod(nn.Module):
     #: features after block ``k`` and the teacher's can resume its head from there (CrossKD).
     head_split: int | None = None
 
+    #: The method's dense-head terms compare class logits only, location by location: a
+    #: teacher of another dense family with the same predictions per location qualifies (CWD's
+    #: logits recipe). Otherwise a method reading ``dense`` needs a teacher of the student's
+    #: family.
+    dense_across_families: bool = False
+
     #: the student's detector family, set by :meth:`bind_detector` (``None`` before)
     family: str | None = None
 

@@ -83,6 +83,8 @@ class CWD(KDMethod):
     Loss: ``loss_kd_cwd`` = weight × Σ over levels.
     """
 
+    dense_across_families = True  # the logits recipe compares class maps only
+
     def __init__(
         self,
         student_channels: Mapping[int, int],

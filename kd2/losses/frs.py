@@ -192,6 +192,8 @@ class FRS(KDMethod):
     (``rpn``) for ``arch == "two_stage"``.
     """
 
+    dense_across_families = True  # reads the teacher's class logits only
+
     def __init__(
         self,
         student_channels: Mapping[int, int],

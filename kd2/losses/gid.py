@@ -9,7 +9,7 @@ negatives and "semi-positives" alike. (The author's Detectron2 port compares the
 scores and runs NMS per level; kd2 follows the paper.)
 
 **Losses** (:class:`GID`, weights of the author's Detectron2 port
-``daixinghome/Distill_GID_detectron2``, ``GID/gid/loss.py``):
+the repository ``Distill_GID`` of GitHub user daixinghome, ``GID/gid/loss.py``):
 
 * feature — each instance is pooled (:func:`kd2.ops.roi_align`, 10×10, sampling 2,
   ``ROIAlignV2``) on the FPN level Detectron2's canonical rule gives it

@@ -143,6 +143,8 @@ class Hinton(KDMethod):
     Losses: ``loss_kd_hinton_roi`` or ``loss_kd_hinton_dense``.
     """
 
+    dense_across_families = True  # reads the teacher's class logits only
+
     def __init__(
         self,
         *,

@@ -91,6 +91,8 @@ class PFI(KDMethod):
     :func:`pfi_loss` over the dense head's strides present in both records' features.
     """
 
+    dense_across_families = True  # reads the teacher's class logits only
+
     teacher_parts = frozenset({"features", "dense"})
 
     def __init__(

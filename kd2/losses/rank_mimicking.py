@@ -167,6 +167,8 @@ class RM(KDMethod):
     matched GT boxes) comes from the student record. See the module docstring for the choices.
     """
 
+    dense_across_families = True  # reads the teacher's class logits only
+
     teacher_parts = frozenset({"dense"})
 
     def __init__(self, *, weight: float = 4.0, temperature: float = 1.0):

@@ -163,17 +163,16 @@ class ClassifierTeacher(nn.Module):
         scale: float = 1.0,
     ):
         super().__init__()
-        if channels not in ("RGB", "BGR"):
-            raise ValueError(f"channels must be 'RGB' or 'BGR', got {channels!r}")
+        from .cross_framework import normalization_map
+
         self.classifier = classifier.eval().requires_grad_(False)
-        perm = [0, 1, 2] if channels == "RGB" else [2, 1, 0]
-        d_mean = torch.tensor([float(pixel_mean[i]) for i in perm]) / scale
-        d_std = torch.tensor([float(pixel_std[i]) for i in perm]) / scale
-        c_mean = torch.tensor(classifier.pixel_mean)
-        c_std = torch.tensor(classifier.pixel_std)
+        perm, a, b = normalization_map(
+            (pixel_mean, pixel_std, channels, scale),
+            (classifier.pixel_mean, classifier.pixel_std, "RGB", 1.0),
+        )
         self.perm: List[int] = perm
-        self.register_buffer("a", (d_std / c_std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("b", ((d_mean - c_mean) / c_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("a", a, persistent=False)
+        self.register_buffer("b", b, persistent=False)
 
     @property
     def num_classes(self) -> int:

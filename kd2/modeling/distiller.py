@@ -15,7 +15,8 @@ detector's input normalisation and held outside the module tree like the detecto
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, Mapping, Sequence, Tuple
+import logging
+from typing import Dict, FrozenSet, List, Mapping, Sequence, Tuple
 
 from torch import Tensor, nn
 
@@ -23,12 +24,113 @@ from kd2.config import method_node_name
 from kd2.losses import KD_METHOD_REGISTRY
 from kd2.structures import StepRecord
 
-__all__ = ["DistillerMixin", "needs_detector_teacher"]
+from .level_map import (
+    LevelPair,
+    TeacherInfo,
+    level_table,
+    method_channels,
+    pair_levels,
+    student_view,
+)
+
+__all__ = ["DistillerMixin", "model_family", "needs_detector_teacher", "teachers_needed"]
+
+logger = logging.getLogger(__name__)
 
 
 def needs_detector_teacher(kd_cfg) -> bool:
-    """Whether any method of ``kd_cfg.METHODS`` reads a part of a detector teacher."""
-    return any(KD_METHOD_REGISTRY.get(name).teacher_parts for name in kd_cfg.METHODS)
+    """Whether any method of ``kd_cfg.METHODS`` learns from ``KD.TEACHER`` (the default
+    detector teacher)."""
+    return "" in teachers_needed(kd_cfg)
+
+
+def _method_teacher_name(kd_cfg, name: str) -> str:
+    node = getattr(kd_cfg, method_node_name(name), None)
+    value = getattr(node, "TEACHER", "") if node is not None else ""
+    return value if isinstance(value, str) else ""
+
+
+def teachers_needed(kd_cfg) -> set:
+    """The names of the detector teachers the methods of ``kd_cfg.METHODS`` learn from (``""`` =
+    ``KD.TEACHER``; others name ``KD.TEACHERS`` entries). A method reads a detector teacher when
+    its class declares teacher parts (ClassifierKD declares none)."""
+    return {
+        _method_teacher_name(kd_cfg, name)
+        for name in kd_cfg.METHODS
+        if KD_METHOD_REGISTRY.get(name).teacher_parts
+    }
+
+
+def model_family(model: nn.Module) -> str:
+    """``faster_rcnn``, ``ssd``, ``gfl``, ``fcos`` or ``retinanet``: a detector's family from its
+    classes (either framework)."""
+    names = [c.__name__ for c in type(model).__mro__]
+    for family, keys in (
+        ("faster_rcnn", ("GeneralizedRCNN", "FasterRCNN")),
+        ("ssd", ("SSD",)),
+        ("gfl", ("GFL",)),
+        ("fcos", ("FCOS",)),
+        ("retinanet", ("RetinaNet",)),
+    ):
+        if any(k in names for k in keys):
+            return family
+    raise ValueError(f"{type(model).__name__} is not a detector kd2 knows")
+
+
+_PART_WORDS = {
+    "features": "backbone + FPN",
+    "dense": "one-stage dense head",
+    "rpn": "RPN",
+    "roi": "ROI box head",
+}
+
+
+def _teacher_label(tname: str) -> str:
+    return f"teacher KD.TEACHERS.{tname}" if tname else "the teacher (KD.TEACHER)"
+
+
+def _applicable_methods(info: TeacherInfo, student: TeacherInfo) -> List[str]:
+    out = []
+    for name, cls in sorted(KD_METHOD_REGISTRY):
+        parts = set(cls.teacher_parts)
+        if not parts or not parts <= set(info.parts):
+            continue
+        if "dense" in parts and (
+            (info.family != student.family and not cls.dense_across_families)
+            or info.anchors_per_location != student.anchors_per_location
+        ):
+            continue
+        out.append(name)
+    return out
+
+
+def _teacher_reason(method, info: TeacherInfo, student: TeacherInfo) -> str | None:
+    """Why ``method`` cannot learn from the teacher described by ``info``, or ``None``."""
+    missing = sorted(set(method.teacher_parts) - set(info.parts))
+    applicable = ", ".join(_applicable_methods(info, student))
+    if missing:
+        what = ", ".join(f"{p} ({_PART_WORDS.get(p, p)})" for p in missing)
+        return (
+            f"it reads the teacher's {what}, which a {info.family} teacher does not have. With "
+            f"this teacher these methods apply: {applicable}"
+        )
+    cross_ok = method.dense_across_families and info.family != "ssd" and student.family != "ssd"
+    if "dense" in method.teacher_parts and info.family != student.family and not cross_ok:
+        return (
+            f"it compares the two dense heads prediction by prediction, which needs a teacher of "
+            f"the student's family ({student.family}), not {info.family}. With this teacher "
+            f"these methods apply: {applicable}"
+        )
+    if (
+        "dense" in method.teacher_parts
+        and info.anchors_per_location != student.anchors_per_location
+    ):
+        return (
+            f"its dense head places {info.anchors_per_location} predictions per location, the "
+            f"student's {student.anchors_per_location}; use the same anchors. With this teacher "
+            f"these methods apply: {applicable}"
+        )
+    return None
 
 
 class DistillerMixin:
@@ -45,50 +147,94 @@ class DistillerMixin:
         teacher: nn.Module | None,
         *,
         num_classes: int,
-        teacher_num_classes: int | None,
         student_channels: Mapping[int, int],
-        teacher_channels: Mapping[int, int],
+        teacher_num_classes: int | None = None,
+        teacher_channels: Mapping[int, int] | None = None,
         input_normalization: Tuple[Sequence[float], Sequence[float], str, float] | None = None,
+        extra_teachers: Mapping[str, nn.Module] | None = None,
     ) -> None:
-        """Attach ``teacher`` (frozen, eval, unregistered) and build ``kd_cfg.METHODS``.
+        """Attach the teachers (frozen, eval, unregistered) and build ``kd_cfg.METHODS``.
 
-        ``*_channels`` map FPN stride -> channels of the student and teacher. ``teacher`` is
-        ``None`` when no method needs a detector teacher (:func:`needs_detector_teacher`).
+        ``teacher`` is ``KD.TEACHER`` (``None`` when no method learns from it:
+        :func:`teachers_needed`), ``extra_teachers`` the used ones of ``KD.TEACHERS`` by name.
+        ``student_channels`` maps FPN stride -> channels; the teachers' geometry comes from
+        :meth:`_kd_model_info` (``teacher_num_classes`` / ``teacher_channels`` are not needed).
         ``input_normalization`` = ``(pixel_mean, pixel_std, channels, scale)`` of the student's
         input (see :class:`kd2.modeling.classifier_teacher.ClassifierTeacher`), needed by
-        methods with a classifier teacher.
+        methods with a classifier teacher. The backend provides :meth:`_kd_model_info`.
+
+        Each method learns from the teacher its ``KD.<METHOD>.TEACHER`` names; its FPN levels
+        are paired with that teacher's by :func:`kd2.modeling.level_map.pair_levels` (logged as
+        a table), and a method that reads a part the teacher lacks — or a dense head of another
+        family — is refused here with the methods that do apply.
         """
         object.__setattr__(self, "_classifier_teachers", [])
-        if teacher is None:
-            if needs_detector_teacher(kd_cfg):
+        teachers = {"": teacher} if teacher is not None else {}
+        teachers.update(extra_teachers or {})
+        used = teachers_needed(kd_cfg)
+        if "" in used and teacher is None:
+            raise ValueError(
+                f"KD.METHODS {list(kd_cfg.METHODS)} need a detector teacher: set "
+                "KD.TEACHER.CONFIG and KD.TEACHER.WEIGHTS"
+            )
+        student_info = self._kd_model_info(self)
+        infos: Dict[str, TeacherInfo] = {}
+        for tname, model in teachers.items():
+            info = self._kd_model_info(model)
+            label = _teacher_label(tname)
+            if info.num_classes != num_classes:
                 raise ValueError(
-                    f"KD.METHODS {list(kd_cfg.METHODS)} need a detector teacher: set "
-                    "KD.TEACHER.CONFIG and KD.TEACHER.WEIGHTS"
-                )
-        else:
-            if teacher_num_classes != num_classes:
-                raise ValueError(
-                    f"teacher and student disagree on the number of classes: teacher has "
-                    f"{teacher_num_classes}, student has {num_classes}. Distillation needs the "
+                    f"{label} and the student disagree on the number of classes: the teacher "
+                    f"has {info.num_classes}, the student {num_classes}. Distillation needs the "
                     "same label space; fix the NUM_CLASSES of one of the configs"
                 )
-            if not set(student_channels) & set(teacher_channels):
-                raise ValueError(
-                    f"student FPN strides {sorted(student_channels)} and teacher FPN strides "
-                    f"{sorted(teacher_channels)} have none in common; kd2 pairs levels by stride"
-                )
-            teacher.eval().requires_grad_(False)
+            model.eval().requires_grad_(False)
+            infos[tname] = info
         object.__setattr__(self, "_teacher", teacher)  # deliberately not a submodule
+        object.__setattr__(self, "_extra_teachers", dict(extra_teachers or {}))
+        #: per teacher name, its description (FPN channels by stride, parts, family)
+        self.kd_teacher_infos: Dict[str, TeacherInfo] = infos
         self.num_classes_kd = num_classes
         self.kd_warmup_iters = kd_cfg.WARMUP_ITERS
         self.kd_iteration = 0
+        #: per teacher name, the student <-> teacher level pairs and their logged table
+        self.kd_level_pairs: Dict[str, List[LevelPair]] = {}
+        self.kd_level_tables: Dict[str, str] = {}
+        for tname, info in infos.items():
+            pairs = pair_levels(student_info.channels, info.channels)
+            self.kd_level_pairs[tname] = pairs
+            self.kd_level_tables[tname] = level_table(
+                pairs,
+                student_info.channels,
+                info.channels,
+                f"KD level pairing, {_teacher_label(tname)} ({info.name}) -> student "
+                f"({student_info.name}):",
+            )
+            logger.info(self.kd_level_tables[tname])
+        #: the teacher name (``""`` = KD.TEACHER) each method learns from
+        self.kd_method_teacher: Dict[str, str] = {}
         methods = {}
         for name in kd_cfg.METHODS:
             node = getattr(kd_cfg, method_node_name(name), None)
+            tname = str(getattr(node, "TEACHER", "") or "") if node is not None else ""
+            if isinstance(getattr(node, "TEACHER", None), dict):  # ClassifierKD's own node
+                tname = ""
+            if tname and tname not in infos:
+                raise ValueError(
+                    f"KD.{method_node_name(name)}.TEACHER {tname!r} names no teacher; "
+                    f"KD.TEACHERS defines {sorted(n for n in infos if n)}"
+                )
+            self.kd_method_teacher[name] = tname
+            s_ch, t_ch = dict(student_channels), dict(teacher_channels or {})
+            if tname in infos:
+                pairs = self.kd_level_pairs[tname]
+                s_ch, t_ch = dict(student_info.channels), dict(infos[tname].channels)
+                if any(p.resized for p in pairs):
+                    s_ch, t_ch = method_channels(pairs)
             methods[name] = KD_METHOD_REGISTRY.get(name).from_config(
                 node,
-                student_channels=dict(student_channels),
-                teacher_channels=dict(teacher_channels),
+                student_channels=s_ch,
+                teacher_channels=t_ch,
                 num_classes=num_classes,
                 arch=self.arch_kind,
             )
@@ -99,6 +245,13 @@ class DistillerMixin:
                     f"KD method {name!r} (KD.METHODS) does not apply to the "
                     f"{self._detector_name()} student: {reason}"
                 )
+            if methods[name].teacher_parts and tname in infos:
+                reason = _teacher_reason(methods[name], infos[tname], student_info)
+                if reason:
+                    raise ValueError(
+                        f"KD method {name!r} cannot learn from {_teacher_label(tname)} "
+                        f"({infos[tname].name}): {reason}"
+                    )
         for method in methods.values():
             if getattr(method, "needs_classifier_teacher", False):
                 method.attach_classifier(
@@ -113,9 +266,15 @@ class DistillerMixin:
             )
         #: the dense head's towers are cut after this many blocks (CrossKD), else ``None``
         self.kd_head_split: int | None = splits.pop() if splits else None
-        self.teacher_parts: FrozenSet[str] = frozenset().union(
-            *(m.teacher_parts for m in methods.values())
-        )
+        #: per teacher name, the record parts its methods read (each teacher runs only those)
+        self.kd_teacher_parts: Dict[str, FrozenSet[str]] = {
+            tname: frozenset().union(
+                *(m.teacher_parts for n, m in methods.items() if self.kd_method_teacher[n] == tname)
+            )
+            for tname in infos
+        }
+        #: the parts of KD.TEACHER's methods (the default teacher)
+        self.teacher_parts: FrozenSet[str] = self.kd_teacher_parts.get("", frozenset())
         self._init_kd_control(kd_cfg)
         inherit = list(getattr(kd_cfg, "INHERIT_TEACHER", []) or [])
         if inherit:
@@ -186,6 +345,7 @@ class DistillerMixin:
         if "_teacher" not in self.__dict__:  # not yet attached while the student is being built
             return []
         teachers = [self._teacher] if self._teacher is not None else []
+        teachers += list(self.__dict__.get("_extra_teachers", {}).values())
         return teachers + list(self._classifier_teachers)
 
     def train(self, mode: bool = True):
@@ -221,13 +381,37 @@ class DistillerMixin:
             return 1.0
         return min(1.0, self.kd_iteration / self.kd_warmup_iters)
 
-    def distill_losses(self, student: StepRecord, teacher: StepRecord) -> Dict[str, Tensor]:
-        """Every configured method's losses on the two records, times the warm-up factor."""
+    def teacher_named(self, name: str) -> nn.Module | None:
+        """The teacher a method names (``""`` = KD.TEACHER)."""
+        return self._teacher if name == "" else self.__dict__.get("_extra_teachers", {}).get(name)
+
+    @property
+    def extra_teachers(self) -> Dict[str, nn.Module]:
+        """The teachers of ``KD.TEACHERS`` that some method learns from, by name."""
+        return dict(self.__dict__.get("_extra_teachers", {}))
+
+    def _kd_model_info(self, model: nn.Module) -> TeacherInfo:
+        """The backend's description of a detector (channels, classes, parts, family)."""
+        raise NotImplementedError
+
+    def distill_losses(
+        self, student: StepRecord, teacher: StepRecord | Dict[str, StepRecord]
+    ) -> Dict[str, Tensor]:
+        """Every configured method's losses, each on the student record and its own teacher's
+        (``teacher``: the records by teacher name, ``""`` = KD.TEACHER, or KD.TEACHER's record
+        alone), times the warm-up factor."""
+        teachers = teacher if isinstance(teacher, dict) else {"": teacher}
+        views: Dict[str, StepRecord] = {}
         factor = self.kd_warmup_factor()
         balance = self.kd_balance
         losses: Dict[str, Tensor] = {}
         for method_name, method in self.kd_methods.items():
-            for name, value in method(student, teacher).items():
+            tname = self.kd_method_teacher.get(method_name, "")
+            t_rec = teachers.get(tname, teachers.get(""))
+            if tname not in views:
+                pairs = self.kd_level_pairs.get(tname, [])
+                views[tname] = student_view(student, pairs, t_rec) if t_rec is not None else student
+            for name, value in method(views[tname], t_rec).items():
                 self.kd_term_owner[name] = method_name
                 m = balance.multiplier(name) if balance is not None else 1.0
                 losses[name] = value * (factor * m)

@@ -392,26 +392,35 @@ def build_plain_detector(cfg) -> nn.Module:
     return model.to(cfg.MODEL.DEVICE)
 
 
-def build_teacher(cfg) -> nn.Module:
-    """Build the frozen teacher from ``KD.TEACHER.CONFIG`` and load ``KD.TEACHER.WEIGHTS``."""
+def build_teacher(cfg, name: str = "") -> nn.Module:
+    """Build a frozen teacher: ``KD.TEACHER`` (``name`` empty) or ``KD.TEACHERS.<name>`` — its
+    own config file and weights; ``BACKEND: detectron2`` builds a Detectron2 model."""
+    from kd2.modeling.cross_framework import build_teacher_of_config
+
+    return build_teacher_of_config(cfg, name, "torchvision")
+
+
+def build_torchvision_teacher(node, key: str, device: str) -> nn.Module:
+    """A frozen teacher from ``node.CONFIG`` (a kd2 torchvision yaml) and ``node.WEIGHTS`` (a local
+    checkpoint, loaded strictly); ``key`` names the config node in messages."""
     from kd2.config import get_cfg
     from kd2.modeling.weights_check import check_teacher_weights
 
-    tpath = cfg.KD.TEACHER.CONFIG
+    tpath = node.CONFIG
     if not tpath:
         raise ValueError(
-            "KD.METHODS is set but KD.TEACHER.CONFIG is empty: give the teacher's own config file"
+            f"KD.METHODS is set but {key}.CONFIG is empty: give the teacher's own config file"
         )
     if not os.path.isfile(tpath):
-        raise FileNotFoundError(f"KD.TEACHER.CONFIG: teacher config {tpath!r} does not exist")
+        raise FileNotFoundError(f"{key}.CONFIG: teacher config {tpath!r} does not exist")
     tcfg = get_cfg()
     tcfg.merge_from_file(tpath)
     if tcfg.KD.METHODS:
         raise ValueError(f"the teacher config {tpath!r} has KD.METHODS set; a teacher has no KD")
-    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    tcfg.MODEL.DEVICE = device
     teacher = build_plain_detector(tcfg)
-    load_weights_strict(teacher, cfg.KD.TEACHER.WEIGHTS, "KD.TEACHER.WEIGHTS", tpath)
-    check_teacher_weights(teacher, cfg.KD.TEACHER.WEIGHTS)
+    load_weights_strict(teacher, node.WEIGHTS, f"{key}.WEIGHTS", tpath)
+    check_teacher_weights(teacher, node.WEIGHTS)
     teacher.eval().requires_grad_(False)
     teacher.kd2_cfg = tcfg
     return teacher
@@ -422,13 +431,17 @@ def build_detector(cfg) -> nn.Module:
     (a detector teacher only when a method reads one)."""
     if not cfg.KD.METHODS:
         return build_plain_detector(cfg)
-    from kd2.modeling.distiller import needs_detector_teacher
+    from kd2.modeling.distiller import teachers_needed
 
     from .meta_arch import KD_ARCHITECTURES
 
     arch = cfg.MODEL.META_ARCHITECTURE
     num_classes_of(cfg)
-    teacher = build_teacher(cfg) if needs_detector_teacher(cfg.KD) else None
-    model = KD_ARCHITECTURES[arch](cfg=cfg, teacher=teacher, **detector_kwargs(cfg))
+    used = teachers_needed(cfg.KD)
+    teacher = build_teacher(cfg) if "" in used else None
+    extra = {name: build_teacher(cfg, name) for name in sorted(used - {""})}
+    model = KD_ARCHITECTURES[arch](
+        cfg=cfg, teacher=teacher, extra_teachers=extra, **detector_kwargs(cfg)
+    )
     _set_test_size(model, cfg)
     return model.to(cfg.MODEL.DEVICE)

@@ -17,18 +17,18 @@ Without a detector teacher (``ClassifierKD`` alone) no teacher runs at all.
 from __future__ import annotations
 
 import logging
-from functools import partial
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
-from kd2.modeling.distiller import DistillerMixin
-from kd2.modeling.head_split import capture_tower_taps, resume_head
+from kd2.modeling.cross_framework import input_convention, is_torchvision_detector, to_teacher_input
+from kd2.modeling.distiller import DistillerMixin, model_family
+from kd2.modeling.level_map import TeacherInfo, foreign_teacher_info
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
-from kd2.structures import HeadSplit, RoiOutputs, StepRecord
+from kd2.structures import RoiOutputs, StepRecord
 
 from . import record as R
 from .gfl import GFL
@@ -41,26 +41,27 @@ logger = logging.getLogger(__name__)
 class _KDMixin(DistillerMixin):
     """torchvision side of the KD meta-architectures: record filling and the training forward."""
 
-    def _init_kd(self, cfg, teacher: nn.Module | None) -> None:
+    def _init_kd(
+        self, cfg, teacher: nn.Module | None, extra_teachers: Dict[str, nn.Module] | None = None
+    ) -> None:
         self.kd_strides, s_channels = R.model_strides(self)
-        self.kd_teacher_strides, t_channels = [], []
-        if teacher is not None:
-            self.kd_teacher_strides, t_channels = R.model_strides(teacher)
-            self._teacher_mean_std = (
-                torch.tensor(teacher.transform.image_mean).view(1, 3, 1, 1),
-                torch.tensor(teacher.transform.image_std).view(1, 3, 1, 1),
-            )
         self._init_distiller(
             cfg.KD,
             teacher,
             num_classes=_num_classes(self),
-            teacher_num_classes=_num_classes(teacher) if teacher is not None else None,
             student_channels=dict(zip(self.kd_strides, s_channels)),
-            teacher_channels=dict(zip(self.kd_teacher_strides, t_channels)),
             input_normalization=(self.transform.image_mean, self.transform.image_std, "RGB", 1.0),
+            extra_teachers=extra_teachers,
         )
-        if "roi" in self.teacher_parts and not isinstance(teacher, FasterRCNN):
-            raise ValueError("a method needs the teacher's ROI head, but the teacher has none")
+        default = self.kd_teacher_infos.get("")
+        self.kd_teacher_strides = sorted(default.channels) if default is not None else []
+
+    def _kd_model_info(self, model: nn.Module) -> TeacherInfo:
+        if not is_torchvision_detector(model):  # a Detectron2 teacher
+            from kd2.d2.meta_arch import model_info as d2_model_info
+
+            return foreign_teacher_info(d2_model_info(model))
+        return model_info(model, self.kd_strides if model is self else None)
 
     def forward(self, images, targets=None):
         if not self.training:
@@ -69,8 +70,8 @@ class _KDMixin(DistillerMixin):
             raise ValueError("in training mode, targets must be given")
         student, losses = self.student_step(images, targets)
         with torch.no_grad():
-            teacher = self.teacher_step(student)
-        losses.update(self.distill_losses(student, teacher))
+            teachers = self.teacher_records(student)
+        losses.update(self.distill_losses(student, teachers))
         return self.finalize_kd_losses(losses)
 
     # -- helpers used by the subclasses ---------------------------------------------------
@@ -83,26 +84,50 @@ class _KDMixin(DistillerMixin):
     def kd_input_checks(self) -> list:
         """``(ok, line)`` pairs for the pre-flight check: how the teacher's input is made."""
         t = self._teacher
-        s_norm = (list(self.transform.image_mean), list(self.transform.image_std))
-        t_norm = (list(t.transform.image_mean), list(t.transform.image_std))
+        s_conv, t_conv = input_convention(self), input_convention(t)
         how = (
             "the same normalised tensor"
-            if s_norm == t_norm
-            else f"the student's tensor re-normalised from mean/std {s_norm} to {t_norm}"
+            if s_conv == t_conv
+            else f"the student's tensor converted from (mean, std, channels, scale) {s_conv} to "
+            f"{t_conv}"
         )
         return [
-            (True, f"classes: teacher {_num_classes(t)}, student {_num_classes(self)}"),
+            (
+                True,
+                f"classes: teacher {self.kd_teacher_infos[''].num_classes}, student "
+                f"{_num_classes(self)}",
+            ),
             (True, f"the teacher reads the student's resized, padded batch as {how}"),
         ]
 
-    def _teacher_input(self, images: Tensor) -> Tensor:
-        """Student-normalised tensor -> teacher-normalised (identity when they agree)."""
-        s_mean = torch.tensor(self.transform.image_mean, device=images.device).view(1, 3, 1, 1)
-        s_std = torch.tensor(self.transform.image_std, device=images.device).view(1, 3, 1, 1)
-        t_mean, t_std = (x.to(images.device) for x in self._teacher_mean_std)
-        if torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std):
-            return images
-        return (images * s_std + s_mean - t_mean) / t_std
+    def teacher_step(self, student: StepRecord) -> StepRecord:
+        """KD.TEACHER's record of this step (only the parts its methods read)."""
+        return self._teacher_record(student, "")
+
+    def teacher_records(self, student: StepRecord) -> Dict[str, StepRecord]:
+        """Every teacher's record of this step, by name (``""`` = KD.TEACHER)."""
+        return {name: self._teacher_record(student, name) for name in ["", *self.extra_teachers]}
+
+    def _teacher_record(self, student: StepRecord, name: str) -> StepRecord:
+        """Run the parts teacher ``name``'s methods read on the student's batch (its resized,
+        padded tensor in the teacher's input convention; the student's proposals for the ROI
+        head). A Detectron2 teacher fills its record with Detectron2's code."""
+        t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
+        if t is None or not parts:
+            return student.teacher_view()
+        if not is_torchvision_detector(t):
+            from kd2.d2.meta_arch import teacher_record as d2_teacher_record
+
+            images = to_teacher_input(
+                student.images,
+                input_convention(self),
+                input_convention(t),
+                int(t.backbone.size_divisibility),
+            )
+            return d2_teacher_record(t, images, student, parts)
+        images = to_teacher_input(student.images, input_convention(self), input_convention(t))
+        strides = sorted(self.kd_teacher_infos[name].channels)
+        return R.teacher_record(t, images, student, parts, strides, self.kd_head_split)
 
     def _base_record(self, images, targets, features, label_shift: int) -> StepRecord:
         return StepRecord(
@@ -132,6 +157,11 @@ class _KDMixin(DistillerMixin):
             ``{stride: (sum G_i, C)}`` in image-then-box order.
         """
         net = self._teacher if teacher else self
+        if not is_torchvision_detector(net):
+            raise ValueError(
+                "GlobalKD's prototypes pool the teacher's features of whole images, which kd2 "
+                "does for a teacher of the student's framework only; use a torchvision teacher"
+            )
         strides = self.kd_teacher_strides if teacher else self.kd_strides
         was_training = net.training
         net.eval()
@@ -147,11 +177,6 @@ class _KDMixin(DistillerMixin):
         padded = [own_padded_size(hw, div) for hw in image_list.image_sizes]
         return pool_instance_boxes(feats, [t["boxes"] for t in targets], padded)
 
-    def _teacher_features(self, student: StepRecord):
-        t = self._teacher
-        feats = t.backbone(self._teacher_input(student.images))
-        return feats, R.features_by_stride(feats, self.kd_teacher_strides)
-
 
 class KDFasterRCNN(_KDMixin, FasterRCNN):
     """torchvision ``FasterRCNN`` student with a frozen teacher.
@@ -164,9 +189,11 @@ class KDFasterRCNN(_KDMixin, FasterRCNN):
 
     arch_kind = "two_stage"
 
-    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
+    def __init__(
+        self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, extra_teachers=None, **kwargs
+    ):
         super().__init__(backbone, **kwargs)
-        self._init_kd(cfg, teacher)
+        self._init_kd(cfg, teacher, extra_teachers)
 
     def student_step(self, images, targets):
         images, targets = self._transform(images, targets)
@@ -190,24 +217,6 @@ class KDFasterRCNN(_KDMixin, FasterRCNN):
         )
         return rec, losses
 
-    def teacher_step(self, student: StepRecord) -> StepRecord:
-        parts, t = self.teacher_parts, self._teacher
-        rec = student.teacher_view()
-        if not parts:
-            return rec
-        feats, rec.features = self._teacher_features(student)
-        if "rpn" in parts:
-            images = _image_list(student)
-            rec.rpn, _, _ = R.run_rpn(t.rpn, images, feats, sorted(rec.features), None, False)
-        if "roi" in parts:
-            pooled, head, logits, deltas = R.run_roi_head(
-                t.roi_heads, feats, student.roi.proposals, student.image_sizes
-            )
-            rec.roi = student.roi.with_outputs(
-                pooled, head, R.canonical_roi_logits(logits), R.canonical_roi_deltas(deltas)
-            )
-        return rec
-
 
 class _KDDense(_KDMixin):
     """Shared student/teacher steps of the one-stage architectures."""
@@ -224,19 +233,9 @@ class _KDDense(_KDMixin):
     def _run_head(self, model, images, maps, strides):
         """The head's record part, raw outputs and anchors; with the towers' features at the
         cut when a method asked for one (``kd_head_split``)."""
-        k = self.kd_head_split
-        if k is None:
-            return self._head_outputs(model, images, maps, strides)
-        head = R.tower_head(model)
-        with capture_tower_taps(head, k) as (cls_taps, reg_taps):
-            out = self._head_outputs(model, images, maps, strides)
-        out[0].head_split = HeadSplit(k, cls_taps, reg_taps, partial(resume_head, head, k))
-        return out
-
-    def _head_outputs(self, model, images, maps, strides):
-        if isinstance(model, GFL):  # a GFL teacher of another dense student, or the student
-            return R.run_gfl_head(model, images, maps, strides)
-        return R.run_dense_head(model, images, maps, strides, softmax=self.dense_softmax)
+        return R.run_any_dense_head(
+            model, images, maps, strides, self.kd_head_split, self.dense_softmax
+        )
 
     def _detection_losses(self, targets, head_outputs, anchors, matched):
         return self.head.compute_loss(targets, head_outputs, anchors, matched)
@@ -259,26 +258,16 @@ class _KDDense(_KDMixin):
         )
         return rec, losses
 
-    def teacher_step(self, student: StepRecord) -> StepRecord:
-        rec = student.teacher_view()
-        if not self.teacher_parts:
-            return rec
-        feats, rec.features = self._teacher_features(student)
-        if "dense" in self.teacher_parts:
-            t = self._teacher
-            rec.dense, _, _ = self._run_head(
-                t, _image_list(student), list(feats.values()), sorted(rec.features)
-            )
-        return rec
-
 
 class KDRetinaNet(_KDDense, RetinaNet):
     """torchvision ``RetinaNet`` student with a frozen teacher (record: ``features``,
     ``dense`` with anchors and the IoU-matcher assignment)."""
 
-    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
+    def __init__(
+        self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, extra_teachers=None, **kwargs
+    ):
         super().__init__(backbone, **kwargs)
-        self._init_kd(cfg, teacher)
+        self._init_kd(cfg, teacher, extra_teachers)
 
     def _match(self, targets, anchors, counts):
         return R.match_retinanet(self, targets, anchors)
@@ -288,9 +277,11 @@ class KDFCOS(_KDDense, FCOS):
     """torchvision ``FCOS`` student with a frozen teacher (record: ``features``, ``dense`` with
     ``centerness`` and the centre-sampling assignment). Box outputs are post-ReLU distances."""
 
-    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
+    def __init__(
+        self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, extra_teachers=None, **kwargs
+    ):
         super().__init__(backbone, **kwargs)
-        self._init_kd(cfg, teacher)
+        self._init_kd(cfg, teacher, extra_teachers)
 
     def _match(self, targets, anchors, counts):
         return R.match_fcos(self, targets, anchors, counts)
@@ -306,9 +297,11 @@ class KDSSD(_KDDense, SSD):
     label_shift = 1
     dense_softmax = True
 
-    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
+    def __init__(
+        self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, extra_teachers=None, **kwargs
+    ):
         super().__init__(backbone, **kwargs)
-        self._init_kd(cfg, teacher)
+        self._init_kd(cfg, teacher, extra_teachers)
 
     def _match(self, targets, anchors, counts):
         return R.match_retinanet(self, targets, anchors)
@@ -324,9 +317,11 @@ class KDGFL(_KDDense, GFL):
     assignment as ``labels``; anchors in the batch padding outside an image's own padded size
     are ignored, ``-1``). Detection loss keys: ``loss_qfl``, ``loss_dfl``, ``loss_giou``."""
 
-    def __init__(self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, **kwargs):
+    def __init__(
+        self, *, cfg, teacher: nn.Module | None, backbone: nn.Module, extra_teachers=None, **kwargs
+    ):
         super().__init__(backbone, **kwargs)
-        self._init_kd(cfg, teacher)
+        self._init_kd(cfg, teacher, extra_teachers)
         if list(self.kd_strides) != list(self.anchor_strides):
             raise ValueError(
                 f"the GFL student's FPN strides {self.kd_strides} are not its anchor strides "
@@ -367,6 +362,30 @@ def _num_classes(model: nn.Module) -> int:
     if isinstance(model, SSD):
         return model.head.classification_head.num_columns - 1
     return model.head.classification_head.num_classes
+
+
+def model_info(model: nn.Module, strides: List[int] | None = None) -> TeacherInfo:
+    """A torchvision detector's description for the distiller (``strides``: known ones)."""
+    found, channels = R.model_strides(model)
+    family = model_family(model)
+    if family == "faster_rcnn":
+        parts, per_loc = frozenset({"features", "rpn", "roi"}), None
+    else:
+        parts = frozenset({"features", "dense"})
+        per_loc = 1 if isinstance(model, GFL) else _anchors_per_location(model)
+    return TeacherInfo(
+        channels=dict(zip(strides or found, channels)),
+        num_classes=_num_classes(model),
+        parts=parts,
+        family=family,
+        anchors_per_location=per_loc,
+        name=type(model).__name__,
+    )
+
+
+def _anchors_per_location(model: nn.Module) -> int | tuple:
+    per_level = list(model.anchor_generator.num_anchors_per_location())
+    return per_level[0] if len(set(per_level)) == 1 else tuple(per_level)
 
 
 def _image_list(record: StepRecord):

@@ -42,6 +42,8 @@ __all__ = [
     "dense_labels_from_matches",
     "match_retinanet",
     "match_fcos",
+    "run_any_dense_head",
+    "teacher_record",
     "tower_head",
 ]
 
@@ -227,6 +229,67 @@ def run_gfl_head(
         box_dist=dist,
     )
     return out, head_outputs, anchors
+
+
+def run_any_dense_head(
+    model: nn.Module,
+    images: ImageList,
+    maps: List[Tensor],
+    strides: List[int],
+    split: int | None = None,
+    softmax: bool = False,
+):
+    """:func:`run_gfl_head` or :func:`run_dense_head`, with the towers' features after block
+    ``split`` in the record's ``head_split`` (:mod:`kd2.modeling.head_split`) when given."""
+    from kd2.modeling.head_split import capture_tower_taps, resume_head
+    from kd2.structures import HeadSplit
+
+    from .gfl import GFL
+
+    def run():
+        if isinstance(model, GFL):
+            return run_gfl_head(model, images, maps, strides)
+        return run_dense_head(model, images, maps, strides, softmax=softmax)
+
+    if split is None:
+        return run()
+    head = tower_head(model)
+    with capture_tower_taps(head, split) as (cls_taps, reg_taps):
+        out = run()
+    out[0].head_split = HeadSplit(split, cls_taps, reg_taps, partial(resume_head, head, split))
+    return out
+
+
+def teacher_record(
+    t: nn.Module,
+    images: Tensor,
+    student,
+    parts,
+    strides: List[int],
+    split: int | None = None,
+):
+    """A torchvision teacher's record of a student step: the ``parts`` of ``t`` run on
+    ``images`` (the student's batch in ``t``'s normalisation); the ROI head on the student's
+    sampled proposals. ``strides``: ``t``'s FPN strides."""
+    rec = student.teacher_view()
+    if not parts:
+        return rec
+    feats = t.backbone(images)
+    rec.features = features_by_stride(feats, strides)
+    image_list = ImageList(images, [tuple(s) for s in student.image_sizes])
+    if "dense" in parts:
+        maps = list(feats.values())
+        rec.dense = run_any_dense_head(t, image_list, maps, strides, split)[0]
+    if "rpn" in parts:
+        rec.rpn = run_rpn(t.rpn, image_list, feats, strides, None, False)[0]
+    if "roi" in parts:
+        pooled, head, logits, deltas = run_roi_head(
+            t.roi_heads, feats, student.roi.proposals, student.image_sizes
+        )
+        rec.roi = student.roi.with_outputs(
+            pooled, head, canonical_roi_logits(logits), canonical_roi_deltas(deltas)
+        )
+    return rec
 
 
 def _relu_output(box: Tensor, level: int) -> Tensor:
