@@ -31,7 +31,8 @@ import platform
 import sys
 import time
 
-from gains_table import PAIR_SOURCES  # the same directory: benchmarks/
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gains_table, beside this file
+from gains_table import PAIR_SOURCES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "gains")

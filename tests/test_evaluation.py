@@ -107,7 +107,7 @@ def test_matches_pycocotools_exactly(tmp_path: Path) -> None:
     expected = direct_pycocotools(VAL_JSON, outputs, cat_ids)
 
     name = f"{VAL_JSON}:{COCO_DIR / 'val2017'}"
-    evaluator = COCOEvaluator(name, output_dir=str(tmp_path))
+    evaluator = COCOEvaluator(name, output_dir=str(tmp_path), backend="pycocotools")
     evaluator.reset()
     ids = sorted(outputs)
     for k in range(0, len(ids), 5):  # batches of 5, as targets/outputs lists
@@ -181,4 +181,25 @@ def test_inference_on_dataset_perfect_detector(tmp_path: Path) -> None:
     )["bbox"]
     assert model.training and model.modes == [(False, False), (False, False)]
     assert result["AP"] == pytest.approx(100.0) and result["AP50"] == pytest.approx(100.0)
+    DatasetCatalog.remove(name)
+
+
+@needs_coco
+def test_faster_coco_eval_backend_gives_the_same_metrics() -> None:
+    pytest.importorskip("faster_coco_eval", reason="faster-coco-eval is not installed")
+    raw = json.loads(VAL_JSON.read_text())
+    name = f"{VAL_JSON}:{COCO_DIR / 'val2017'}"
+    results = {}
+    for seed in (0, 1):
+        outputs = fake_detections(raw, seed=seed)
+        for backend in ("pycocotools", "faster_coco_eval"):
+            evaluator = COCOEvaluator(name, backend=backend)
+            for i in sorted(outputs):
+                evaluator.process([{"image_id": i}], [outputs[i]])
+            results[seed, backend] = evaluator.evaluate()["bbox"]
+        ref, fast = results[seed, "pycocotools"], results[seed, "faster_coco_eval"]
+        for k in BBOX_METRICS:  # percent points: 1e-4 of COCO's [0, 1] scale
+            assert abs(ref[k] - fast[k]) <= 1e-2, (k, ref[k], fast[k])
+    with pytest.raises(ValueError, match="TEST.COCO_EVAL_BACKEND must be one of"):
+        COCOEvaluator(name, backend="cocoapi")
     DatasetCatalog.remove(name)

@@ -93,7 +93,10 @@ def config_digest(cfg) -> str:
         keep.add("TEACHERS")
     for key in [k for k, v in cfg.KD.items() if isinstance(v, dict) and k not in keep]:
         del cfg.KD[key]
-    # keys added in kd2 0.4 (several teachers, the teacher's framework) at their defaults
+    # keys added in kd2 0.4 (several teachers, the teacher's framework, the COCO evaluation
+    # backend) at their defaults
+    if cfg.TEST.get("COCO_EVAL_BACKEND", "") == "auto":
+        cfg.TEST.pop("COCO_EVAL_BACKEND")
     if cfg.KD.TEACHER.get("BACKEND", "") == "":
         cfg.KD.TEACHER.pop("BACKEND", None)
     for name in keep - {"TEACHER", "TEACHERS", "BALANCE"}:

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 
-from kd2.config import base_chain
+from kd2.config import BACKENDS, config_backend  # noqa: F401 (config_backend: re-exported)
 from kd2.engine import Trainer, default_argument_parser, default_setup, evaluate, launch, setup_cfg
 from kd2.engine.checkpoint import last_checkpoint
 from kd2.engine.launch import die_with_parent
@@ -34,7 +34,6 @@ logger = logging.getLogger("kd2.train_net")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ("torchvision", "detectron2")
 EXAMPLE = "python tools/train_net.py --config-file configs/synthetic/retinanet_R34_teacher.yaml"
 
 
@@ -83,33 +82,6 @@ def check_config_file(path: str) -> None:
         )
         what = "is a directory, not a config file" if os.path.isdir(path) else "does not exist"
         raise SystemExit(f"error: --config-file {path!r} {what}{hint}")
-
-
-def config_backend(config_file: str, opts=()) -> str:
-    """``MODEL.BACKEND`` from the overrides, the file or its ``_BASE_`` chain; else detectron2
-    (Detectron2 yaml configs do not set it). Raises ``ValueError`` for an unknown backend (with
-    the valid ones) or a cyclic ``_BASE_`` chain (with its files), ``FileNotFoundError`` for a
-    missing base."""
-    backend, source = None, None
-    for key, value in zip(opts[::2], opts[1::2]):
-        if key == "MODEL.BACKEND":
-            backend, source = value, "the command-line overrides"
-    if backend is None:
-        # merge order: bases first; the last file that sets it wins
-        for path, data in reversed(base_chain(config_file)):
-            value = (data.get("MODEL") or {}).get("BACKEND")
-            if value:
-                backend, source = value, path
-                break
-    if backend is None:
-        return "detectron2"
-    if backend not in BACKENDS:
-        best = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.0)
-        raise ValueError(
-            f"unknown MODEL.BACKEND {backend!r} (in {source}); valid backends: "
-            f"{', '.join(BACKENDS)}; did you mean {best[0]!r}?"
-        )
-    return backend
 
 
 def d2_main(args):

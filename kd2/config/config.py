@@ -261,3 +261,34 @@ def validate_values(cfg) -> None:
     for name, node in kd.items():
         if isinstance(node, dict):
             walk(node, f"KD.{name}")
+
+
+#: ``MODEL.BACKEND`` values.
+BACKENDS = ("torchvision", "detectron2")
+
+
+def config_backend(config_file: str, opts=()) -> str:
+    """``MODEL.BACKEND`` from the overrides, the file or its ``_BASE_`` chain; else detectron2
+    (Detectron2 yaml configs do not set it). Raises ``ValueError`` for an unknown backend (with
+    the valid ones) or a cyclic ``_BASE_`` chain (with its files), ``FileNotFoundError`` for a
+    missing base."""
+    backend, source = None, None
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key == "MODEL.BACKEND":
+            backend, source = value, "the command-line overrides"
+    if backend is None:
+        # merge order: bases first; the last file that sets it wins
+        for path, data in reversed(base_chain(config_file)):
+            value = (data.get("MODEL") or {}).get("BACKEND")
+            if value:
+                backend, source = value, path
+                break
+    if backend is None:
+        return "detectron2"
+    if backend not in BACKENDS:
+        best = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.0)
+        raise ValueError(
+            f"unknown MODEL.BACKEND {backend!r} (in {source}); valid backends: "
+            f"{', '.join(BACKENDS)}; did you mean {best[0]!r}?"
+        )
+    return backend

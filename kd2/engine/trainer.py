@@ -135,7 +135,8 @@ def evaluate(
             DetectionDataset(records, train=False, corrupt_images=cfg.DATALOADER.CORRUPT_IMAGES),
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
-        evaluator = COCOEvaluator(name, output_dir=output_dir)
+        backend = cfg.TEST.get("COCO_EVAL_BACKEND", "auto")
+        evaluator = COCOEvaluator(name, output_dir=output_dir, backend=backend)
         res = inference_on_dataset(ContiguousLabels(model), _to_device(loader, cfg), evaluator)
         results[name] = res
         if is_main_process() and res:

@@ -50,6 +50,37 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+#: ``TEST.COCO_EVAL_BACKEND`` values: the reference implementation and a maintained drop-in with
+#: a C++ core (the same metrics; ``tests/test_evaluation.py`` checks them against each other;
+#: ``benchmarks/coco_eval_speed.py`` measures the speed-up). ``"auto"`` (the default) is
+#: faster_coco_eval where it is installed, else pycocotools.
+COCO_EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+def coco_api(backend: str = "auto"):
+    """``(COCO, COCOeval)`` classes of an evaluation backend (see :data:`COCO_EVAL_BACKENDS`)."""
+    if backend == "auto":
+        try:
+            return coco_api("faster_coco_eval")
+        except ImportError:
+            return coco_api("pycocotools")
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    if backend == "faster_coco_eval":
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+        except ImportError:
+            raise ImportError(
+                "TEST.COCO_EVAL_BACKEND faster_coco_eval needs the package: pip install "
+                "faster-coco-eval (or set TEST.COCO_EVAL_BACKEND pycocotools)"
+            ) from None
+        return COCO, COCOeval_faster
+    raise ValueError(f"TEST.COCO_EVAL_BACKEND must be one of {COCO_EVAL_BACKENDS}, got {backend!r}")
+
+
 class COCOEvaluator:
     """Box AP of detections on a COCO-format dataset registered in the catalog.
 
@@ -58,17 +89,19 @@ class COCOEvaluator:
             ``json_file`` (every COCO-format dataset: builtins, ``register_coco_instances``,
             ``"path/to/instances.json:path/to/images"`` names).
         output_dir: if given, ``evaluate()`` writes ``coco_instances_results.json`` there.
+        backend: ``"auto"``, ``"pycocotools"`` or ``"faster_coco_eval"``
+            (``TEST.COCO_EVAL_BACKEND``).
 
     Usage: ``reset()``, then ``process(targets, outputs)`` per batch, then ``evaluate()``.
     Only images passed to ``process`` are evaluated (all images of the dataset after a full
     pass), with or without detections.
     """
 
-    def __init__(self, dataset_name: str, *, output_dir: str | None = None):
-        from pycocotools.coco import COCO
-
+    def __init__(self, dataset_name: str, *, output_dir: str | None = None, backend: str = "auto"):
         from kd2.data.catalog import MetadataCatalog
 
+        COCO, _ = coco_api(backend)
+        self.backend = backend
         self.dataset_name = dataset_name
         self.output_dir = output_dir
         meta = MetadataCatalog.get(dataset_name)
@@ -148,8 +181,7 @@ class COCOEvaluator:
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Run COCOeval; ``{"bbox": {metric: percent}}`` on rank 0, ``{}`` on other ranks."""
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
+        COCO, COCOeval = coco_api(self.backend)
 
         if not self._gather():
             return {}
