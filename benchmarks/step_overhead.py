@@ -14,7 +14,11 @@ R18-FPN teacher, the demo's KD method) it times, interleaved per batch and after
   the period (``diag_overhead``);
 
 prints the median of each and, per config, ``KD step / student step`` and
-``kd_overhead_ratio=<KD step / (student step + teacher forward)>``. Several configs of one
+``kd_overhead_ratio=<KD step / (student step + teacher forward)>``; then the first config's
+``kd_step_vs_student_step=`` and, for each ``--teacher-options`` entry (``KD.TEACHER.DTYPE``
+``bfloat16``, ``CHANNELS_LAST``, ``COMPILE``: kd2/modeling/teacher_runtime.py), the teacher forward
+timed on the same batches with that option, ``teacher_forward_speedup_<option>=<float32 /
+option>``. Several configs of one
 student (``--configs a.yaml b.yaml ...``) are timed side by side on the same batches, so their
 ratios compare within one run; ``--json`` writes them (``benchmarks/results/step_overhead.json``).
 
@@ -44,7 +48,7 @@ from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader  # noq
 from kd2.tv.build import build_detector, build_plain_detector, label_offset  # noqa: E402
 
 
-def build_kd_model(config: str, teacher_dir: str):
+def build_kd_model(config: str, teacher_dir: str, teacher_options=None, device: str = "cpu"):
     """The KD model of ``config`` with a randomly initialised teacher saved in ``teacher_dir``
     (weights do not change the cost); returns ``(cfg, model)``."""
     cfg = get_cfg()
@@ -58,10 +62,28 @@ def build_kd_model(config: str, teacher_dir: str):
         torch.save({"model": build_plain_detector(tcfg).state_dict()}, weights)
     cfg.KD.TEACHER.CONFIG = teacher_config
     cfg.KD.TEACHER.WEIGHTS = weights
+    for key, value in (teacher_options or {}).items():
+        cfg.KD.TEACHER[key] = value
+    cfg.MODEL.DEVICE = device
     return cfg, build_detector(cfg).train()
 
 
-def main() -> None:
+#: ``--teacher-options`` names -> KD.TEACHER keys
+TEACHER_OPTIONS = {
+    "bfloat16": {"DTYPE": "bfloat16"},
+    "float16": {"DTYPE": "float16"},
+    "channels_last": {"CHANNELS_LAST": True},
+    "compile": {"COMPILE": True},
+}
+
+
+def _to(images, targets, device):
+    return [im.to(device) for im in images], [
+        {k: v.to(device) for k, v in t.items()} for t in targets
+    ]
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--configs",
@@ -74,15 +96,28 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", default="", help="also write the medians and ratios here")
-    args = p.parse_args()
+    p.add_argument(
+        "--teacher-options",
+        nargs="*",
+        default=["bfloat16", "channels_last"],
+        choices=sorted(TEACHER_OPTIONS),
+        help="teacher options timed against the float32 teacher (the first config's)",
+    )
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     tmp = tempfile.mkdtemp(prefix="kd2_bench_")
     kd_models = {}
     for config in args.configs:
-        cfg, model = build_kd_model(os.path.abspath(config), tmp)
+        cfg, model = build_kd_model(os.path.abspath(config), tmp, device=args.device)
         name = os.path.splitext(os.path.basename(config))[0]
         kd_models[name] = (cfg, model)
+    first = os.path.abspath(args.configs[0])
+    variants = {
+        option: build_kd_model(first, tmp, TEACHER_OPTIONS[option], args.device)[1]
+        for option in args.teacher_options
+    }
     cfg = next(iter(kd_models.values()))[0]
     plain_cfg = cfg.clone()
     plain_cfg.KD.METHODS = []
@@ -117,7 +152,9 @@ def main() -> None:
         sum(losses.values()).backward()
         opt.step()
 
+    batches = [_to(images, targets, args.device) for images, targets in batches]
     times = {"student step": []}
+    times.update({f"teacher forward, {option}": [] for option in variants})
     for name in kd_models:
         times[f"{name}: teacher forward"] = []
         times[f"{name}: KD step"] = []
@@ -148,6 +185,15 @@ def main() -> None:
             model.kd_diag_period = period
             if i >= args.warmup:
                 times[f"{name}: teacher forward"].append(t3 - t2)
+            if name == next(iter(kd_models)):  # the teacher options, on the same record
+                for option, variant in variants.items():
+                    with torch.no_grad():
+                        t6 = time.perf_counter()
+                        variant.teacher_step(rec)
+                        if args.device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        if i >= args.warmup:
+                            times[f"teacher forward, {option}"].append(time.perf_counter() - t6)
                 times[f"{name}: KD step"].append(t4 - t3)
                 times[f"{name}: KD step + diagnostics"].append(t5 - t4)
 
@@ -183,18 +229,32 @@ def main() -> None:
             f"{rows[name]['kd_overhead_ratio']:.3f}, diagnostics every {diag_period} steps "
             f"cost {100 * rows[name]['diag_overhead']:.2f} % of a KD step"
         )
+    first_name = next(iter(kd_models))
+    t32 = med[f"{first_name}: teacher forward"]
+    summary = {
+        "kd_step_vs_student_step": med[f"{first_name}: KD step"] / med["student step"],
+        "teacher_forward_share_of_kd_step": t32 / med[f"{first_name}: KD step"],
+    }
+    for option in variants:
+        summary[f"teacher_forward_speedup_{option}"] = t32 / med[f"teacher forward, {option}"]
+    for k, v in summary.items():
+        print(f"{k}={v:.3f}")
+    out = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "iters": args.iters,
+        "batch": int(cfg.SOLVER.IMS_PER_BATCH),
+        "input": int(cfg.INPUT.MIN_SIZE_TRAIN[0]),
+        "device": args.device,
+        "rows": rows,
+        "summary": summary,
+    }
     if args.json:
-        out = {
-            "torch": torch.__version__,
-            "threads": args.threads,
-            "iters": args.iters,
-            "batch": int(cfg.SOLVER.IMS_PER_BATCH),
-            "rows": rows,
-        }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
             f.write("\n")
     sys.stdout.flush()
+    return out
 
 
 if __name__ == "__main__":

@@ -146,3 +146,20 @@ def test_quick_config_torchvision_teacher_detectron2_student_on_real_coco(tmp_pa
     assert "KD level pairing" in log and "FasterRCNN, other framework" in log
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)
     assert not any("teacher" in k for k in ckpt["model"])
+
+
+def test_bfloat16_detectron2_teacher(tmp_path):
+    tyaml, tpth = save_teacher(tmp_path, "RetinaNet")
+    cfg = d2_cfg("DistillRetinaNet")
+    cfg.KD.METHODS = ["PKD", "Hinton"]
+    cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
+    cfg.KD.TEACHER.DTYPE = "bfloat16"
+    model = build_model(cfg).train()
+    assert next(model.teacher.backbone.parameters()).dtype == torch.bfloat16
+    with EventStorage(0):
+        rec, _ = model.student_step(batch())
+        with torch.no_grad():
+            trec = model.teacher_step(batch(), rec)
+        assert all(f.dtype == torch.float32 for f in trec.features.values())
+        assert trec.dense.cls_logits[0].dtype == torch.float32
+        _trains_student_only(model, lambda: model(batch()))

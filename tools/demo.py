@@ -97,8 +97,14 @@ def config_digest(cfg) -> str:
     # backend) at their defaults
     if cfg.TEST.get("COCO_EVAL_BACKEND", "") == "auto":
         cfg.TEST.pop("COCO_EVAL_BACKEND")
-    if cfg.KD.TEACHER.get("BACKEND", "") == "":
-        cfg.KD.TEACHER.pop("BACKEND", None)
+    for key, default in (
+        ("BACKEND", ""),
+        ("DTYPE", "float32"),
+        ("CHANNELS_LAST", False),
+        ("COMPILE", False),
+    ):
+        if cfg.KD.TEACHER.get(key, default) == default:
+            cfg.KD.TEACHER.pop(key, None)
     for name in keep - {"TEACHER", "TEACHERS", "BALANCE"}:
         node = cfg.KD.get(name)
         if isinstance(node, dict) and node.get("TEACHER", None) == "":

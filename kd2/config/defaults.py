@@ -187,6 +187,12 @@ _C.KD.TEACHER.WEIGHTS = ""
 # file or model-zoo name and weights for a torchvision student, a kd2 torchvision yaml for a
 # Detectron2 student). The teacher reads the student's batch in its own input convention.
 _C.KD.TEACHER.BACKEND = ""
+# A cheaper teacher forward (kd2/modeling/teacher_runtime.py): the precision of its backbone + FPN
+# ("float32", "bfloat16" — CPUs and GPUs —, "float16" — CUDA only), channels-last memory format,
+# torch.compile of the backbone. Its maps reach the losses in float32 whatever the DTYPE.
+_C.KD.TEACHER.DTYPE = "float32"
+_C.KD.TEACHER.CHANNELS_LAST = False
+_C.KD.TEACHER.COMPILE = False
 # More teachers, by name: KD.TEACHERS.<NAME>.{CONFIG, WEIGHTS, BACKEND}; a method learns from one
 # with KD.<METHOD>.TEACHER "<NAME>" ("" = KD.TEACHER). Each teacher runs only the parts its
 # methods read. Example: KD.TEACHERS.FCOS.CONFIG "configs/synthetic/fcos_R18_teacher.yaml".

@@ -147,4 +147,6 @@ def build_teacher_of_config(cfg, name: str, own_backend: str) -> nn.Module:
     if backend not in ("torchvision", "detectron2"):
         raise ValueError(f"{key}.BACKEND must be torchvision or detectron2, got {backend!r}")
     build = build_detectron2_teacher if backend == "detectron2" else build_torchvision_teacher
-    return build(node, key, cfg.MODEL.DEVICE)
+    from .teacher_runtime import configure_teacher
+
+    return configure_teacher(build(node, key, cfg.MODEL.DEVICE), node, key, cfg.MODEL.DEVICE)
