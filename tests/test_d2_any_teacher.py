@@ -123,7 +123,7 @@ def test_quick_config_torchvision_teacher_detectron2_student_on_real_coco(tmp_pa
         pytest.skip(f"real COCO subset not found at {coco}")
     quick = os.path.join(REPO, "configs", "Detectron2-Quick")
     tcfg = tv_get_cfg()
-    tcfg.merge_from_file(os.path.join(quick, "torchvision_faster_rcnn_R34_teacher_quick.yaml"))
+    tcfg.merge_from_file(os.path.join(quick, "torchvision", "faster_rcnn_R34_teacher_quick.yaml"))
     torch.save({"model": build_plain_detector(tcfg).state_dict()}, tmp_path / "teacher.pth")
     cmd = [
         sys.executable,
