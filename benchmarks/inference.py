@@ -157,7 +157,7 @@ def plot(rows: list, path: str) -> None:
     ax.set_ylabel("COCO AP (val)")
     ax.set_title("AP against latency")
     ax.grid(alpha=0.3)
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 1.4 * max(r["cpu_latency_ms_b1"] for r in rows))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
