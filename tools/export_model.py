@@ -160,33 +160,30 @@ def run_exported(path: str, fmt: str, inputs):
 
 
 def compare(ref, got, box_tol: float, score_tol: float) -> str | None:
-    """``None`` when the outputs agree, else what differs."""
+    """``None`` when the outputs agree, else what differs. Detections are matched one to one
+    (same label, scores within ``score_tol``, the closest box), so the order of (near-)equal
+    scores does not matter."""
     import numpy as np
 
     (rb, rs, rl), (gb, gs, gl) = ref, got
     if len(rs) != len(gs):
         return f"{len(gs)} detections instead of {len(rs)}"
-    if len(rs) == 0:
-        return None
-
-    def canonical(boxes, scores, labels):
-        """Detections in one order whatever the order of (near-)equal scores."""
-        boxes, scores = np.asarray(boxes, np.float64), np.asarray(scores, np.float64)
-        labels = np.asarray(labels).astype(np.int64)
-        keys = [np.round(boxes[:, i] / box_tol) for i in (3, 2, 1, 0)]
-        order = np.lexsort([*keys, labels, -np.round(scores / score_tol)])
-        return boxes[order], scores[order], labels[order]
-
-    rb, rs, rl = canonical(rb, rs, rl)
-    gb, gs, gl = canonical(gb, gs, gl)
-    if not np.array_equal(np.asarray(rl).astype(np.int64), np.asarray(gl).astype(np.int64)):
-        return "labels differ"
-    ds = float(np.abs(np.asarray(rs) - np.asarray(gs)).max())
-    db = float(np.abs(np.asarray(rb) - np.asarray(gb)).max())
-    if ds > score_tol:
-        return f"scores differ by up to {ds:.2e} (tolerance {score_tol})"
-    if db > box_tol:
-        return f"boxes differ by up to {db:.3f} px (tolerance {box_tol})"
+    rb, rs = np.asarray(rb, np.float64).reshape(-1, 4), np.asarray(rs, np.float64)
+    gb, gs = np.asarray(gb, np.float64).reshape(-1, 4), np.asarray(gs, np.float64)
+    rl, gl = np.asarray(rl).astype(np.int64), np.asarray(gl).astype(np.int64)
+    free = np.ones(len(gs), dtype=bool)
+    worst_box, worst_score = 0.0, 0.0
+    for i in np.argsort(-rs, kind="stable"):
+        ok = free & (gl == rl[i]) & (np.abs(gs - rs[i]) <= score_tol)
+        if not ok.any():
+            return f"no exported detection matches label {rl[i]} at score {rs[i]:.6f}"
+        dist = np.where(ok, np.abs(gb - rb[i]).max(axis=1), np.inf)
+        j = int(dist.argmin())
+        free[j] = False
+        worst_box = max(worst_box, float(dist[j]))
+        worst_score = max(worst_score, float(abs(gs[j] - rs[i])))
+    if worst_box > box_tol:
+        return f"boxes differ by up to {worst_box:.3f} px (tolerance {box_tol})"
     return None
 
 
