@@ -32,12 +32,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _sample_images(cfg, count: int):
+def _sample_images(cfg, count: int, backend: str):
     """``count`` RGB uint8 images of the validation split (repeated when it is smaller)."""
     import numpy as np
     from PIL import Image
 
-    from kd2.data import DatasetCatalog
+    if backend == "torchvision":
+        from kd2.data import DatasetCatalog
+    else:
+        from detectron2.data import DatasetCatalog
 
     records = DatasetCatalog.get(cfg.DATASETS.TEST[0])
     out = []
@@ -50,6 +53,12 @@ def _sample_images(cfg, count: int):
 def _flops(predictor, image) -> float:
     import torch
     from fvcore.nn import FlopCountAnalysis
+
+    if predictor.backend == "detectron2":
+        from detectron2.utils.analysis import flop_count_operators
+
+        inputs = predictor.model_inputs([image])
+        return 1e9 * float(sum(flop_count_operators(predictor.model, inputs).values()))
 
     class Single(torch.nn.Module):  # one image in, tensors out: traceable by fvcore
         def __init__(self, model):
@@ -82,10 +91,8 @@ def measure(role: str, config: str, weights: str, repeats: int, threads: int) ->
     from kd2.engine.predictor import load_predictor
 
     predictor = load_predictor(config, weights=weights)
-    if predictor.backend != "torchvision":
-        raise SystemExit("benchmarks/inference.py measures torchvision-backend configs")
     model = predictor.model
-    images = _sample_images(predictor.cfg, 8)
+    images = _sample_images(predictor.cfg, 8, predictor.backend)
     out = {
         "role": role,
         "config": os.path.relpath(config, ROOT),
@@ -116,9 +123,15 @@ def measure(role: str, config: str, weights: str, repeats: int, threads: int) ->
         out[f"{device}_images_per_s_b8"] = 8 * n / (time.perf_counter() - t0)
     model.to("cpu")
     out["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res = evaluate(predictor.cfg, model)
     name = predictor.cfg.DATASETS.TEST[0]
-    out["AP"] = float(res[name]["bbox"]["AP"])
+    if predictor.backend == "torchvision":
+        out["AP"] = float(evaluate(predictor.cfg, model)[name]["bbox"]["AP"])
+    else:
+        from kd2.d2 import KDTrainer
+
+        res = KDTrainer.test(predictor.cfg, model)
+        res = res.get(name, res) if isinstance(res, dict) else res
+        out["AP"] = float(res["bbox"]["AP"])
     out["dataset"] = name
     return out
 
@@ -206,7 +219,7 @@ def main(argv=None) -> None:
         )
     last = rows[-1]
     speedup = rows[0]["cpu_latency_ms_b1"] / last["cpu_latency_ms_b1"]
-    kept = 100.0 * last["AP"] / rows[0]["AP"]
+    kept = 100.0 * last["AP"] / rows[0]["AP"] if rows[0]["AP"] > 0 else float("nan")
     result = {
         "rows": rows,
         "student_speedup": speedup,
@@ -221,7 +234,7 @@ def main(argv=None) -> None:
         json.dump(result, f, indent=2)
     plot(rows, os.path.join(args.output, "inference.png"))
     print("\n".join(lines))
-    print(f"the {last['role']} student keeps {kept:.0f} % of the teacher's AP at {speedup:.2f}x "
+    print(f"the {last['role']} model keeps {kept:.0f} % of the teacher's AP at {speedup:.2f}x "
           "its speed (CPU, batch 1)")  # fmt: skip
     print(f"student_speedup={speedup:.3f}")
 
