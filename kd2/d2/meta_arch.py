@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from kd2.modeling.cross_framework import input_convention, is_torchvision_detector, to_teacher_input
 from kd2.modeling.distiller import DistillerMixin, model_family, teachers_needed
-from kd2.modeling.head_split import TowerHead, capture_tower_taps, flat_layers, resume_head
-from kd2.modeling.level_map import TeacherInfo, foreign_teacher_info
+from kd2.modeling.head_split import TowerHead, flat_layers, run_with_head_split
+from kd2.modeling.level_map import TeacherInfo, detector_parts, foreign_teacher_info
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
-from kd2.structures import DenseOutputs, HeadSplit, RoiOutputs, StepRecord
+from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
 from kd2.tv.gfl import integral
 
 from .gfl import GFL
@@ -153,13 +153,9 @@ def _tower_head(model) -> TowerHead:
 def _head_outputs(model, feats: List[Tensor], strides: List[int], split: int | None):
     """:func:`_dense_outputs`, with the towers' features after block ``split`` in the record's
     ``head_split`` when a method asked for them."""
-    if split is None:
-        return _dense_outputs(model, feats, strides)
-    head = _tower_head(model)
-    with capture_tower_taps(head, split) as (cls_taps, reg_taps):
-        out = _dense_outputs(model, feats, strides)
-    out[0].head_split = HeadSplit(split, cls_taps, reg_taps, partial(resume_head, head, split))
-    return out
+    return run_with_head_split(
+        lambda: _dense_outputs(model, feats, strides), split, lambda: _tower_head(model)
+    )
 
 
 def _base_record(model, images, gt_instances, features) -> StepRecord:
@@ -184,14 +180,11 @@ def _roi_outputs(roi_heads, features: Dict[str, Tensor], boxes: List[Boxes]):
 def model_info(model: nn.Module) -> TeacherInfo:
     """A Detectron2 detector's description for the distiller."""
     family = model_family(model)
-    if family == "faster_rcnn":
-        parts, per_loc = frozenset({"features", "rpn", "roi"}), None
-    else:
-        parts, per_loc = frozenset({"features", "dense"}), model.anchor_generator.num_anchors[0]
+    per_loc = None if family == "faster_rcnn" else model.anchor_generator.num_anchors[0]
     return TeacherInfo(
         channels=_channels(model),
         num_classes=_num_classes(model),
-        parts=parts,
+        parts=detector_parts(family),
         family=family,
         anchors_per_location=per_loc,
         name=type(model).__name__,

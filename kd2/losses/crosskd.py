@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from kd2.structures import DenseOutputs, StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import aligned_box_iou, cfg_get, decode_boxes, softmax_kl_div
+from .pkd import channel_standardize
+from .utils import aligned_box_iou, cfg_get, channel_mean_std, decode_boxes, softmax_kl_div
 
 __all__ = ["CROSSKD_DEFAULTS", "CrossKD", "quality_focal_kd_loss", "recolor_features"]
 
@@ -54,15 +55,6 @@ CROSSKD_DEFAULTS = {
     "fcos": (2, 0.4, 0.75, 0.0),
     "gfl": (3, 1.0, 3.0, 2.0),
 }
-
-
-def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and unbiased std over ``(N, H, W)``, shaped ``(1, C, 1, 1)``."""
-    c = x.shape[1]
-    flat = x.transpose(0, 1).reshape(c, -1)
-    mean = flat.mean(dim=1)
-    std = flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros_like(mean)
-    return mean.view(1, c, 1, 1), std.view(1, c, 1, 1)
 
 
 def recolor_features(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
@@ -85,10 +77,10 @@ def recolor_features(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Ten
             f"{tuple(student.shape)} and {tuple(teacher.shape)} (map the student's channels with "
             "a 1x1 conv first)"
         )
-    s_mean, s_std = _channel_stats(student)
+    c = student.shape[1]
     with torch.no_grad():
-        t_mean, t_std = _channel_stats(teacher.detach())
-    return (student - s_mean) / (s_std + eps) * t_std + t_mean
+        t_mean, t_std = (v.view(1, c, 1, 1) for v in channel_mean_std(teacher.detach()))
+    return channel_standardize(student, eps) * t_std + t_mean
 
 
 def quality_focal_kd_loss(

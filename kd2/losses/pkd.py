@@ -26,7 +26,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, level_adapter, shared_strides
+from .utils import adapt_features, cfg_get, channel_mean_std, level_adapter, shared_strides
 
 __all__ = ["PKD", "PKD_DEFAULT_WEIGHTS", "channel_standardize", "pearson_distillation_loss"]
 
@@ -47,13 +47,9 @@ def channel_standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
         channel has a single value).
     """
     n, c, h, w = feat.shape
-    x = feat.float().transpose(0, 1).reshape(c, -1)
-    mean = x.mean(dim=1, keepdim=True)
-    if x.shape[1] > 1:
-        std = x.std(dim=1, keepdim=True)
-    else:
-        std = torch.zeros_like(mean)
-    x = (x - mean) / (std + eps)
+    x = feat.float()
+    mean, std = channel_mean_std(x)
+    x = (x.transpose(0, 1).reshape(c, -1) - mean) / (std + eps)
     return x.reshape(c, n, h, w).transpose(0, 1)
 
 

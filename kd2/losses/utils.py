@@ -18,6 +18,7 @@ __all__ = [
     "adapt_features",
     "aligned_box_iou",
     "atss_candidates",
+    "channel_mean_std",
     "assign_fpn_levels",
     "box_iou",
     "cfg_get",
@@ -75,6 +76,20 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     inter = wh[..., 0] * wh[..., 1]
     union = area1[:, None] + area2[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def channel_mean_std(feat: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased std of ``(N, C, H, W)`` over ``(N, H, W)``.
+
+    Returns:
+        ``(C, 1)`` mean and std in ``feat``'s dtype; the std is 0 when a channel has a single
+        value.
+    """
+    c = feat.shape[1]
+    x = feat.transpose(0, 1).reshape(c, -1)
+    mean = x.mean(dim=1, keepdim=True)
+    std = x.std(dim=1, keepdim=True) if x.shape[1] > 1 else torch.zeros_like(mean)
+    return mean, std
 
 
 def aligned_box_iou(a: Tensor, b: Tensor, eps: float = 1e-6, giou: bool = False) -> Tensor:

@@ -238,7 +238,7 @@ class DistillerMixin:
                 num_classes=num_classes,
                 arch=self.arch_kind,
             )
-            methods[name].bind_detector(self._detector_family())
+            methods[name].bind_detector(student_info.family)
             reason = methods[name].unsupported_reason(self.arch_kind, self.dense_softmax)
             if reason:
                 raise ValueError(
@@ -313,16 +313,9 @@ class DistillerMixin:
             )
 
     def _detector_family(self) -> str:
-        """``"faster_rcnn"`` (any two-stage), ``"ssd"``, ``"gfl"``, ``"fcos"`` or ``"retinanet"``
-        (any other sigmoid dense head): the key of the methods' per-detector defaults."""
-        if self.arch_kind == "two_stage":
-            return "faster_rcnn"
-        if self.dense_softmax:
-            return "ssd"
-        name = self._detector_name().upper()
-        if "GFL" in name:
-            return "gfl"
-        return "fcos" if "FCOS" in name else "retinanet"
+        """``"faster_rcnn"`` (any two-stage), ``"ssd"``, ``"gfl"``, ``"fcos"`` or ``"retinanet"``:
+        the key of the methods' per-detector defaults (:func:`model_family`)."""
+        return model_family(self)
 
     def _build_classifier_teacher(self, method, input_normalization) -> nn.Module:
         from kd2.modeling.classifier_teacher import build_classifier_teacher

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ __all__ = [
     "capture_tower_taps",
     "flat_layers",
     "resume_head",
+    "run_with_head_split",
     "split_index",
 ]
 
@@ -177,3 +179,20 @@ def resume_head(
         return {"cls_logits": cls_logits, "box_deltas": box_out, "box_dist": None}
     deltas = [head.dist_to_deltas(d) for d in box_out]
     return {"cls_logits": cls_logits, "box_deltas": deltas, "box_dist": box_out}
+
+
+def run_with_head_split(
+    run: Callable[[], tuple], split: int | None, make_head: Callable[[], TowerHead]
+):
+    """``run()`` (a backend's head forward returning ``(DenseOutputs, ...)``); when ``split`` is
+    set, with the towers' features after block ``split`` and the head's ``resume`` in the record's
+    :class:`~kd2.structures.HeadSplit` (``make_head`` names the head's pieces)."""
+    from kd2.structures import HeadSplit
+
+    if split is None:
+        return run()
+    head = make_head()
+    with capture_tower_taps(head, split) as (cls_taps, reg_taps):
+        out = run()
+    out[0].head_split = HeadSplit(split, cls_taps, reg_taps, partial(resume_head, head, split))
+    return out

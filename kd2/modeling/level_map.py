@@ -20,6 +20,7 @@ from kd2.structures import StepRecord
 __all__ = [
     "LevelPair",
     "TeacherInfo",
+    "detector_parts",
     "foreign_teacher_info",
     "level_table",
     "method_channels",
@@ -47,6 +48,14 @@ class TeacherInfo:
     family: str
     anchors_per_location: int | None
     name: str
+
+
+def detector_parts(family: str) -> frozenset:
+    """The record parts a detector of ``family`` fills: two-stage ones an RPN and an ROI head,
+    the others a dense head; all their FPN ``features``."""
+    if family == "faster_rcnn":
+        return frozenset({"features", "rpn", "roi"})
+    return frozenset({"features", "dense"})
 
 
 def foreign_teacher_info(info: TeacherInfo) -> TeacherInfo:

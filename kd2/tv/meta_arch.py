@@ -26,7 +26,7 @@ from torchvision.models.detection.ssd import SSD
 
 from kd2.modeling.cross_framework import input_convention, is_torchvision_detector, to_teacher_input
 from kd2.modeling.distiller import DistillerMixin, model_family
-from kd2.modeling.level_map import TeacherInfo, foreign_teacher_info
+from kd2.modeling.level_map import TeacherInfo, detector_parts, foreign_teacher_info
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
 from kd2.structures import RoiOutputs, StepRecord
 
@@ -368,24 +368,17 @@ def model_info(model: nn.Module, strides: List[int] | None = None) -> TeacherInf
     """A torchvision detector's description for the distiller (``strides``: known ones)."""
     found, channels = R.model_strides(model)
     family = model_family(model)
-    if family == "faster_rcnn":
-        parts, per_loc = frozenset({"features", "rpn", "roi"}), None
-    else:
-        parts = frozenset({"features", "dense"})
-        per_loc = 1 if isinstance(model, GFL) else _anchors_per_location(model)
+    per_loc = None
+    if family != "faster_rcnn":
+        per_loc = 1 if isinstance(model, GFL) else R.anchors_per_location(model)
     return TeacherInfo(
         channels=dict(zip(strides or found, channels)),
         num_classes=_num_classes(model),
-        parts=parts,
+        parts=detector_parts(family),
         family=family,
         anchors_per_location=per_loc,
         name=type(model).__name__,
     )
-
-
-def _anchors_per_location(model: nn.Module) -> int | tuple:
-    per_level = list(model.anchor_generator.num_anchors_per_location())
-    return per_level[0] if len(set(per_level)) == 1 else tuple(per_level)
 
 
 def _image_list(record: StepRecord):

@@ -42,6 +42,7 @@ __all__ = [
     "dense_labels_from_matches",
     "match_retinanet",
     "match_fcos",
+    "anchors_per_location",
     "run_any_dense_head",
     "teacher_record",
     "tower_head",
@@ -160,6 +161,13 @@ def run_rpn(
     return out, proposals, losses
 
 
+def anchors_per_location(model: nn.Module) -> int | List[int]:
+    """``A`` of a torchvision dense head's anchor generator; one per level when they differ
+    (SSD)."""
+    per_level = list(model.anchor_generator.num_anchors_per_location())
+    return per_level[0] if len(set(per_level)) == 1 else per_level
+
+
 def run_dense_head(
     model: nn.Module,
     images: ImageList,
@@ -188,7 +196,7 @@ def run_dense_head(
         box_deltas=_split_levels(head_outputs["bbox_regression"], counts),
         anchors=list(torch.split(anchors[0], counts)),
         strides=strides,
-        num_anchors_per_loc=per_level[0] if len(set(per_level)) == 1 else per_level,
+        num_anchors_per_loc=anchors_per_location(model),
         num_classes=logits.shape[-1] - int(softmax),
         grid_sizes=grid_sizes,
         centerness=_split_levels(ctr, counts) if ctr is not None else None,
@@ -241,8 +249,7 @@ def run_any_dense_head(
 ):
     """:func:`run_gfl_head` or :func:`run_dense_head`, with the towers' features after block
     ``split`` in the record's ``head_split`` (:mod:`kd2.modeling.head_split`) when given."""
-    from kd2.modeling.head_split import capture_tower_taps, resume_head
-    from kd2.structures import HeadSplit
+    from kd2.modeling.head_split import run_with_head_split
 
     from .gfl import GFL
 
@@ -251,13 +258,7 @@ def run_any_dense_head(
             return run_gfl_head(model, images, maps, strides)
         return run_dense_head(model, images, maps, strides, softmax=softmax)
 
-    if split is None:
-        return run()
-    head = tower_head(model)
-    with capture_tower_taps(head, split) as (cls_taps, reg_taps):
-        out = run()
-    out[0].head_split = HeadSplit(split, cls_taps, reg_taps, partial(resume_head, head, split))
-    return out
+    return run_with_head_split(run, split, lambda: tower_head(model))
 
 
 def teacher_record(
