@@ -357,6 +357,17 @@ def test_lazyconfig_experiment_instantiates_and_trains(tmp_path):
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", weights_only=False)
     assert "kd" in ckpt and not any(k.startswith("kd_methods") for k in ckpt["model"])
     assert "loss_kd_defeat_fg" in open(tmp_path / "out" / "metrics.json").read()
+    # the pre-flight check ran before the first step (the quick config accepts its AP≈0 teacher)
+    report = json.load(open(tmp_path / "out" / "preflight.json"))
+    assert report["val_images"] > 0 and "loss_kd_defeat_fg" in report["terms"]
+    # ... and stops the same random teacher at the default threshold, before any step
+    cmd[cmd.index(f"train.output_dir={tmp_path / 'out'}")] = f"train.output_dir={tmp_path / 'x'}"
+    r = subprocess.run(
+        cmd + ["model.kd_cfg.PREFLIGHT.MIN_TEACHER_AP=1.0"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode != 0 and "PreflightError" in r.stderr and "MIN_TEACHER_AP" in r.stderr
+    assert not (tmp_path / "x" / "model_final.pth").exists()
 
 
 def test_lazyconfig_teacher_recipe_experiment_and_student_eval_without_teacher(tmp_path):

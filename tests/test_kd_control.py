@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kd2.engine import Trainer
-from kd2.engine.preflight import PreflightError, term_advice
+from kd2.engine.preflight import PreflightError, preserved_random_state, term_advice
 from kd2.modeling.balance import GradShareBalancer
 from kd2.modeling.kd_diagnostics import gradient_statistics, term_gradients, trunk_parameters
 
@@ -84,6 +84,24 @@ def _kd_cfg(tiny_data, tmp_path, out, max_iter=4, methods=("FitNet",)):
     cfg.KD.METHODS = list(methods)
     cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
     return cfg
+
+
+def test_preserved_random_state_restores_torch_numpy_and_python():
+    """Detectron2's sampler seed and augmentations draw from NumPy and ``random``: the check
+    must leave all three streams where they were, not only torch's."""
+    import random
+
+    import numpy as np
+
+    def draws():
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random())
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    expected = draws()
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    with preserved_random_state():
+        draws(), np.random.randint(2**31), random.getrandbits(64)
+    assert draws() == expected
 
 
 def test_diagnostics_written_to_metrics_and_plotted(tiny_data, tmp_path):

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Train or evaluate a LazyConfig experiment (``configs/**/*.py``) whose model may be a kd2
 distillation meta-architecture. Detectron2's ``lazyconfig_train_net`` flow, with kd2's
-student-only checkpointer (the teacher is never saved or loaded by ``train.init_checkpoint``).
+student-only checkpointer (the teacher is never saved or loaded by ``train.init_checkpoint``) and
+pre-flight check (``model.kd_cfg.PREFLIGHT``: the teacher's AP on the test set's first images, each
+KD term's gradient share; ``preflight.json`` in ``train.output_dir``).
 
     python tools/lazyconfig_train_net.py --config-file FILE.py [--resume] [--eval-only] \\
         [--num-gpus N] key=value ...
@@ -24,6 +26,7 @@ from detectron2.utils import comm
 
 from kd2.d2 import kd_step_hook, student_checkpointer, student_model_config
 from kd2.d2.engine import create_ddp_model  # Detectron2's, plus CPU models (gloo)
+from kd2.d2.lazy import lazy_preflight_hook
 from kd2.engine.launch import die_with_parent
 from kd2.engine.run_dir import lock_output_dir
 
@@ -52,6 +55,7 @@ def do_train(args, cfg):
 
     trainer.register_hooks(
         [
+            lazy_preflight_hook(cfg),  # KD.PREFLIGHT, before the first step of a fresh run
             kd_step_hook(),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),

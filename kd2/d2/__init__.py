@@ -15,7 +15,13 @@ except ImportError as e:  # pragma: no cover - exercised where detectron2 is mis
 
 from .config import add_kd_config
 from .data import register_config_datasets
-from .engine import KDTrainer, StudentView, kd_step_hook, student_checkpointer
+from .engine import (
+    KDTrainer,
+    StudentView,
+    kd_preflight_hook,
+    kd_step_hook,
+    student_checkpointer,
+)
 from .gfl import GFL
 from .meta_arch import DistillFCOS, DistillGeneralizedRCNN, DistillGFL, DistillRetinaNet
 from .student import student_config, student_model_config
@@ -31,6 +37,7 @@ __all__ = [
     "DistillRetinaNet",
     "KDTrainer",
     "register_config_datasets",
+    "kd_preflight_hook",
     "kd_step_hook",
     "StudentView",
     "student_checkpointer",

@@ -22,8 +22,8 @@ import contextlib
 import logging
 import os
 import weakref
+from collections.abc import Callable
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
@@ -43,6 +43,7 @@ __all__ = [
     "replica_sync_hook",
     "KDTrainer",
     "StudentView",
+    "kd_preflight_hook",
     "kd_step_hook",
     "prototype_refresh_hook",
     "student_checkpointer",
@@ -199,41 +200,69 @@ def prototype_refresh_hook(cfg) -> hooks.HookBase:
 
 
 def preflight_hook(cfg) -> hooks.HookBase:
-    """``KD.PREFLIGHT`` (:mod:`kd2.engine.preflight`) before the first step of a fresh run."""
+    """``KD.PREFLIGHT`` (:mod:`kd2.engine.preflight`) before the first step of a fresh
+    ``KDTrainer`` run: the teacher on ``DATASETS.TEST[0]``, batches of the trainer's loader."""
+
+    def val_dataset():
+        from detectron2.data import DatasetMapper
+
+        if not cfg.DATASETS.TEST:
+            return None
+        return cfg.DATASETS.TEST[0], DatasetMapper(cfg, False)
+
+    return kd_preflight_hook(
+        cfg.KD.PREFLIGHT,
+        cfg.OUTPUT_DIR,
+        val_dataset,
+        lambda trainer: trainer.build_train_loader(cfg),
+    )
+
+
+def kd_preflight_hook(
+    node, output_dir: str, val_dataset: Callable, train_loader: Callable
+) -> hooks.HookBase:
+    """The pre-flight check as a Detectron2 hook, for any trainer (``KDTrainer``, LazyConfig).
+
+    Args:
+        node: the ``KD.PREFLIGHT`` options.
+        output_dir: where ``preflight.json`` goes.
+        val_dataset: ``() -> (dataset name, test mapper)``: the teacher's AP is measured on the
+            dataset's first ``node.VAL_IMAGES`` images; ``None`` (no test set): no AP.
+        train_loader: ``trainer -> a fresh training data loader`` (a few batches are read).
+    """
 
     def before_train(trainer):
         model = _unwrap(trainer.model)
-        node = cfg.KD.PREFLIGHT
         if trainer.iter != 0 or not node.ENABLED or getattr(model, "teacher", None) is None:
             return
-        from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
+        from detectron2.data import DatasetCatalog, build_detection_test_loader
         from detectron2.evaluation import inference_on_dataset
 
-        from kd2.engine.preflight import run_preflight
+        from kd2.engine.preflight import preserved_random_state, run_preflight
 
         refresher = getattr(trainer, "kd_prototype_refresher", None)
         if refresher is not None:  # GlobalKD's terms need their prototypes
             refresher.maybe_refresh(trainer.iter)
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        with preserved_random_state():
             teacher_ap, n_val = None, 0
             # a torchvision teacher (KD.TEACHER.BACKEND) is not evaluated by Detectron2's loop
             foreign = hasattr(model.teacher, "transform")
-            if cfg.DATASETS.TEST and node.VAL_IMAGES > 0 and not foreign:
-                name = cfg.DATASETS.TEST[0]
+            val = val_dataset() if node.VAL_IMAGES > 0 else None
+            if val is not None and not foreign:
+                name, mapper = val
                 dicts = DatasetCatalog.get(name)[: int(node.VAL_IMAGES)]
                 n_val = len(dicts)
-                loader = build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, False))
+                loader = build_detection_test_loader(dicts, mapper=mapper)
                 evaluator = COCOEvaluator(name, output_dir=None)
                 res = inference_on_dataset(model.teacher, loader, evaluator)
                 teacher_ap = float(res["bbox"]["AP"]) if res and "bbox" in res else None
-            data = iter(trainer.build_train_loader(cfg))
+            data = iter(train_loader(trainer))
             batches = [next(data) for _ in range(max(1, int(node.BATCHES)))]
         run_preflight(
             model,
             batches,
             model,
-            output_dir=cfg.OUTPUT_DIR,
+            output_dir=output_dir,
             teacher_ap=teacher_ap,
             val_images=n_val,
             min_teacher_ap=float(node.MIN_TEACHER_AP),

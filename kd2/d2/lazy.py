@@ -18,7 +18,7 @@ from torch import nn
 
 from .teacher import _RecordingCheckpointer
 
-__all__ = ["kd_config", "load_teacher"]
+__all__ = ["kd_config", "lazy_preflight_hook", "load_teacher"]
 
 
 def _to_cfg_list(d: Dict[str, Any], prefix: str = "") -> list:
@@ -75,3 +75,29 @@ def load_teacher(model: nn.Module, weights: str) -> nn.Module:
             f"{missing[:3]}, shape mismatches {checkpointer.incompatible.incorrect_shapes[:3]}"
         )
     return model.eval().requires_grad_(False)
+
+
+def lazy_preflight_hook(cfg: DictConfig):
+    """``KD.PREFLIGHT`` for a LazyConfig experiment (``tools/lazyconfig_train_net.py``): the
+    options of ``cfg.model.kd_cfg``, the teacher's AP on the first images of
+    ``cfg.dataloader.test``'s dataset (when it names one), batches of a fresh
+    ``cfg.dataloader.train``. ``None`` when the model has no ``kd_cfg`` (not a distillation)."""
+    from detectron2.config import instantiate
+
+    from .engine import kd_preflight_hook
+
+    if "kd_cfg" not in cfg.model:
+        return None
+    node = instantiate(cfg.model.kd_cfg).PREFLIGHT
+
+    def val_dataset():
+        test = cfg.dataloader.get("test")
+        names = test.get("dataset", {}).get("names") if test is not None else None
+        if not names:
+            return None
+        name = names if isinstance(names, str) else names[0]
+        return name, instantiate(test.mapper)
+
+    return kd_preflight_hook(
+        node, cfg.train.output_dir, val_dataset, lambda trainer: instantiate(cfg.dataloader.train)
+    )

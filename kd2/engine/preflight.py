@@ -15,19 +15,23 @@ batches and a slice of the validation set this check measures:
   term's gradient is more than 10 × or less than 1/100 of the detection gradient.
 
 It prints one table, writes ``OUTPUT_DIR/preflight.json``, and leaves no trace on the run: the
-global RNG is forked, the model's buffers (BatchNorm statistics) are restored, nothing is
+global RNGs (torch, NumPy, Python's ``random``: Detectron2's augmentations and sampler seeds draw
+from NumPy) are restored, the model's buffers (BatchNorm statistics) are restored, nothing is
 accumulated into ``.grad`` and no optimizer step is taken, so a run with the check trains
 exactly like one without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -38,7 +42,7 @@ from kd2.modeling.kd_diagnostics import (
     trunk_parameters,
 )
 
-__all__ = ["PreflightError", "run_preflight", "term_advice"]
+__all__ = ["PreflightError", "preserved_random_state", "run_preflight", "term_advice"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,20 @@ HIGH_RATIO, LOW_RATIO, TARGET_RATIO = 10.0, 0.01, 0.25
 
 class PreflightError(RuntimeError):
     """The pre-flight check found a problem that would waste the run."""
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Torch's (CPU and CUDA), NumPy's and Python's global RNG states as they were on entry,
+    whatever the block draws: the check's data loaders, evaluation and forwards."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def term_advice(term: str, ratio: float, method: str | None) -> str | None:
@@ -84,12 +102,11 @@ def measure_terms(
     was_training = model.training
     balance = getattr(model, "kd_balance", None)
     diag_period = getattr(model, "kd_diag_period", 0)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     values, stats = [], []
     try:
         model.kd_balance = None
         model.kd_diag_period = 0
-        with torch.random.fork_rng(devices=devices):
+        with preserved_random_state():
             model.train()
             model.kd_before_step(reference_iteration)
             params = trunk_parameters(model)

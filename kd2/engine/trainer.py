@@ -66,7 +66,7 @@ from .batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatc
 from .checkpoint import find_resume_checkpoint, last_checkpoint, save_checkpoint
 from .divergence import DivergenceGuard
 from .launch import get_rank, get_world_size, is_main_process
-from .preflight import run_preflight
+from .preflight import preserved_random_state, run_preflight
 from .run_dir import lock_output_dir, release_output_dir
 
 __all__ = ["Trainer", "build_lr_lambda", "ContiguousLabels", "evaluate", "unwrap"]
@@ -535,8 +535,7 @@ class Trainer:
         cfg, model, node = self.cfg, self.model, self.cfg.KD.PREFLIGHT
         if self.prototype_refresher is not None:  # GlobalKD's terms need their prototypes
             self.prototype_refresher.maybe_refresh(self.start_iter)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with preserved_random_state():
             teacher_ap, n_val = None, 0
             # a Detectron2 teacher (KD.TEACHER.BACKEND) is not evaluated by this loop
             same_framework = hasattr(model.teacher, "transform")
