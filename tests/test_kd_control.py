@@ -71,6 +71,22 @@ def test_balancer_steps_are_smoothed_clipped_and_stateful():
         GradShareBalancer(0.3, 0.1, period=5)
 
 
+def test_nearest_bound_rule_is_rt_detrv4s():
+    """``target="nearest"``: the whole odds ratio to the nearest bound, clipped, undamped."""
+    b = GradShareBalancer(0.5, 0.9, period=1, target="nearest")
+    # share 0.2 (odds 1/4) below the band -> the low bound (odds 1): factor 4, not 2
+    assert b.update(0.2) == pytest.approx(4.0)
+    assert b.smoothed["loss_kd"] == pytest.approx(0.5)  # exactly on the bound: inside
+    assert b.update(0.5) == pytest.approx(4.0)
+    # share 0.95 (odds 19) above -> the high bound (odds 9): factor 9 / 19
+    c = GradShareBalancer(0.5, 0.9, period=1, target="nearest")
+    assert c.update(0.95) == pytest.approx(9.0 / 19.0)
+    d = GradShareBalancer(0.5, 0.9, period=1, target="nearest")
+    assert d.update(0.001) == pytest.approx(10.0)  # clipped at MAX_STEP
+    with pytest.raises(ValueError, match="TARGET"):
+        GradShareBalancer(0.5, 0.9, period=1, target="edge")
+
+
 def test_term_advice():
     assert term_advice("loss_kd_x", 1.0, "FitNet") is None
     msg = term_advice("loss_kd_x", 40.0, "FitNet")

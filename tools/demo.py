@@ -109,6 +109,8 @@ def config_digest(cfg) -> str:
         node = cfg.KD.get(name)
         if isinstance(node, dict) and node.get("TEACHER", None) == "":
             node.pop("TEACHER")
+    if cfg.KD.get("BALANCE", {}).get("TARGET", None) == "middle":  # kd2 0.4's only rule
+        cfg.KD.BALANCE.pop("TARGET")
     for arch in ("SSD", "GFL"):  # the architectures' nodes, added in kd2 0.3 and later
         if cfg.MODEL.META_ARCHITECTURE != arch:
             cfg.MODEL.pop(arch, None)

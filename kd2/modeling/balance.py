@@ -25,6 +25,10 @@ measured ``S``) and ``t`` the band's middle:
   oscillating;
 * no KD gradient at the trunk (``S = 0``): no change.
 
+``target="nearest"`` is RT-DETRv4's GAM rule instead (its ``distill_adaptive_params``): ``t`` is
+the bound nearest to ``s`` and the step is the whole odds ratio ``r`` (still clipped to
+``MAX_STEP``) — the least change that puts the share back inside the band.
+
 The multipliers are part of the state (``get_extra_state``): saved in every checkpoint and
 restored exactly by ``--resume``. Every process applies the same update: the measured shares are
 averaged over processes first.
@@ -51,6 +55,8 @@ class GradShareBalancer(nn.Module):
         warmup: iterations before the first update.
         max_step: the largest factor of one update (``> 1``).
         momentum: weight of the previous smoothed share.
+        target: ``"middle"`` (half the way to the band's middle) or ``"nearest"`` (the whole
+            way to the nearest bound, RT-DETRv4's rule).
     """
 
     def __init__(
@@ -61,8 +67,11 @@ class GradShareBalancer(nn.Module):
         warmup: int = 0,
         max_step: float = 10.0,
         momentum: float = 0.5,
+        target: str = "middle",
     ):
         super().__init__()
+        if target not in ("middle", "nearest"):
+            raise ValueError(f"KD.BALANCE.TARGET must be 'middle' or 'nearest', got {target!r}")
         if not 0.0 < low < high < 1.0:
             raise ValueError(f"KD.BALANCE needs 0 < LOW < HIGH < 1, got LOW={low}, HIGH={high}")
         if period < 1:
@@ -72,6 +81,7 @@ class GradShareBalancer(nn.Module):
         self.low, self.high = float(low), float(high)
         self.period, self.warmup = int(period), int(warmup)
         self.max_step, self.momentum = float(max_step), float(momentum)
+        self.target = target
         self.multipliers: dict[str, float] = {}
         self.smoothed: dict[str, float] = {}
         self.updates = 0
@@ -87,7 +97,6 @@ class GradShareBalancer(nn.Module):
     def update(self, share: float) -> float:
         """One control step from the measured KD share ``S`` of the (multiplied) terms; returns
         the new multiplier."""
-        target = 0.5 * (self.low + self.high)
         prev = self.smoothed.get(KD_GROUP)
         s = share if prev is None else self.momentum * prev + (1.0 - self.momentum) * share
         self.smoothed[KD_GROUP] = s
@@ -95,8 +104,14 @@ class GradShareBalancer(nn.Module):
         if s <= 0.0 or self.low <= s <= self.high:
             return self.multipliers.get(KD_GROUP, 1.0)
         s = min(s, 1.0 - 1e-6)
+        if self.target == "nearest":
+            target = self.low if s < self.low else self.high
+        else:
+            target = 0.5 * (self.low + self.high)
         ratio = (target / (1.0 - target)) / (s / (1.0 - s))
-        step = min(max(math.sqrt(ratio), 1.0 / self.max_step), self.max_step)
+        if self.target == "middle":
+            ratio = math.sqrt(ratio)  # damped: half the way in log space
+        step = min(max(ratio, 1.0 / self.max_step), self.max_step)
         m = min(max(self.multipliers.get(KD_GROUP, 1.0) * step, 1e-8), 1e8)
         self.multipliers[KD_GROUP] = m
         # the smoothed share follows the change, so the next period does not over-correct
@@ -117,4 +132,7 @@ class GradShareBalancer(nn.Module):
         self.updates = int(state.get("updates", 0))
 
     def extra_repr(self) -> str:
-        return f"band=[{self.low}, {self.high}], period={self.period}, warmup={self.warmup}"
+        return (
+            f"band=[{self.low}, {self.high}], period={self.period}, warmup={self.warmup}, "
+            f"target={self.target}"
+        )

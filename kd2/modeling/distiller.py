@@ -309,7 +309,11 @@ class DistillerMixin:
             from kd2.modeling.balance import GradShareBalancer
 
             self.kd_balance = GradShareBalancer(
-                balance.LOW, balance.HIGH, balance.PERIOD, balance.WARMUP
+                balance.LOW,
+                balance.HIGH,
+                balance.PERIOD,
+                balance.WARMUP,
+                target=str(getattr(balance, "TARGET", "middle")).lower(),
             )
 
     def _detector_family(self) -> str:
