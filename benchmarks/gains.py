@@ -150,6 +150,21 @@ def _extra_teacher_weights(config: str) -> list:
     return opts
 
 
+def _classifier_teacher_weights(demo, config: str, s_pair: str, student_cfg: str) -> list:
+    """``KD.CLASSIFIERKD.TEACHER.WEIGHTS`` for a ClassifierKD config: the crop classifier that
+    ``tools/demo.py`` trains with its default settings on the student's data (trained once per
+    pair, in ``output/bench/<pair>/crop_classifier``)."""
+    from kd2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, config))
+    if "ClassifierKD" not in cfg.KD.METHODS:
+        return []
+    args = demo.parse_args(["--student", student_cfg])
+    weights = demo.classifier_teacher(args, os.path.join(ROOT, "output", "bench", s_pair))
+    return ["KD.CLASSIFIERKD.TEACHER.WEIGHTS", weights]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), required=True)
@@ -179,6 +194,7 @@ def main(argv=None) -> None:
         for config in args.configs:
             name = os.path.splitext(os.path.basename(config))[0]
             extra = _extra_teacher_weights(config)
+            extra += _classifier_teacher_weights(demo, config, s_pair, student_cfg)
             for s in args.seeds:
                 opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights] + extra
                 jobs.append((args.pair, "distilled", config, opts, f"{name}_seed{s}"))
