@@ -87,6 +87,26 @@ def test_nearest_bound_rule_is_rt_detrv4s():
         GradShareBalancer(0.5, 0.9, period=1, target="edge")
 
 
+def test_minimal_rule_returns_to_the_methods_own_weights():
+    """``target="minimal"``: the multiplier nearest to 1 that keeps the share in the band."""
+    b = GradShareBalancer(0.5, 0.9, period=1, target="minimal")
+    assert b.update(0.7) == 1.0 and not b.multipliers  # inside at m = 1: the paper's weights
+    c = GradShareBalancer(0.5, 0.9, period=1, target="minimal")
+    assert c.update(0.95) == pytest.approx(9.0 / 19.0)  # odds 19 -> the high bound's 9
+    assert c.smoothed["loss_kd"] == pytest.approx(0.9)
+    # inside the band now, but the share would still be above it at m = 1: smoothed 0.85 at
+    # m = 9/19 -> odds at m = 1: (0.85 / 0.15) * 19 / 9 = 11.96 -> m = 9 / 11.96
+    assert c.update(0.8) == pytest.approx(9.0 / ((0.85 / 0.15) * 19.0 / 9.0))
+    # the early excess is gone (smoothed 0.75 at m = 0.75 -> odds 4 at m = 1): back to 1
+    assert c.update(0.6) == pytest.approx(1.0)
+    d = GradShareBalancer(0.5, 0.9, period=1, target="minimal")
+    assert d.update(0.04) == pytest.approx(10.0)  # far below: clipped at MAX_STEP
+    followed = (0.04 / 0.96 * 10) / (1 + 0.04 / 0.96 * 10)  # the smoothed share follows: 0.294
+    smoothed = 0.5 * followed + 0.5 * 0.3
+    # then exactly to the low bound: odds 1 / (odds at m = 1)
+    assert d.update(0.3) == pytest.approx(1.0 / (smoothed / (1 - smoothed) / 10.0))
+
+
 def test_term_advice():
     assert term_advice("loss_kd_x", 1.0, "FitNet") is None
     msg = term_advice("loss_kd_x", 40.0, "FitNet")

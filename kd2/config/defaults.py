@@ -226,8 +226,10 @@ _C.KD.BALANCE.WARMUP = 20
 _C.KD.BALANCE.LOW = 0.5
 _C.KD.BALANCE.HIGH = 0.9
 # Where a share outside the band is sent: "middle" (kd2's default: half the way, in odds, to the
-# band's middle per update) or "nearest" (RT-DETRv4's GAM rule: the whole odds ratio to the
-# nearest bound, clipped to 10x per update). README "Is the teacher helping?" has both measured.
+# band's middle per update), "nearest" (RT-DETRv4's GAM rule: the whole odds ratio to the nearest
+# bound, clipped to 10x per update) or "minimal" (the multiplier nearest to 1 that keeps the share
+# in the band, re-evaluated inside the band too, so the methods' own weights come back when they
+# fit). README "Is the teacher helping?" has them measured side by side.
 _C.KD.BALANCE.TARGET = "middle"
 # Teacher-initialised student (FGD's / MGD's "inheriting strategy"): copy the teacher's weights
 # into the student wherever names and shapes match, for these parts: "backbone", "neck" (the FPN),

@@ -29,6 +29,13 @@ measured ``S``) and ``t`` the band's middle:
 the bound nearest to ``s`` and the step is the whole odds ratio ``r`` (still clipped to
 ``MAX_STEP``) — the least change that puts the share back inside the band.
 
+``target="minimal"`` keeps the methods' own weights whenever they would give a share inside the
+band, and otherwise the multiplier closest to 1 that does: with the KD gradient proportional to
+``m``, the odds at ``m = 1`` are ``o₁ = (s / (1 − s)) / m``, the multipliers that put the share
+in the band are ``[odds(LOW) / o₁, odds(HIGH) / o₁]``, and ``m`` moves (clipped to ``MAX_STEP``)
+to the one of them nearest to 1 — also inside the band, so a transient early share (a random
+student far from its teacher) does not cut the distillation for the rest of the run.
+
 The multipliers are part of the state (``get_extra_state``): saved in every checkpoint and
 restored exactly by ``--resume``. Every process applies the same update: the measured shares are
 averaged over processes first.
@@ -45,6 +52,13 @@ __all__ = ["KD_GROUP", "GradShareBalancer"]
 #: The key of the distillation terms' common multiplier in the controller's state.
 KD_GROUP = "loss_kd"
 
+#: Where a share is sent (``KD.BALANCE.TARGET``); see the module doc.
+TARGETS = ("middle", "nearest", "minimal")
+
+
+def _odds(p: float) -> float:
+    return p / (1.0 - p)
+
 
 class GradShareBalancer(nn.Module):
     """The KD terms' common multiplier, kept inside a gradient-share band.
@@ -55,8 +69,9 @@ class GradShareBalancer(nn.Module):
         warmup: iterations before the first update.
         max_step: the largest factor of one update (``> 1``).
         momentum: weight of the previous smoothed share.
-        target: ``"middle"`` (half the way to the band's middle) or ``"nearest"`` (the whole
-            way to the nearest bound, RT-DETRv4's rule).
+        target: ``"middle"`` (half the way to the band's middle), ``"nearest"`` (the whole
+            way to the nearest bound, RT-DETRv4's rule) or ``"minimal"`` (the multiplier
+            nearest to 1 that keeps the share in the band, applied inside the band too).
     """
 
     def __init__(
@@ -70,8 +85,8 @@ class GradShareBalancer(nn.Module):
         target: str = "middle",
     ):
         super().__init__()
-        if target not in ("middle", "nearest"):
-            raise ValueError(f"KD.BALANCE.TARGET must be 'middle' or 'nearest', got {target!r}")
+        if target not in TARGETS:
+            raise ValueError(f"KD.BALANCE.TARGET must be one of {TARGETS}, got {target!r}")
         if not 0.0 < low < high < 1.0:
             raise ValueError(f"KD.BALANCE needs 0 < LOW < HIGH < 1, got LOW={low}, HIGH={high}")
         if period < 1:
@@ -101,21 +116,29 @@ class GradShareBalancer(nn.Module):
         s = share if prev is None else self.momentum * prev + (1.0 - self.momentum) * share
         self.smoothed[KD_GROUP] = s
         self.updates += 1
-        if s <= 0.0 or self.low <= s <= self.high:
-            return self.multipliers.get(KD_GROUP, 1.0)
+        m = self.multipliers.get(KD_GROUP, 1.0)
+        inside = self.low <= s <= self.high
+        if s <= 0.0 or (inside and self.target != "minimal"):
+            return m
         s = min(s, 1.0 - 1e-6)
-        if self.target == "nearest":
-            target = self.low if s < self.low else self.high
+        if self.target == "minimal":
+            own_odds = _odds(s) / m  # the share's odds at the methods' own weights
+            best = min(max(1.0, _odds(self.low) / own_odds), _odds(self.high) / own_odds)
+            ratio = best / m
         else:
-            target = 0.5 * (self.low + self.high)
-        ratio = (target / (1.0 - target)) / (s / (1.0 - s))
-        if self.target == "middle":
-            ratio = math.sqrt(ratio)  # damped: half the way in log space
+            target = self.low if s < self.low else self.high
+            if self.target == "middle":
+                target = 0.5 * (self.low + self.high)
+            ratio = _odds(target) / _odds(s)
+            if self.target == "middle":
+                ratio = math.sqrt(ratio)  # damped: half the way in log space
         step = min(max(ratio, 1.0 / self.max_step), self.max_step)
-        m = min(max(self.multipliers.get(KD_GROUP, 1.0) * step, 1e-8), 1e8)
+        if step == 1.0:
+            return m
+        m = min(max(m * step, 1e-8), 1e8)
         self.multipliers[KD_GROUP] = m
         # the smoothed share follows the change, so the next period does not over-correct
-        odds = s / (1.0 - s) * step
+        odds = _odds(s) * step
         self.smoothed[KD_GROUP] = odds / (1.0 + odds)
         return m
 
