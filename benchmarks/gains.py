@@ -134,13 +134,18 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
     return record
 
 
-def _extra_teacher_weights(config: str) -> list:
-    """``KD.TEACHERS.<NAME>.WEIGHTS`` options pointing each extra teacher whose config is a
-    pair's teacher config at that pair's benchmark teacher."""
+def _file_config(config: str):
+    """The config file as written (no overrides): what the per-config options are read from."""
     from kd2.config import get_cfg
 
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(ROOT, config))
+    return cfg
+
+
+def _extra_teacher_weights(cfg) -> list:
+    """``KD.TEACHERS.<NAME>.WEIGHTS`` options pointing each extra teacher whose config is a
+    pair's teacher config at that pair's benchmark teacher."""
     teachers = {t: p for p, (t, _) in PAIRS.items() if p not in PAIR_SOURCES}
     opts = []
     for name, node in cfg.KD.TEACHERS.items():
@@ -150,14 +155,10 @@ def _extra_teacher_weights(config: str) -> list:
     return opts
 
 
-def _classifier_teacher_weights(demo, config: str, s_pair: str, student_cfg: str) -> list:
+def _classifier_teacher_weights(demo, cfg, s_pair: str, student_cfg: str) -> list:
     """``KD.CLASSIFIERKD.TEACHER.WEIGHTS`` for a ClassifierKD config: the crop classifier that
     ``tools/demo.py`` trains with its default settings on the student's data (trained once per
     pair, in ``output/bench/<pair>/crop_classifier``)."""
-    from kd2.config import get_cfg
-
-    cfg = get_cfg()
-    cfg.merge_from_file(os.path.join(ROOT, config))
     if "ClassifierKD" not in cfg.KD.METHODS:
         return []
     args = demo.parse_args(["--student", student_cfg])
@@ -193,8 +194,9 @@ def main(argv=None) -> None:
     if not args.baselines_only:
         for config in args.configs:
             name = os.path.splitext(os.path.basename(config))[0]
-            extra = _extra_teacher_weights(config)
-            extra += _classifier_teacher_weights(demo, config, s_pair, student_cfg)
+            cfg = _file_config(config)
+            extra = _extra_teacher_weights(cfg)
+            extra += _classifier_teacher_weights(demo, cfg, s_pair, student_cfg)
             for s in args.seeds:
                 opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights] + extra
                 jobs.append((args.pair, "distilled", config, opts, f"{name}_seed{s}"))

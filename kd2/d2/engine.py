@@ -247,8 +247,8 @@ def kd_preflight_hook(
             teacher_ap, n_val = None, 0
             # a torchvision teacher (KD.TEACHER.BACKEND) is not evaluated by Detectron2's loop
             foreign = hasattr(model.teacher, "transform")
-            val = val_dataset() if node.VAL_IMAGES > 0 else None
-            if val is not None and not foreign:
+            val = val_dataset() if node.VAL_IMAGES > 0 and not foreign else None
+            if val is not None:
                 name, mapper = val
                 dicts = DatasetCatalog.get(name)[: int(node.VAL_IMAGES)]
                 n_val = len(dicts)

@@ -121,17 +121,14 @@ class GradShareBalancer(nn.Module):
         if s <= 0.0 or (inside and self.target != "minimal"):
             return m
         s = min(s, 1.0 - 1e-6)
-        if self.target == "minimal":
+        if self.target == "middle":  # damped: half the way, in log odds, to the middle
+            ratio = math.sqrt(_odds(0.5 * (self.low + self.high)) / _odds(s))
+        elif self.target == "nearest":
+            ratio = _odds(self.low if s < self.low else self.high) / _odds(s)
+        else:  # "minimal"
             own_odds = _odds(s) / m  # the share's odds at the methods' own weights
             best = min(max(1.0, _odds(self.low) / own_odds), _odds(self.high) / own_odds)
             ratio = best / m
-        else:
-            target = self.low if s < self.low else self.high
-            if self.target == "middle":
-                target = 0.5 * (self.low + self.high)
-            ratio = _odds(target) / _odds(s)
-            if self.target == "middle":
-                ratio = math.sqrt(ratio)  # damped: half the way in log space
         step = min(max(ratio, 1.0 / self.max_step), self.max_step)
         if step == 1.0:
             return m
