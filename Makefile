@@ -8,10 +8,18 @@ STAMP := $(VENV)/.kd2-install-stamp
 # torch and torchvision are installed together, unpinned, so pip picks a matching pair
 # (torchvision's Linux wheels need the CUDA-enabled torch of the same release; it runs on CPU).
 TORCH_PKGS ?= torch torchvision
+# Detectron2 is on no package index: where its source tarball is beside the checkout (CI, the
+# project's machines), `make install` builds it offline into .venv; elsewhere see README, 'Install'.
+D2_TARBALL ?= ../shared/third_party/detectron2-02b5c4e.tar.gz
+D2_BUILD ?= $(VENV)/src/detectron2-02b5c4e
+D2_STAMP := $(VENV)/.kd2-detectron2-stamp
 
-.PHONY: install test demo lint benchmark clean
+.PHONY: install detectron2 test demo lint benchmark clean
 
-install: $(STAMP)
+install: $(STAMP) detectron2
+
+detectron2: $(STAMP)
+	@bash tools/install_detectron2.sh $(PY) $(D2_TARBALL) $(D2_BUILD) $(D2_STAMP)
 
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
