@@ -46,7 +46,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, decode_boxes, object_ids
+from .utils import cfg_get, compute_dtype, decode_boxes, object_ids, to_compute
 
 __all__ = [
     "ClassifierKD",
@@ -129,35 +129,37 @@ def classifier_kd_cls_loss(
         eps: added to both distributions inside the logs.
 
     Returns:
-        ``T² · mean_P Σ_c p^t_c (log(p^t_c + ε) − log(p^s_c + ε))`` in fp32; ``0`` (with a graph)
-        without positives.
+        ``T² · mean_P Σ_c p^t_c (log(p^t_c + ε) − log(p^s_c + ε))`` in fp32 (fp64 when a logit
+        tensor is fp64; ``ε`` is the official code's constant, kept there too); ``0`` (with a
+        graph) without positives.
     """
     t = float(temperature)
     if t <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     k = teacher_logits.shape[-1]
+    dtype = compute_dtype(student_logits, teacher_logits)
     if head == "softmax":
         if student_logits.shape[-1] != k + 1:
             raise ValueError(
                 f"a softmax head needs K + 1 = {k + 1} student logits (background last), got "
                 f"{student_logits.shape[-1]}"
             )
-        p_s = F.softmax(student_logits.float() / t, dim=-1)
-        p_t = F.softmax(teacher_logits.detach().float() / t, dim=-1)
+        p_s = F.softmax(student_logits.to(dtype) / t, dim=-1)
+        p_t = F.softmax(teacher_logits.detach().to(dtype) / t, dim=-1)
         p_t = torch.cat([p_t, p_t.new_zeros(p_t.shape[0], 1)], dim=-1)
     elif head == "sigmoid":
         if student_logits.shape[-1] != k:
             raise ValueError(
                 f"a sigmoid head needs K = {k} student logits, got {student_logits.shape[-1]}"
             )
-        s = torch.sigmoid(student_logits.float() / t)
-        u = torch.sigmoid(teacher_logits.detach().float() / t)
+        s = torch.sigmoid(student_logits.to(dtype) / t)
+        u = torch.sigmoid(teacher_logits.detach().to(dtype) / t)
         p_s = s / s.sum(dim=-1, keepdim=True)
         p_t = u / u.sum(dim=-1, keepdim=True)
     else:
         raise ValueError(f"head must be 'softmax' or 'sigmoid', got {head!r}")
     if student_logits.shape[0] == 0:
-        return student_logits.float().sum() * 0.0
+        return student_logits.to(dtype).sum() * 0.0
     kl = (p_t * ((p_t + eps).log() - (p_s + eps).log())).sum(dim=-1)
     return kl.mean() * (t * t)
 
@@ -187,8 +189,9 @@ def classifier_kd_loc_loss(
         chunk: positives per forward of the stem (memory).
 
     Returns:
-        fp32 scalar ``mean_P [mean|pool(crop_p) − pool(crop_t)| + mean|pool(stem(crop_p)) −
-        pool(stem(crop_t))|]``; ``0`` (with a graph) without positives.
+        fp32 scalar (fp64 when the boxes or the images are fp64) ``mean_P [mean|pool(crop_p) −
+        pool(crop_t)| + mean|pool(stem(crop_p)) − pool(stem(crop_t))|]``; ``0`` (with a graph)
+        without positives.
     """
     if pred_boxes.shape != target_boxes.shape:
         raise ValueError(
@@ -196,10 +199,11 @@ def classifier_kd_loc_loss(
             f"{tuple(target_boxes.shape)} differ in shape"
         )
     p = pred_boxes.shape[0]
+    dtype = compute_dtype(pred_boxes, images)
     if p == 0:
-        return pred_boxes.float().sum() * 0.0
+        return pred_boxes.to(dtype).sum() * 0.0
     images = images.detach()
-    total = pred_boxes.new_zeros((), dtype=torch.float32)
+    total = pred_boxes.new_zeros((), dtype=dtype)
     for s in range(0, p, chunk):
         sl = slice(s, s + chunk)
         pred = crop_boxes(images, pred_boxes[sl], batch_index[sl], size)
@@ -211,12 +215,14 @@ def classifier_kd_loc_loss(
             .flatten(1)
             .mean(dim=1)
         )
-        per_object = pix.float()
+        per_object = pix.to(dtype)
         if stem is not None:
             f_pred = F.adaptive_avg_pool2d(stem(pred), feature_pool)
             with torch.no_grad():
                 f_target = F.adaptive_avg_pool2d(stem(target), feature_pool)
-            per_object = per_object + (f_pred - f_target).abs().flatten(1).mean(dim=1).float()
+            per_object = per_object + to_compute(
+                (f_pred - f_target).abs().flatten(1).mean(dim=1), per_object
+            )
         total = total + per_object.sum()
     return total / p
 

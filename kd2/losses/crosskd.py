@@ -45,7 +45,14 @@ from kd2.structures import DenseOutputs, StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .pkd import channel_standardize
-from .utils import aligned_box_iou, cfg_get, channel_mean_std, decode_boxes, softmax_kl_div
+from .utils import (
+    aligned_box_iou,
+    cfg_get,
+    channel_mean_std,
+    compute_dtype,
+    decode_boxes,
+    softmax_kl_div,
+)
 
 __all__ = ["CROSSKD_DEFAULTS", "CrossKD", "quality_focal_kd_loss", "recolor_features"]
 
@@ -69,7 +76,8 @@ def recolor_features(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Ten
         eps: added to the student's standard deviation (unbiased, over ``(N, H, W)``).
 
     Returns:
-        ``(N, C, H, W)`` with gradients to ``student`` only.
+        ``(N, C, H, W)`` with gradients to ``student`` only, in the promotion of fp32 (fp64 for
+        an fp64 ``student``) and the teacher's dtype.
     """
     if student.dim() != 4 or teacher.dim() != 4 or student.shape[1] != teacher.shape[1]:
         raise ValueError(
@@ -78,7 +86,7 @@ def recolor_features(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Ten
             "a 1x1 conv first)"
         )
     c = student.shape[1]
-    with torch.no_grad():
+    with torch.no_grad():  # the teacher's statistics in its own dtype
         t_mean, t_std = (v.view(1, c, 1, 1) for v in channel_mean_std(teacher.detach()))
     return channel_standardize(student, eps) * t_std + t_mean
 
@@ -94,14 +102,16 @@ def quality_focal_kd_loss(
         beta: the focusing exponent.
 
     Returns:
-        fp32 scalar, the **sum** over every element (the caller normalises).
+        fp32 scalar (fp64 when a logit tensor is fp64), the **sum** over every element (the
+        caller normalises).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"logit shapes differ: {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
-    s = student_logits.float()
-    target = torch.sigmoid(teacher_logits.detach().float())
+    dtype = compute_dtype(student_logits, teacher_logits)
+    s = student_logits.to(dtype)
+    target = torch.sigmoid(teacher_logits.detach().to(dtype))
     bce = F.binary_cross_entropy_with_logits(s, target, reduction="none")
     focal = (torch.sigmoid(s) - target).abs().pow(beta)
     return (bce * focal).sum()
@@ -249,26 +259,24 @@ class CrossKD(KDMethod):
         k = s_dense.num_classes
         valid = labels >= 0
         pos = valid & (labels < k)
-        t_cls = _flat(t_dense.cls_logits).float()
-        c_cls = _flat(cross["cls_logits"]).float()
+        t_cls, c_cls = _flat(t_dense.cls_logits), _flat(cross["cls_logits"])
+        t_del, c_del = _flat(t_dense.box_deltas), _flat(cross["box_deltas"])
+        dtype = compute_dtype(t_cls, c_cls, t_del, c_del)
+        t_cls, c_cls = t_cls.to(dtype), c_cls.to(dtype)
         w = torch.sigmoid(t_cls).max(dim=1).values * valid
         n = s_dense.labels.shape[0]
         anchors = torch.cat(s_dense.anchors).repeat(n, 1)
         if self.family == "fcos":
             points = (anchors[pos, :2] + anchors[pos, 2:]) / 2
-            gt = s_dense.matched_gt_boxes.flatten(0, 1)[pos].float()
-            norm = fcos_centerness_targets(points.float(), gt).sum().clamp(min=1e-6)
+            gt = s_dense.matched_gt_boxes.flatten(0, 1)[pos].to(dtype)
+            norm = fcos_centerness_targets(points.to(dtype), gt).sum().clamp(min=1e-6)
         else:
-            norm = pos.sum().clamp(min=1).float()
+            norm = pos.sum().clamp(min=1).to(dtype)
         cls_loss = quality_focal_kd_loss(c_cls[valid], t_cls[valid], self.beta) / norm
         losses = {"loss_kd_crosskd_cls": cls_loss * self.cls_weight}
         sel = w > 0
-        c_boxes = decode_boxes(
-            t_dense.box_coder, _flat(cross["box_deltas"])[sel].float(), anchors[sel]
-        )
-        t_boxes = decode_boxes(
-            t_dense.box_coder, _flat(t_dense.box_deltas)[sel].float(), anchors[sel]
-        )
+        c_boxes = decode_boxes(t_dense.box_coder, c_del[sel].to(dtype), anchors[sel])
+        t_boxes = decode_boxes(t_dense.box_coder, t_del[sel].to(dtype), anchors[sel])
         ws = w[sel]
         if self.family == "gfl":
             bins = t_dense.box_dist[0].shape[-1] // 4

@@ -57,7 +57,8 @@ def channel_wise_distillation_loss(student: Tensor, teacher: Tensor, tau: float 
         tau: temperature ``τ > 0``.
 
     Returns:
-        fp32 scalar ``τ² · Σ_{n,c} KL(softmax_HW(t / τ) ‖ softmax_HW(s / τ)) / (N·C)``.
+        fp32 scalar (fp64 when a map is fp64)
+        ``τ² · Σ_{n,c} KL(softmax_HW(t / τ) ‖ softmax_HW(s / τ)) / (N·C)``.
     """
     if student.shape != teacher.shape or student.dim() != 4:
         raise ValueError(

@@ -36,9 +36,11 @@ from .utils import (
     adapt_features,
     assign_fpn_levels,
     cfg_get,
+    compute_dtype,
     masked_squared_error,
     shared_strides,
     softmax_kl_div,
+    to_compute,
 )
 
 __all__ = ["DeFeat", "defeat_gt_masks", "defeat_head_loss", "defeat_neck_loss"]
@@ -75,7 +77,7 @@ def defeat_gt_masks(
     for i, gt in enumerate(gt_boxes):
         if gt.numel() == 0:
             continue
-        gt = gt.to(device).float()
+        gt = to_compute(gt.to(device))
         levels = assign_fpn_levels(gt, len(strides), finest_scale)
         for lvl, (s, (h, w)) in enumerate(zip(strides, grid_sizes)):
             b = gt[levels == lvl]
@@ -110,15 +112,15 @@ def defeat_neck_loss(
         masks: per level ``(N, H_l, W_l)`` bool GT masks.
 
     Returns:
-        ``(L_fg, L_bg)`` fp32 scalars, each ``mean_l Σ M·d / max(1, 2·C·Σ M)`` with ``M`` the
-        mask (fg) or its complement (bg).
+        ``(L_fg, L_bg)`` fp32 scalars (fp64 when a map is fp64), each
+        ``mean_l Σ M·d / max(1, 2·C·Σ M)`` with ``M`` the mask (fg) or its complement (bg).
     """
     if not (len(student_features) == len(teacher_features) == len(masks)) or not masks:
         raise ValueError("defeat_neck_loss needs the same non-zero number of maps and masks")
     fg_terms, bg_terms = [], []
     for s, t, m in zip(student_features, teacher_features, masks):
         c = s.shape[1]
-        fg = m.float()
+        fg = m.to(compute_dtype(s, t))
         bg = 1.0 - fg
         fg_terms.append(masked_squared_error(s, t, fg) / (2.0 * c * fg.sum()).clamp(min=1.0))
         bg_terms.append(masked_squared_error(s, t, bg) / (2.0 * c * bg.sum()).clamp(min=1.0))
@@ -144,8 +146,8 @@ def defeat_head_loss(
         t_pos / t_neg: temperatures of the two parts.
 
     Returns:
-        ``(L_pos, L_neg)`` fp32 scalars, each ``Σ_subset T² KL / max(1, #subset)``; ``0`` with a
-        graph for an empty subset.
+        ``(L_pos, L_neg)`` fp32 scalars (fp64 for fp64 logits), each
+        ``Σ_subset T² KL / max(1, #subset)``; ``0`` with a graph for an empty subset.
     """
     pos = (labels >= 0) & (labels < num_classes)
     neg = labels == num_classes

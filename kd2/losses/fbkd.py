@@ -61,7 +61,14 @@ from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .fgd import spatial_attention
-from .utils import adapt_features, cfg_get, distill_strides, shared_strides
+from .utils import (
+    adapt_features,
+    cfg_get,
+    compute_dtype,
+    distill_strides,
+    shared_strides,
+    to_compute,
+)
 
 __all__ = [
     "FBKD",
@@ -81,10 +88,12 @@ def _safe_sqrt(x: Tensor) -> Tensor:
 
 
 def _l2_distance(a: Tensor, b: Tensor) -> Tensor:
-    """``‖a − b‖₂`` over all elements (``torch.dist``), fp32, gradient 0 at ``a == b``."""
+    """``‖a − b‖₂`` over all elements (``torch.dist``), fp32 (fp64 when ``a`` or ``b`` is),
+    gradient 0 at ``a == b``."""
     if a.shape != b.shape:
         raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    return _safe_sqrt((a.float() - b.float()).pow(2).sum())
+    dtype = compute_dtype(a, b)
+    return _safe_sqrt((a.to(dtype) - b.to(dtype)).pow(2).sum())
 
 
 def fbkd_nonlocal_setting(stride: int) -> tuple[int, int]:
@@ -113,14 +122,16 @@ def fbkd_spatial_mask(student: Tensor, teacher: Tensor, temperature: float = 0.5
         temperature: ``T`` (0.5 in the official code).
 
     Returns:
-        ``(N, 1, H, W)`` fp32, no gradient.
+        ``(N, 1, H, W)`` fp32 (fp64 when a map is fp64), no gradient.
     """
     if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
         raise ValueError(
             f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ "
             "in batch or spatial size"
         )
-    return (spatial_attention(teacher, temperature) + spatial_attention(student, temperature)) / 2
+    dtype = compute_dtype(student, teacher)
+    t_att = spatial_attention(teacher.to(dtype), temperature)
+    return (t_att + spatial_attention(student.to(dtype), temperature)) / 2
 
 
 def fbkd_masked_feature_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
@@ -132,14 +143,16 @@ def fbkd_masked_feature_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> 
         mask: ``(N, 1, H, W)`` spatial mask of :func:`fbkd_spatial_mask` (used as a constant).
 
     Returns:
-        0-dim fp32 tensor: the square root of the sum over the whole batch (not a mean).
+        0-dim fp32 tensor (fp64 when a map is fp64): the square root of the sum over the whole
+        batch (not a mean).
     """
     if student.shape != teacher.shape:
         raise ValueError(
             f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ"
         )
-    diff = (teacher.detach().float() - student.float()).pow(2)
-    return _safe_sqrt((diff * mask.detach().float()).sum())
+    dtype = compute_dtype(student, teacher)
+    diff = (teacher.detach().to(dtype) - student.to(dtype)).pow(2)
+    return _safe_sqrt((diff * mask.detach().to(dtype)).sum())
 
 
 def fbkd_attention_transfer_loss(
@@ -160,10 +173,11 @@ def fbkd_attention_transfer_loss(
         spatial_adapt: ``(N, 1, H, W) -> (N, 1, H, W)`` (FBKD: ``Conv2d(1, 1, 3, padding=1)``).
 
     Returns:
-        ``(L_channel, L_spatial)`` 0-dim fp32 tensors.
+        ``(L_channel, L_spatial)`` 0-dim fp32 tensors (fp64 when a map is fp64).
     """
-    t = teacher.detach().float()
-    s = student.float()
+    dtype = compute_dtype(student, teacher)
+    t = teacher.detach().to(dtype)
+    s = student.to(dtype)
     channel = _l2_distance(t.mean(dim=(2, 3)), channel_adapt(s.mean(dim=(2, 3))))
     spatial = _l2_distance(t.mean(dim=1, keepdim=True), spatial_adapt(s.mean(dim=1, keepdim=True)))
     return channel, spatial
@@ -178,7 +192,7 @@ def fbkd_nonlocal_loss(student_relation: Tensor, teacher_relation: Tensor) -> Te
             non-local block is trainable and learns through this loss.
 
     Returns:
-        0-dim fp32 tensor.
+        0-dim fp32 tensor (fp64 when a relation is fp64).
     """
     return _l2_distance(teacher_relation, student_relation)
 
@@ -244,17 +258,19 @@ class NonLocalBlock(nn.Module):
         return bn(z)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> ``(N, C, H, W)`` fp32."""
+        """``(N, C, H, W)`` -> ``(N, C, H, W)`` fp32 (fp64 for an fp64 ``x`` and block)."""
         n, _, h, w = x.shape
-        x = x.float()
-        theta = self.theta(x).float().reshape(n, self.inter_channels, h * w).transpose(1, 2)
-        phi = self.subsample(self.phi(x)).float().reshape(n, self.inter_channels, -1)
-        g = self.subsample(self.g(x)).float().reshape(n, self.inter_channels, -1).transpose(1, 2)
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        theta = self.theta(x).to(dtype).reshape(n, self.inter_channels, h * w).transpose(1, 2)
+        phi = self.subsample(self.phi(x)).to(dtype).reshape(n, self.inter_channels, -1)
+        g = self.subsample(self.g(x)).to(dtype).reshape(n, self.inter_channels, -1)
+        g = g.transpose(1, 2)
         with torch.autocast(device_type=x.device.type, enabled=False):
             pairwise = torch.bmm(theta, phi) / float(phi.shape[-1])  # (N, HW, P)
             y = torch.bmm(pairwise, g)  # (N, HW, C')
         y = y.transpose(1, 2).reshape(n, self.inter_channels, h, w)
-        return x + self._normalize(self.conv_out(y).float()).float()
+        return x + self._normalize(self.conv_out(y).to(dtype)).to(dtype)
 
 
 @KD_METHOD_REGISTRY.register()
@@ -355,13 +371,13 @@ class FBKD(KDMethod):
         sums: dict[str, Tensor] = {}
         for stride, s_adapt, t in zip(strides, adapted, t_feats):
             key = str(stride)
-            s_raw = student.features[stride].float()
+            s_raw = to_compute(student.features[stride], t)
             mask = fbkd_spatial_mask(s_raw, t, self.temperature)
             terms = {"mask": fbkd_masked_feature_loss(s_adapt, t, mask)}
             terms["channel"], terms["spatial"] = fbkd_attention_transfer_loss(
                 s_raw, t, self.channel_adapt[key], self.spatial_adapt[key]
             )
-            s_rel = self.nonlocal_adapt[key](self.student_nonlocal[key](s_raw)).float()
+            s_rel = self.nonlocal_adapt[key](self.student_nonlocal[key](s_raw)).to(s_raw.dtype)
             t_rel = self.teacher_nonlocal[key](t)
             terms["nonlocal"] = fbkd_nonlocal_loss(s_rel, t_rel)
             for name, value in terms.items():

@@ -48,7 +48,15 @@ from torch import Tensor, nn
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, detector_family, level_adapter, shared_strides
+from .utils import (
+    adapt_features,
+    cfg_get,
+    compute_dtype,
+    detector_family,
+    level_adapter,
+    shared_strides,
+    to_compute,
+)
 
 __all__ = [
     "FGD",
@@ -82,10 +90,11 @@ def spatial_attention(feat: Tensor, temperature: float) -> Tensor:
         temperature: ``T > 0``.
 
     Returns:
-        ``(N, 1, H, W)`` fp32; each image's map sums to ``H·W``. Differentiable in ``feat``.
+        ``(N, 1, H, W)`` fp32 (fp64 for an fp64 ``feat``); each image's map sums to ``H·W``.
+        Differentiable in ``feat``.
     """
     n, _, h, w = feat.shape
-    energy = feat.float().abs().mean(dim=1).reshape(n, h * w) / float(temperature)
+    energy = to_compute(feat).abs().mean(dim=1).reshape(n, h * w) / float(temperature)
     return (h * w * F.softmax(energy, dim=1)).reshape(n, 1, h, w)
 
 
@@ -97,10 +106,11 @@ def channel_attention(feat: Tensor, temperature: float) -> Tensor:
         temperature: ``T > 0``.
 
     Returns:
-        ``(N, C, 1, 1)`` fp32; each image's vector sums to ``C``. Differentiable in ``feat``.
+        ``(N, C, 1, 1)`` fp32 (fp64 for an fp64 ``feat``); each image's vector sums to ``C``.
+        Differentiable in ``feat``.
     """
     n, c = feat.shape[:2]
-    energy = feat.float().abs().mean(dim=(2, 3)) / float(temperature)
+    energy = to_compute(feat).abs().mean(dim=(2, 3)) / float(temperature)
     return (c * F.softmax(energy, dim=1)).reshape(n, c, 1, 1)
 
 
@@ -110,6 +120,7 @@ def fgd_masks(
     image_sizes: Sequence[tuple[int, int]],
     feature_size: tuple[int, int],
     device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """FGD's foreground scale mask and background mask of one level (official ``forward``).
 
@@ -126,9 +137,10 @@ def fgd_masks(
         image_sizes: per image ``(h, w)`` of the valid (un-padded) region.
         feature_size: ``(H, W)`` of the level.
         device: where the masks live (default: the boxes' device).
+        dtype: the masks' dtype (the weights are computed in fp64 and rounded to it).
 
     Returns:
-        ``(fg_weight, bg_weight)``, each ``(N, H, W)`` fp32. An image without boxes has
+        ``(fg_weight, bg_weight)``, each ``(N, H, W)`` of ``dtype``. An image without boxes has
         ``fg = 0`` and ``bg = 1 / (H·W)``.
     """
     if len(gt_boxes) != len(image_sizes):
@@ -137,7 +149,7 @@ def fgd_masks(
     h_map, w_map = int(feature_size[0]), int(feature_size[1])
     if device is None:
         device = gt_boxes[0].device if n else torch.device("cpu")
-    fg = torch.zeros((n, h_map, w_map), dtype=torch.float32, device=device)
+    fg = torch.zeros((n, h_map, w_map), dtype=dtype, device=device)
     ys = torch.arange(h_map, device=device, dtype=torch.float64)[None, :, None]  # (1, H, 1)
     xs = torch.arange(w_map, device=device, dtype=torch.float64)[None, None, :]  # (1, 1, W)
     for i, (boxes, (img_h, img_w)) in enumerate(zip(gt_boxes, image_sizes)):
@@ -148,7 +160,7 @@ def fgd_masks(
         x1 = torch.ceil(b[:, 2] * w_map / float(img_w))
         y0 = torch.floor(b[:, 1] * h_map / float(img_h))
         y1 = torch.ceil(b[:, 3] * h_map / float(img_h))
-        weight = (1.0 / ((y1 - y0 + 1.0) * (x1 - x0 + 1.0))).float()  # (G,) unclipped corners
+        weight = (1.0 / ((y1 - y0 + 1.0) * (x1 - x0 + 1.0))).to(dtype)  # (G,) unclipped corners
         inside = (
             (ys >= y0[:, None, None])
             & (ys <= y1[:, None, None])
@@ -157,7 +169,7 @@ def fgd_masks(
         )  # (G, H, W)
         zero = torch.zeros((), dtype=weight.dtype, device=device)
         fg[i] = torch.where(inside, weight[:, None, None], zero).amax(dim=0)
-    bg = (fg <= 0).float()
+    bg = (fg <= 0).to(dtype)
     count = bg.sum(dim=(1, 2), keepdim=True)
     bg = torch.where(count > 0, bg / count.clamp(min=1.0), bg)
     return fg, bg
@@ -183,14 +195,15 @@ def fgd_feature_loss(
         temperature: the attention temperature ``T``.
 
     Returns:
-        ``(L_fg, L_bg)`` 0-dim fp32 tensors.
+        ``(L_fg, L_bg)`` 0-dim fp32 tensors (fp64 when a map is fp64).
     """
     if student.shape != teacher.shape:
         raise ValueError(
             f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ"
         )
-    t = teacher.detach().float()
-    s = student.float()
+    dtype = compute_dtype(student, teacher)
+    t = teacher.detach().to(dtype)
+    s = student.to(dtype)
     n = t.shape[0]
     att = (spatial_attention(t, temperature) * channel_attention(t, temperature)).detach()
     diff = (s - t).pow(2) * att  # (N, C, H, W)
@@ -211,7 +224,7 @@ def fgd_attention_loss(student: Tensor, teacher: Tensor, temperature: float) -> 
         temperature: ``T``.
 
     Returns:
-        0-dim fp32 tensor.
+        0-dim fp32 tensor (fp64 when a map is fp64).
     """
     if student.shape != teacher.shape:
         raise ValueError(
@@ -255,13 +268,14 @@ class GlobalContextBlock(nn.Module):
         nn.init.zeros_(self.transform[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> ``(N, C, H, W)`` fp32."""
+        """``(N, C, H, W)`` -> ``(N, C, H, W)`` fp32 (fp64 for an fp64 ``x`` and block)."""
         n, c, h, w = x.shape
-        x = x.float()
-        weights = F.softmax(self.context(x).reshape(n, 1, h * w).float(), dim=2)  # (N, 1, HW)
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        weights = F.softmax(self.context(x).reshape(n, 1, h * w).to(dtype), dim=2)  # (N, 1, HW)
         pooled = torch.matmul(x.reshape(n, c, h * w), weights.transpose(1, 2))  # (N, C, 1)
-        add = self.transform(pooled.reshape(n, c, 1, 1).float())
-        return x + add.float()
+        add = self.transform(pooled.reshape(n, c, 1, 1).to(dtype))
+        return x + add.to(dtype)
 
 
 def fgd_global_loss(
@@ -283,14 +297,15 @@ def fgd_global_loss(
         student_block / teacher_block: ``(N, C, H, W) -> (N, C, H, W)`` modules.
 
     Returns:
-        0-dim fp32 tensor.
+        0-dim fp32 tensor (fp64 when a map is fp64).
     """
     if student.shape != teacher.shape:
         raise ValueError(
             f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ"
         )
-    out_s = student_block(student.float()).float()
-    out_t = teacher_block(teacher.detach().float()).float()
+    dtype = compute_dtype(student, teacher)
+    out_s = student_block(student.to(dtype)).to(dtype)
+    out_t = teacher_block(teacher.detach().to(dtype)).to(dtype)
     return (out_s - out_t).pow(2).sum() / float(max(student.shape[0], 1))
 
 
@@ -405,7 +420,11 @@ class FGD(KDMethod):
         fg_sum = bg_sum = at_sum = gl_sum = None
         for stride, s, t in zip(strides, s_feats, t_feats):
             fg_w, bg_w = fgd_masks(
-                student.gt_boxes, student.image_sizes, tuple(t.shape[-2:]), device=t.device
+                student.gt_boxes,
+                student.image_sizes,
+                tuple(t.shape[-2:]),
+                device=t.device,
+                dtype=compute_dtype(s, t),
             )
             fg, bg = fgd_feature_loss(s, t, fg_w, bg_w, temperature)
             at = fgd_attention_loss(s, t, temperature)

@@ -43,6 +43,7 @@ from .utils import (
     assign_fpn_levels,
     box_iou,
     cfg_get,
+    compute_dtype,
     masked_squared_error,
     shared_strides,
 )
@@ -112,15 +113,16 @@ def fgfi_loss(
         masks: per level ``(N, H_l, W_l)`` bool (or 0/1) imitation masks.
 
     Returns:
-        fp32 scalar ``(1/L) Σ_l Σ M_l · Σ_c (s − t)² / max(1, 2 · C · Σ M_l)``; ``0`` with a graph
-        when no mask has a positive.
+        fp32 scalar (fp64 when a map is fp64)
+        ``(1/L) Σ_l Σ M_l · Σ_c (s − t)² / max(1, 2 · C · Σ M_l)``; ``0`` with a graph when no
+        mask has a positive.
     """
     if not (len(student_features) == len(teacher_features) == len(masks)) or not masks:
         raise ValueError("fgfi_loss needs the same non-zero number of maps and masks")
     terms = []
     for s, t, m in zip(student_features, teacher_features, masks):
         c = t.shape[1]
-        norm = (2.0 * c * m.float().sum()).clamp(min=1.0)
+        norm = (2.0 * c * m.to(compute_dtype(s, t)).sum()).clamp(min=1.0)
         terms.append(masked_squared_error(s, t, m) / norm)
     return torch.stack(terms).mean()
 

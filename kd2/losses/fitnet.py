@@ -18,7 +18,7 @@ from kd2.modeling.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, shared_strides
+from .utils import adapt_features, cfg_get, compute_dtype, shared_strides
 
 __all__ = ["FitNet", "fitnet_loss"]
 
@@ -31,13 +31,14 @@ def fitnet_loss(student_features: Sequence[Tensor], teacher_features: Sequence[T
         teacher_features: per level ``(N, C, H_l, W_l)`` teacher maps (detached).
 
     Returns:
-        fp32 scalar.
+        fp32 scalar (fp64 when a map is fp64).
     """
     if len(student_features) != len(teacher_features) or not student_features:
         raise ValueError("fitnet_loss needs the same non-zero number of student and teacher maps")
     loss = None
     for s, t in zip(student_features, teacher_features):
-        term = 0.5 * (s.float() - t.detach().float()).pow(2).mean()
+        dtype = compute_dtype(s, t)
+        term = 0.5 * (s.to(dtype) - t.detach().to(dtype)).pow(2).mean()
         loss = term if loss is None else loss + term
     return loss
 

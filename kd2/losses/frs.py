@@ -60,9 +60,11 @@ from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
     adapt_features,
     cfg_get,
+    compute_dtype,
     detector_family,
     require_sigmoid_dense,
     shared_strides,
+    to_compute,
 )
 
 __all__ = ["FRS", "FRS_DEFAULT_WEIGHTS", "feature_richness", "frs_feature_loss", "frs_head_loss"]
@@ -84,17 +86,18 @@ def feature_richness(teacher_cls_logits: Tensor) -> Tensor:
             level (``C = A·K``, ``K`` or ``A``).
 
     Returns:
-        ``(N, 1, H, W)`` fp32 scores in ``[0, 1]``, detached.
+        ``(N, 1, H, W)`` fp32 (fp64 for fp64 logits) scores in ``[0, 1]``, detached.
     """
     if teacher_cls_logits.dim() != 4:
         raise ValueError(
             f"feature_richness expects (N, C, H, W) logits, got {tuple(teacher_cls_logits.shape)}"
         )
-    return torch.sigmoid(teacher_cls_logits.detach().float()).amax(dim=1, keepdim=True)
+    return torch.sigmoid(to_compute(teacher_cls_logits.detach())).amax(dim=1, keepdim=True)
 
 
-def _check_mask(x: Tensor, mask: Tensor, what: str) -> Tensor:
-    """Validate a ``(N, 1, H, W)`` mask against a ``(N, C, H, W)`` map; returns it detached fp32."""
+def _check_mask(x: Tensor, mask: Tensor, what: str, dtype: torch.dtype) -> Tensor:
+    """Validate a ``(N, 1, H, W)`` mask against a ``(N, C, H, W)`` map; returns it detached, in
+    ``dtype``."""
     if x.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(
             f"{what}: expected (N, C, H, W) maps and an (N, 1, H, W) mask, got "
@@ -102,7 +105,7 @@ def _check_mask(x: Tensor, mask: Tensor, what: str) -> Tensor:
         )
     if mask.shape[0] != x.shape[0] or mask.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"{what}: mask {tuple(mask.shape)} does not fit maps {tuple(x.shape)}")
-    return mask.detach().float()
+    return mask.detach().to(dtype)
 
 
 def _normalise(weighted_sum: Tensor, mask: Tensor) -> Tensor:
@@ -121,16 +124,17 @@ def frs_feature_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor) -
         mask: ``(N, 1, H, W)`` non-negative weights (treated as a constant).
 
     Returns:
-        0-dim fp32 ``Σ_{n,c,h,w} mask · (t − s)² / Σ_{n,h,w} mask`` (``0`` when the mask sums to
-        0); gradients reach ``student_feat`` only.
+        0-dim fp32 (fp64 when an input is fp64) ``Σ_{n,c,h,w} mask · (t − s)² / Σ_{n,h,w} mask``
+        (``0`` when the mask sums to 0); gradients reach ``student_feat`` only.
     """
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(
             f"frs_feature_loss: student {tuple(student_feat.shape)} and teacher "
             f"{tuple(teacher_feat.shape)} maps differ in shape"
         )
-    m = _check_mask(student_feat, mask, "frs_feature_loss")
-    diff = (teacher_feat.detach().float() - student_feat.float()).pow(2)
+    dtype = compute_dtype(student_feat, teacher_feat, mask)
+    m = _check_mask(student_feat, mask, "frs_feature_loss", dtype)
+    diff = (teacher_feat.detach().to(dtype) - student_feat.to(dtype)).pow(2)
     return _normalise((diff * m).sum(), m)
 
 
@@ -153,16 +157,20 @@ def frs_head_loss(
         0-dim fp32 ``Σ_{n,j,h,w} mask · BCE(σ(z_s), σ(z_t)) / Σ_{n,h,w} mask`` with
         ``BCE(p, q) = −[q max(log p, −100) + (1 − q) max(log(1 − p), −100)]``; ``0`` when the
         mask sums to 0; gradients reach ``student_logits`` only (finite everywhere: ``|∂/∂z_s|
-        ≤ |σ(z_s) − q|``, 0 where ``σ(z_s)`` saturates in fp32).
+        ≤ |σ(z_s) − q|``, 0 where ``σ(z_s)`` saturates in fp32). Computed in fp32, or in fp64
+        when an input is fp64: then ``σ(z)`` rounds to 1 only for ``z ≳ 36.7``, and the gradient
+        is exact except where torch's fixed ``ε = 1e-12`` in the BCE backward
+        (``max(p (1 − p), ε)``) bites, ``|z_s| ≳ 27.6``, as in fp32.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"frs_head_loss: student {tuple(student_logits.shape)} and teacher "
             f"{tuple(teacher_logits.shape)} logits differ in shape"
         )
-    m = _check_mask(student_logits, mask, "frs_head_loss")
-    target = torch.sigmoid(teacher_logits.detach().float())
-    z = student_logits.float()
+    dtype = compute_dtype(student_logits, teacher_logits, mask)
+    m = _check_mask(student_logits, mask, "frs_head_loss", dtype)
+    target = torch.sigmoid(teacher_logits.detach().to(dtype))
+    z = student_logits.to(dtype)
     if from_logits:
         bce = F.binary_cross_entropy_with_logits(z, target, reduction="none")
     else:

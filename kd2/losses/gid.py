@@ -44,7 +44,7 @@ from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .rkd import rkd_distance_loss
-from .utils import box_iou, cfg_get, decode_boxes, zero_like_loss
+from .utils import box_iou, cfg_get, compute_dtype, decode_boxes, to_compute, zero_like_loss
 
 __all__ = [
     "GID",
@@ -56,14 +56,16 @@ __all__ = [
 
 
 def general_instance_scores(student_scores: Tensor, teacher_scores: Tensor) -> Tensor:
-    """``(M,)`` ``max_c |teacher − student|`` of ``(M, K)`` class probabilities."""
+    """``(M,)`` ``max_c |teacher − student|`` of ``(M, K)`` class probabilities (fp32, or fp64
+    when an input is fp64)."""
     if student_scores.shape != teacher_scores.shape:
         raise ValueError(
             f"score shapes differ: {tuple(student_scores.shape)} and {tuple(teacher_scores.shape)}"
         )
     if student_scores.shape[0] == 0:
         return student_scores.new_zeros((0,))
-    return (teacher_scores.float() - student_scores.float()).abs().max(dim=1).values
+    dtype = compute_dtype(student_scores, teacher_scores)
+    return (teacher_scores.to(dtype) - student_scores.to(dtype)).abs().max(dim=1).values
 
 
 @torch.no_grad()
@@ -216,12 +218,13 @@ class GID(KDMethod):
         t_cls = torch.cat(t_dense.cls_logits, dim=1)
         s_box = torch.cat(s_dense.box_deltas, dim=1)
         t_box = torch.cat(t_dense.box_deltas, dim=1)
+        cls_dtype, box_dtype = compute_dtype(s_cls, t_cls), compute_dtype(s_box, t_box)
         out = []
         for i, (h, w) in enumerate(student.image_sizes):
             valid = (s_dense.labels[i] >= 0).nonzero().flatten()
             s_p, t_p = (
-                torch.sigmoid(s_cls[i, valid].float()),
-                torch.sigmoid(t_cls[i, valid].float()),
+                torch.sigmoid(s_cls[i, valid].to(cls_dtype)),
+                torch.sigmoid(t_cls[i, valid].to(cls_dtype)),
             )
             scores = general_instance_scores(s_p, t_p)
             cand = scores.topk(min(self.pre_nms_topk, scores.numel())).indices
@@ -229,8 +232,8 @@ class GID(KDMethod):
             teacher_surer = t_p[cand].max(dim=1).values > s_p[cand].max(dim=1).values
             boxes = torch.where(
                 teacher_surer[:, None],
-                decode_boxes(t_dense.box_coder, t_box[i, idx].float(), anchors[idx]),
-                decode_boxes(s_dense.box_coder, s_box[i, idx].float(), anchors[idx]),
+                decode_boxes(t_dense.box_coder, t_box[i, idx].to(box_dtype), anchors[idx]),
+                decode_boxes(s_dense.box_coder, s_box[i, idx].to(box_dtype), anchors[idx]),
             )
             boxes = torch.stack(
                 [
@@ -277,7 +280,7 @@ class GID(KDMethod):
         return raw_s, adapted, pooled_t
 
     def _response_mask(self, student: StepRecord, instances: list[Tensor]) -> Tensor:
-        anchors = torch.cat(student.dense.anchors).float()
+        anchors = to_compute(torch.cat(student.dense.anchors))
         masks = []
         for i, boxes in enumerate(instances):
             mask = torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
@@ -308,11 +311,15 @@ class GID(KDMethod):
             losses["relation"] = gid_relation_loss(raw_s.flatten(1), pooled_t.flatten(1)) * w_rel
             mask = self._response_mask(student, instances)
             count = mask.sum().clamp(min=1)
-            s_cls = torch.cat(s_dense.cls_logits, dim=1)[mask].float()
-            t_cls = torch.cat(t_dense.cls_logits, dim=1)[mask].float()
+            s_cls = torch.cat(s_dense.cls_logits, dim=1)[mask]
+            t_cls = torch.cat(t_dense.cls_logits, dim=1)[mask]
+            dtype = compute_dtype(s_cls, t_cls)
+            s_cls, t_cls = s_cls.to(dtype), t_cls.to(dtype)
             bce = F.binary_cross_entropy_with_logits(s_cls, torch.sigmoid(t_cls), reduction="sum")
             losses["cls"] = bce / count * w_cls
-            s_box = torch.cat(s_dense.box_deltas, dim=1)[mask].float()
-            t_box = torch.cat(t_dense.box_deltas, dim=1)[mask].float()
+            s_box = torch.cat(s_dense.box_deltas, dim=1)[mask]
+            t_box = torch.cat(t_dense.box_deltas, dim=1)[mask]
+            dtype = compute_dtype(s_box, t_box)
+            s_box, t_box = s_box.to(dtype), t_box.to(dtype)
             losses["reg"] = (s_box - t_box).abs().sum() / count * w_reg
         return {f"loss_kd_gid_{k}": v for k, v in losses.items()}

@@ -74,10 +74,12 @@ from .utils import (
     adapt_features,
     assign_fpn_levels,
     cfg_get,
+    compute_dtype,
     masked_squared_error,
     require_sigmoid_dense,
     shared_strides,
     softmax_kl_div,
+    to_compute,
     zero_like_loss,
 )
 
@@ -94,10 +96,11 @@ __all__ = [
 
 
 def prototype_cosines(instances: Tensor, prototypes: Tensor) -> Tensor:
-    """Cosine similarities ``(M, P)`` of instances ``(M, D)`` to prototypes ``(P, D)`` (fp32;
-    an all-zero vector has cosine 0 to everything)."""
-    a = F.normalize(instances.float(), dim=-1, eps=1e-12)
-    b = F.normalize(prototypes.float(), dim=-1, eps=1e-12)
+    """Cosine similarities ``(M, P)`` of instances ``(M, D)`` to prototypes ``(P, D)`` (fp32, or
+    fp64 when an input is; an all-zero vector has cosine 0 to everything)."""
+    dtype = compute_dtype(instances, prototypes)
+    a = F.normalize(instances.to(dtype), dim=-1, eps=1e-12)
+    b = F.normalize(prototypes.to(dtype), dim=-1, eps=1e-12)
     return a @ b.t()
 
 
@@ -120,7 +123,8 @@ def robustness(
         student_protos / teacher_protos: ``(P, D_s)`` / ``(P, D_t)`` the class's prototypes.
 
     Returns:
-        ``(M,)`` fp32, detached: ``η_i = 1 − |max_k cos(s_i, Ps_k) − max_k cos(t_i, Pt_k)|``,
+        ``(M,)`` fp32 (fp64 when an input is fp64), detached:
+        ``η_i = 1 − |max_k cos(s_i, Ps_k) − max_k cos(t_i, Pt_k)|``,
         clamped into ``[0, 1]`` (FPN features can be negative, so the two maxima lie in
         ``[−1, 1]`` and the raw value in ``[−1, 1]``; the clamp keeps η a weight). ``P = 0``
         gives ``η = 1``; ``M = 0`` an empty tensor. Non-finite inputs give ``η = 0``.
@@ -137,10 +141,11 @@ def robustness(
         )
     with torch.no_grad():
         m = student_inst.shape[0]
+        dtype = compute_dtype(student_inst, teacher_inst, student_protos, teacher_protos)
         if student_protos.shape[0] == 0:
-            return torch.ones(m, device=student_inst.device)
+            return torch.ones(m, dtype=dtype, device=student_inst.device)
         if m == 0:
-            return torch.zeros(0, device=student_inst.device)
+            return torch.zeros(0, dtype=dtype, device=student_inst.device)
         q_s = prototype_cosines(student_inst, student_protos).amax(dim=1)
         q_t = prototype_cosines(teacher_inst, teacher_protos).amax(dim=1)
         return _eta_from_maxima(q_s, q_t)
@@ -163,11 +168,12 @@ def robustness_by_class(
         valid: ``(K,)`` bool, classes that have prototypes (others get ``η = 1``).
 
     Returns:
-        ``(M,)`` fp32 detached η.
+        ``(M,)`` fp32 (fp64 when an input is fp64) detached η.
     """
     with torch.no_grad():
         m = student_inst.shape[0]
-        eta = torch.ones(m, device=student_inst.device)
+        dtype = compute_dtype(student_inst, teacher_inst, student_protos, teacher_protos)
+        eta = torch.ones(m, dtype=dtype, device=student_inst.device)
         if m == 0:
             return eta
         k, p = student_protos.shape[:2]
@@ -201,18 +207,19 @@ def robust_fg_masks(
         num_images: ``N``.
 
     Returns:
-        per level an ``(N, H_l, W_l)`` fp32 map in ``[0, 1]``.
+        per level an ``(N, H_l, W_l)`` map in ``[0, 1]``, fp32 (fp64 for an fp64 ``eta``).
     """
     device = boxes.device
-    masks = [torch.zeros((num_images, h, w), device=device) for h, w in grid_sizes]
+    dtype = compute_dtype(eta)
+    masks = [torch.zeros((num_images, h, w), dtype=dtype, device=device) for h, w in grid_sizes]
     if boxes.numel() == 0:
         return masks
-    b = boxes.float()
+    b = to_compute(boxes)
     for lvl, (s, (h, w)) in enumerate(zip(strides, grid_sizes)):
         sel = levels == lvl
         if not bool(sel.any()):
             continue
-        bl, el, il = b[sel], eta[sel].float(), batch_index[sel]
+        bl, el, il = b[sel], eta[sel].to(dtype), batch_index[sel]
         x0 = torch.trunc(bl[:, 0] / s).clamp(0, w - 1)
         y0 = torch.trunc(bl[:, 1] / s).clamp(0, h - 1)
         x1 = torch.trunc(bl[:, 2] / s).clamp(max=w)
@@ -255,7 +262,8 @@ def robust_decoupled_feature_loss(
         masks: per level ``(N, H, W)`` η maps from :func:`robust_fg_masks`.
 
     Returns:
-        ``(fg_terms, bg_terms)``, per level fp32 scalars ``Σ M·d / max(1, 2·C·Σ M)`` and
+        ``(fg_terms, bg_terms)``, per level fp32 scalars (fp64 when a map is fp64)
+        ``Σ M·d / max(1, 2·C·Σ M)`` and
         ``Σ (1 − [M>0])·d / max(1, 2·C·Σ(1 − [M>0]))``.
     """
     if not (len(student_features) == len(teacher_features) == len(masks)) or not masks:
@@ -263,8 +271,8 @@ def robust_decoupled_feature_loss(
     fg_terms, bg_terms = [], []
     for s, t, m in zip(student_features, teacher_features, masks):
         c = s.shape[1]
-        fg = m.float()
-        bg = (fg <= 0).float()
+        fg = m.to(compute_dtype(s, t, m))
+        bg = (fg <= 0).to(fg.dtype)
         fg_terms.append(masked_squared_error(s, t, fg) / (2.0 * c * fg.sum()).clamp(min=1.0))
         bg_terms.append(masked_squared_error(s, t, bg) / (2.0 * c * bg.sum()).clamp(min=1.0))
     return fg_terms, bg_terms
@@ -280,12 +288,12 @@ def robust_soft_label_loss(
         eta: ``(M,)`` robustness weights (detached).
 
     Returns:
-        fp32 scalar; ``0`` (with a graph) when ``M = 0``.
+        fp32 scalar (fp64 when an input is fp64); ``0`` (with a graph) when ``M = 0``.
     """
     if student_logits.shape[0] == 0:
         return zero_like_loss(student_logits)
     kl = softmax_kl_div(student_logits, teacher_logits, temperature)  # (M,), includes T²
-    return (eta.detach().float() * kl / student_logits.shape[1]).mean()
+    return (to_compute(eta.detach(), kl) * kl / student_logits.shape[1]).mean()
 
 
 def global_knowledge_loss(
@@ -309,7 +317,7 @@ def global_knowledge_loss(
     """
     if student_inst.shape[0] == 0 or student_protos.shape[0] == 0:
         return zero_like_loss(student_inst)
-    w = eta.detach().float()[:, None]
+    w = to_compute(eta.detach(), student_inst, teacher_inst)[:, None]
     g_s = prototype_cosines(student_inst, student_protos.detach()) * w
     with torch.no_grad():
         g_t = prototype_cosines(teacher_inst, teacher_protos) * w
@@ -498,7 +506,8 @@ class GlobalKD(KDMethod):
         n = student.images.shape[0]
         grid = [tuple(student.features[s].shape[-2:]) for s in strides]
         levels = assign_fpn_levels(boxes, len(strides)) if boxes.numel() else index.clone()
-        eta_own = torch.ones(boxes.shape[0], device=boxes.device)
+        eta_dtype = compute_dtype(*(student.features[s] for s in strides))
+        eta_own = torch.ones(boxes.shape[0], dtype=eta_dtype, device=boxes.device)
         global_terms = []
         for lvl, s in enumerate(strides):
             on = levels == lvl
@@ -550,11 +559,12 @@ class GlobalKD(KDMethod):
                 return zero_like_loss(s_roi.cls_logits)
             boxes = torch.cat(s_roi.proposals)[pos]
             # ROI features: 7x7 RoIAlign, globally averaged; the ROI's level by mmdet's rule.
-            f_s = s_roi.roi_features[pos].detach().float().mean(dim=(2, 3))
-            f_t = t_roi.roi_features[pos].float().mean(dim=(2, 3))
+            dtype = compute_dtype(s_roi.roi_features, t_roi.roi_features)
+            f_s = s_roi.roi_features[pos].detach().to(dtype).mean(dim=(2, 3))
+            f_t = t_roi.roi_features[pos].to(dtype).mean(dim=(2, 3))
             roi_strides = self.strides[: min(4, len(self.strides))]
             lvl = assign_fpn_levels(boxes, len(roi_strides), plus_one=False)
-            eta = torch.ones(boxes.shape[0], device=boxes.device)
+            eta = torch.ones(boxes.shape[0], dtype=dtype, device=boxes.device)
             for i, s in enumerate(roi_strides):
                 on = lvl == i
                 if bool(on.any()):

@@ -29,7 +29,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, require_sigmoid_dense, softmax_kl_div, zero_like_loss
+from .utils import cfg_get, compute_dtype, require_sigmoid_dense, softmax_kl_div, zero_like_loss
 
 __all__ = [
     "Hinton",
@@ -54,7 +54,8 @@ def hinton_roi_loss(
         class_mean: divide by ``K + 1`` (mmdet's ``.mean(1)`` over classes).
 
     Returns:
-        fp32 scalar ``mean_ROIs T² · KL(p_t ‖ p_s)``; ``0`` (with graph) when ``M == 0``.
+        fp32 scalar (fp64 for fp64 logits) ``mean_ROIs T² · KL(p_t ‖ p_s)``; ``0`` (with graph)
+        when ``M == 0``.
     """
     if student_logits.shape[0] == 0:
         return zero_like_loss(student_logits)
@@ -68,7 +69,8 @@ def hinton_roi_loss(
 def binary_kl_div_with_logits(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
-    """Element-wise ``T² · KL(Bernoulli(σ(z_t / T)) ‖ Bernoulli(σ(z_s / T)))`` in fp32.
+    """Element-wise ``T² · KL(Bernoulli(σ(z_t / T)) ‖ Bernoulli(σ(z_s / T)))`` in fp32 (fp64
+    when a logit tensor is fp64).
 
     Computed from log-sigmoids, so it is finite for any finite logits.
 
@@ -85,8 +87,9 @@ def binary_kl_div_with_logits(
             f"{tuple(teacher_logits.shape)} differ in shape"
         )
     t = float(temperature)
-    zs = student_logits.float() / t
-    zt = teacher_logits.detach().float() / t
+    dtype = compute_dtype(student_logits, teacher_logits)
+    zs = student_logits.to(dtype) / t
+    zt = teacher_logits.detach().to(dtype) / t
     p_t = torch.sigmoid(zt)
     kl = p_t * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1.0 - p_t) * (
         F.logsigmoid(-zt) - F.logsigmoid(-zs)
@@ -114,8 +117,8 @@ def hinton_dense_loss(
         class_mean: divide by ``K`` (mmdet's ``.mean(1)`` over classes).
 
     Returns:
-        fp32 scalar ``Σ_{valid anchors, classes} binary-KL / max(1, #fg)``; ``0`` (with graph)
-        when every anchor is ignored.
+        fp32 scalar (fp64 for fp64 logits) ``Σ_{valid anchors, classes} binary-KL / max(1, #fg)``;
+        ``0`` (with graph) when every anchor is ignored.
     """
     s = torch.cat(list(student_logits), dim=1)  # (N, R, K)
     t = torch.cat(list(teacher_logits), dim=1)
@@ -124,9 +127,9 @@ def hinton_dense_loss(
             f"labels {tuple(labels.shape)} do not match the dense predictions {tuple(s.shape[:2])}"
         )
     valid = labels >= 0
-    num_fg = (valid & (labels < num_classes)).sum().clamp(min=1).float()
     kl = binary_kl_div_with_logits(s, t, temperature).sum(dim=-1)  # (N, R)
-    loss = (kl * valid.float()).sum() / num_fg
+    num_fg = (valid & (labels < num_classes)).sum().clamp(min=1).to(kl.dtype)
+    loss = (kl * valid.to(kl.dtype)).sum() / num_fg
     if class_mean:
         loss = loss / s.shape[-1]
     return loss

@@ -31,7 +31,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import atss_candidates, box_iou, cfg_get, softmax_kl_div
+from .utils import atss_candidates, box_iou, cfg_get, compute_dtype, softmax_kl_div, to_compute
 
 __all__ = [
     "LD",
@@ -44,7 +44,7 @@ __all__ = [
 
 def side_kl(student_dist: Tensor, teacher_dist: Tensor, temperature: float = 10.0) -> Tensor:
     """``(M,)`` ``Σ_sides T² · mean_bins KL(softmax(z_t/T) ‖ softmax(z_s/T))`` of ``(M, 4, B)``
-    distribution logits (the teacher's are constants)."""
+    distribution logits (the teacher's are constants); fp32, or fp64 when an input is fp64."""
     if student_dist.shape != teacher_dist.shape or student_dist.dim() != 3:
         raise ValueError(
             f"LD needs (M, 4, reg_max + 1) logits of one shape, got {tuple(student_dist.shape)} "
@@ -54,7 +54,7 @@ def side_kl(student_dist: Tensor, teacher_dist: Tensor, temperature: float = 10.
         raise ValueError(f"LD temperature must be > 0, got {temperature}")
     m, sides, bins = student_dist.shape
     if m == 0:
-        return student_dist.float().sum(dim=(1, 2)) * 0.0
+        return to_compute(student_dist, teacher_dist).sum(dim=(1, 2)) * 0.0
     kl = softmax_kl_div(  # T² · KL summed over the bins, per side
         student_dist.reshape(m * sides, bins), teacher_dist.reshape(m * sides, bins), temperature
     )
@@ -72,19 +72,20 @@ def localization_distillation_loss(
         temperature: ``T > 0``.
 
     Returns:
-        fp32 scalar ``mean_M Σ_sides T² · mean_bins KL(softmax(z_t/T) ‖ softmax(z_s/T))``; ``0``
-        with a graph for ``M = 0``.
+        fp32 scalar (fp64 when an input is fp64) ``mean_M Σ_sides T² · mean_bins
+        KL(softmax(z_t/T) ‖ softmax(z_s/T))``; ``0`` with a graph for ``M = 0``.
     """
     per_location = side_kl(student_dist, teacher_dist, temperature)
     if per_location.numel() == 0:
-        return student_dist.float().sum() * 0.0
+        return to_compute(student_dist, teacher_dist).sum() * 0.0
     return per_location.mean()
 
 
 def pairwise_diou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """``(P, G)`` distance-IoU ``IoU − ρ² / c²`` (``ρ`` the centre distance, ``c`` the diagonal of
-    the enclosing box) of ``(P, 4)`` and ``(G, 4)`` XYXY boxes."""
-    b1, b2 = boxes1.float(), boxes2.float()
+    the enclosing box) of ``(P, 4)`` and ``(G, 4)`` XYXY boxes (fp32, or fp64 for fp64 boxes)."""
+    dtype = compute_dtype(boxes1, boxes2)
+    b1, b2 = boxes1.to(dtype), boxes2.to(dtype)
     iou = box_iou(b1, b2)
     c1 = (b1[:, None, :2] + b1[:, None, 2:]) / 2
     c2 = (b2[None, :, :2] + b2[None, :, 2:]) / 2
@@ -109,9 +110,10 @@ def valuable_localization_region(
 
     Returns:
         ``(R,)`` the IoU with the GT whose DIoU window ``[0.25 thr_g, thr_g)`` the anchor falls
-        in (the max IoU over such GTs), ``0`` outside every window.
+        in (the max IoU over such GTs), ``0`` outside every window; fp32, or fp64 for fp64
+        boxes.
     """
-    out = anchors.new_zeros(anchors.shape[0], dtype=torch.float32)
+    out = anchors.new_zeros(anchors.shape[0], dtype=compute_dtype(anchors, gt_boxes))
     if anchors.shape[0] == 0 or gt_boxes.shape[0] == 0:
         return out
     ious, _, thresholds = atss_candidates(anchors, num_anchors_per_level, gt_boxes, topk)
@@ -191,7 +193,8 @@ class LD(KDMethod):
         for labels, gt in zip(dense.labels, student.gt_boxes):
             valid = labels >= 0
             counts = [int((levels[valid] == i).sum()) for i in range(len(dense.anchors))]
-            w = torch.zeros(labels.shape, dtype=torch.float32, device=anchors.device)
+            dtype = compute_dtype(anchors, gt)
+            w = torch.zeros(labels.shape, dtype=dtype, device=anchors.device)
             w[valid] = valuable_localization_region(
                 anchors[valid], counts, gt.to(anchors.device), self.atss_topk
             )
@@ -214,7 +217,7 @@ class LD(KDMethod):
             raise ValueError("LD needs the same locations in student and teacher (same strides)")
         s_cls = torch.cat(s.cls_logits, dim=1)
         pos = (s.labels >= 0) & (s.labels < s.num_classes)
-        score = torch.sigmoid(s_cls.detach().float()).max(dim=-1).values
+        score = torch.sigmoid(to_compute(s_cls.detach(), s_dist)).max(dim=-1).values
         per_pos = side_kl(
             s_dist[pos].view(-1, 4, bins), t_dist[pos].view(-1, 4, bins), self.temperature
         )
@@ -230,6 +233,6 @@ class LD(KDMethod):
             t_cls = torch.cat(t.cls_logits, dim=1)
             k = s_cls.shape[-1]
             kd = softmax_kl_div(s_cls[pos], t_cls[pos], self.cls_temperature) / k
-            cls_loss = kd.mean() if kd.numel() else s_cls.float().sum() * 0.0
+            cls_loss = kd.mean() if kd.numel() else to_compute(s_cls, t_cls).sum() * 0.0
             losses["loss_kd_ld_cls"] = cls_loss * self.cls_weight
         return losses

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, level_adapter, shared_strides
+from .utils import adapt_features, cfg_get, compute_dtype, level_adapter, shared_strides
 
 __all__ = ["MGD", "MGD_DEFAULTS", "masked_generation_loss", "random_pixel_mask"]
 
@@ -63,7 +63,7 @@ def random_pixel_mask(
 
 
 def masked_generation_loss(generated: Tensor, teacher: Tensor) -> Tensor:
-    """``Σ (generated − teacher)² / N`` in fp32.
+    """``Σ (generated − teacher)² / N`` in fp32 (fp64 when a map is fp64).
 
     Args:
         generated: ``(N, C, H, W)`` the generator's output.
@@ -73,7 +73,8 @@ def masked_generation_loss(generated: Tensor, teacher: Tensor) -> Tensor:
         raise ValueError(
             f"generated map {tuple(generated.shape)} and teacher map {tuple(teacher.shape)} differ"
         )
-    diff = generated.float() - teacher.detach().float()
+    dtype = compute_dtype(generated, teacher)
+    diff = generated.to(dtype) - teacher.detach().to(dtype)
     return diff.pow(2).sum() / generated.shape[0]
 
 

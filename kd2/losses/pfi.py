@@ -29,7 +29,7 @@ from kd2.modeling.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, require_one_stage, require_sigmoid_dense
+from .utils import cfg_get, compute_dtype, require_one_stage, require_sigmoid_dense
 
 __all__ = ["PFI", "pfi_loss"]
 
@@ -52,7 +52,8 @@ def pfi_loss(
             gradient also flow into ``student_logits``.
 
     Returns:
-        fp32 scalar ``mean_{n,h,w}[mean_c (s − t)² · mean_j (z_s − z_t)²]``.
+        fp32 scalar (fp64 when an input is fp64)
+        ``mean_{n,h,w}[mean_c (s − t)² · mean_j (z_s − z_t)²]``.
     """
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(
@@ -74,8 +75,9 @@ def pfi_loss(
             f"feature map {tuple(student_feat.shape)} and logit map "
             f"{tuple(student_logits.shape)} differ in batch or spatial size"
         )
-    d_feat = (student_feat.float() - teacher_feat.detach().float()).pow(2).mean(dim=1)  # (N,H,W)
-    d_pred = (student_logits.float() - teacher_logits.detach().float()).pow(2).mean(dim=1)
+    dtype = compute_dtype(student_feat, teacher_feat, student_logits, teacher_logits)
+    d_feat = (student_feat.to(dtype) - teacher_feat.detach().to(dtype)).pow(2).mean(dim=1)
+    d_pred = (student_logits.to(dtype) - teacher_logits.detach().to(dtype)).pow(2).mean(dim=1)
     if detach_prediction:
         d_pred = d_pred.detach()
     return (d_pred * d_feat).mean()

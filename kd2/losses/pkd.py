@@ -26,7 +26,15 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, channel_mean_std, level_adapter, shared_strides
+from .utils import (
+    adapt_features,
+    cfg_get,
+    channel_mean_std,
+    compute_dtype,
+    level_adapter,
+    shared_strides,
+    to_compute,
+)
 
 __all__ = ["PKD", "PKD_DEFAULT_WEIGHTS", "channel_standardize", "pearson_distillation_loss"]
 
@@ -39,15 +47,19 @@ PKD_DEFAULT_LEVELS = 4
 def channel_standardize(feat: Tensor, eps: float = 1e-6) -> Tensor:
     """Per-channel standardisation over ``(N, H, W)``.
 
+    ``eps`` is mmrazor's absolute ``1e-6`` (part of PKD's definition, not a float32 precision
+    guard), so it is kept in float64: a channel of std ``σ ≈ 1e-6`` is divided by ``σ + 1e-6``,
+    smoothly, and its float64 gradients are exact.
+
     Args:
         feat: ``(N, C, H, W)``.
 
     Returns:
-        ``(N, C, H, W)`` fp32 ``(x − mean_c) / (std_c + eps)``, unbiased ``std_c`` (0 when a
-        channel has a single value).
+        ``(N, C, H, W)`` ``(x − mean_c) / (std_c + eps)``, unbiased ``std_c`` (0 when a channel
+        has a single value), in fp32 (fp64 for an fp64 ``feat``).
     """
     n, c, h, w = feat.shape
-    x = feat.float()
+    x = to_compute(feat)
     mean, std = channel_mean_std(x)
     x = (x.transpose(0, 1).reshape(c, -1) - mean) / (std + eps)
     return x.reshape(c, n, h, w).transpose(0, 1)
@@ -61,7 +73,7 @@ def pearson_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
         teacher: ``(N, C, H_t, W_t)`` (treated as a constant: detached).
 
     Returns:
-        fp32 scalar ``mean((std(s) − std(t))²) / 2``.
+        fp32 scalar ``mean((std(s) − std(t))²) / 2`` (fp64 when a map is fp64).
     """
     if student.dim() != 4 or teacher.dim() != 4 or student.shape[:2] != teacher.shape[:2]:
         raise ValueError(
@@ -70,10 +82,11 @@ def pearson_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
         )
     if student.shape[-2:] != teacher.shape[-2:]:
         student = F.interpolate(
-            student.float(), size=teacher.shape[-2:], mode="bilinear", align_corners=False
+            to_compute(student), size=teacher.shape[-2:], mode="bilinear", align_corners=False
         )
-    s = channel_standardize(student)
-    t = channel_standardize(teacher.detach())
+    dtype = compute_dtype(student, teacher)
+    s = channel_standardize(student.to(dtype))
+    t = channel_standardize(teacher.detach().to(dtype))
     return F.mse_loss(s, t) / 2
 
 

@@ -34,7 +34,14 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, object_ids, require_one_stage, require_sigmoid_dense, zero_like_loss
+from .utils import (
+    cfg_get,
+    compute_dtype,
+    object_ids,
+    require_one_stage,
+    require_sigmoid_dense,
+    zero_like_loss,
+)
 
 __all__ = ["RM", "dense_positive_scores", "rank_mimicking_loss"]
 
@@ -43,7 +50,7 @@ def _segment_log_softmax(x: Tensor, seg: Tensor, num_segments: int) -> Tensor:
     """Log-softmax of ``x`` within each segment.
 
     Args:
-        x: ``(P,)`` fp32 values.
+        x: ``(P,)`` fp32 or fp64 values.
         seg: ``(P,)`` int64 segment index in ``[0, num_segments)``.
         num_segments: ``G``.
 
@@ -78,7 +85,8 @@ def rank_mimicking_loss(
         temperature: ``T``; both score vectors are divided by it before the softmax.
 
     Returns:
-        fp32 scalar: per object ``KL(softmax(t/T) ‖ softmax(s/T))`` over its anchors, averaged
+        fp32 scalar (fp64 when a score vector is fp64): per object
+        ``KL(softmax(t/T) ‖ softmax(s/T))`` over its anchors, averaged
         over the objects of each image, then over the images that have objects. ``0`` (with a
         graph to ``student_scores``) when ``P == 0``.
     """
@@ -100,8 +108,9 @@ def rank_mimicking_loss(
     img_uniq, img = torch.unique(image_ids, return_inverse=True)  # img: (P,) in [0, I)
     num_obj, num_img = obj_uniq.numel(), img_uniq.numel()
 
-    log_p_s = _segment_log_softmax(student_scores.float() / t, obj, num_obj)
-    log_p_t = _segment_log_softmax(teacher_scores.detach().float() / t, obj, num_obj)
+    dtype = compute_dtype(student_scores, teacher_scores)
+    log_p_s = _segment_log_softmax(student_scores.to(dtype) / t, obj, num_obj)
+    log_p_t = _segment_log_softmax(teacher_scores.detach().to(dtype) / t, obj, num_obj)
     kl_terms = log_p_t.exp() * (log_p_t - log_p_s)  # (P,)
     kl_obj = torch.zeros(num_obj, dtype=kl_terms.dtype, device=kl_terms.device).index_add(
         0, obj, kl_terms

@@ -33,14 +33,16 @@ from kd2.ops import box_mean_pool
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import assign_fpn_levels, cfg_get, zero_like_loss
+from .utils import assign_fpn_levels, cfg_get, compute_dtype, to_compute, zero_like_loss
 
 __all__ = ["RKD", "pairwise_distances", "rkd_angle_loss", "rkd_distance_loss"]
 
 
 def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
-    """``(M, M)`` Euclidean distances of ``(M, D)`` rows, 0 on the diagonal (fp32)."""
-    e = e.float()
+    """``(M, M)`` Euclidean distances of ``(M, D)`` rows, 0 on the diagonal (fp32, or fp64 for
+    fp64 rows). ``eps`` is a lower bound of the squared distances, which keeps the square root's
+    gradient finite; it only acts on pairs closer than ``1e-6``, in fp32 and fp64 alike."""
+    e = to_compute(e)
     sq = e.pow(2).sum(dim=1)
     d = (sq[:, None] + sq[None, :] - 2.0 * e @ e.t()).clamp(min=eps).sqrt()
     eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
@@ -61,21 +63,23 @@ def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
         teacher: ``(M, D_t)`` embeddings (treated as constants).
 
     Returns:
-        fp32 scalar ``mean_{i,j} SmoothL1(ψ_D^s(i, j), ψ_D^t(i, j))``; ``0`` (with a graph) for
-        ``M < 2``.
+        fp32 scalar (fp64 when an input is fp64) ``mean_{i,j} SmoothL1(ψ_D^s(i, j),
+        ψ_D^t(i, j))``; ``0`` (with a graph) for ``M < 2``.
     """
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"RKD needs the same M, got {student.shape[0]} and {teacher.shape[0]}")
     if student.shape[0] < 2:
         return zero_like_loss(student)
+    dtype = compute_dtype(student, teacher)
     with torch.no_grad():
-        t = _normalised_distances(teacher.detach())
-    s = _normalised_distances(student)
+        t = _normalised_distances(teacher.detach().to(dtype))
+    s = _normalised_distances(student.to(dtype))
     return F.smooth_l1_loss(s, t, beta=1.0)
 
 
 def _angles(e: Tensor) -> Tensor:
-    diff = e.float()[None, :, :] - e.float()[:, None, :]  # (M, M, D): e_j - e_i at [i, j]
+    e = to_compute(e)
+    diff = e[None, :, :] - e[:, None, :]  # (M, M, D): e_j - e_i at [i, j]
     unit = F.normalize(diff, p=2, dim=2)
     return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)
 
@@ -88,16 +92,17 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
         teacher: ``(M, D_t)`` embeddings (treated as constants).
 
     Returns:
-        fp32 scalar ``mean_{i,j,k} SmoothL1(ψ_A^s, ψ_A^t)`` over the ``M³`` triplets; ``0`` (with
-        a graph) for ``M < 3``.
+        fp32 scalar (fp64 when an input is fp64) ``mean_{i,j,k} SmoothL1(ψ_A^s, ψ_A^t)`` over
+        the ``M³`` triplets; ``0`` (with a graph) for ``M < 3``.
     """
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"RKD needs the same M, got {student.shape[0]} and {teacher.shape[0]}")
     if student.shape[0] < 3:
         return zero_like_loss(student)
+    dtype = compute_dtype(student, teacher)
     with torch.no_grad():
-        t = _angles(teacher.detach())
-    return F.smooth_l1_loss(_angles(student), t, beta=1.0)
+        t = _angles(teacher.detach().to(dtype))
+    return F.smooth_l1_loss(_angles(student.to(dtype)), t, beta=1.0)
 
 
 @KD_METHOD_REGISTRY.register()
@@ -148,7 +153,7 @@ class RKD(KDMethod):
     ) -> tuple[Tensor, Tensor]:
         """``(M, C_s)`` and ``(M, C_t)`` L2-normalised embeddings of the batch's GT boxes."""
         strides = [s for s in self.strides if s in student.features and s in teacher.features]
-        boxes = torch.cat([b.float() for b in student.gt_boxes]) if student.gt_boxes else None
+        boxes = torch.cat([to_compute(b) for b in student.gt_boxes]) if student.gt_boxes else None
         ref = student.features[strides[0]]
         if boxes is None or boxes.numel() == 0:
             return ref.new_zeros((0, ref.shape[1])), ref.new_zeros((0, 1))
@@ -162,8 +167,10 @@ class RKD(KDMethod):
             sel = (levels == lvl).nonzero().flatten()
             if sel.numel() == 0:
                 continue
-            s_parts.append(box_mean_pool(student.features[st].float(), boxes[sel], index[sel], st))
-            t_map = teacher.features[st].detach().float()
+            dtype = compute_dtype(student.features[st], teacher.features[st])
+            s_map = student.features[st].to(dtype)
+            s_parts.append(box_mean_pool(s_map, boxes[sel], index[sel], st))
+            t_map = teacher.features[st].detach().to(dtype)
             t_parts.append(box_mean_pool(t_map, boxes[sel], index[sel], st))
         s = torch.cat(s_parts)
         t = torch.cat(t_parts)

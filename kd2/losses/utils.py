@@ -20,6 +20,7 @@ __all__ = [
     "atss_candidates",
     "channel_mean_std",
     "assign_fpn_levels",
+    "compute_dtype",
     "box_iou",
     "cfg_get",
     "decode_boxes",
@@ -32,6 +33,7 @@ __all__ = [
     "shared_strides",
     "softmax_dense_reason",
     "softmax_kl_div",
+    "to_compute",
     "zero_like_loss",
 ]
 
@@ -43,16 +45,35 @@ def cfg_get(node: object, key: str, default):
     return getattr(node, key, default)
 
 
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the losses compute in: float64 when any of ``tensors`` is float64, else float32
+    (for float32, float16 and bfloat16 inputs, and for non-floating ones such as masks).
+
+    Half types are upcast so that sums, exponentials and logs keep their small terms; float64
+    stays float64 so that values and gradients are exact (``torch.autograd.gradcheck`` holds,
+    e.g. on a channel of standard deviation 1e-6). Results are returned in this dtype.
+    """
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def to_compute(t: Tensor, *others: Tensor) -> Tensor:
+    """``t`` in the :func:`compute_dtype` of ``t`` and ``others`` (``t`` itself when it already
+    is: no copy, the autograd graph kept)."""
+    return t.to(compute_dtype(t, *others))
+
+
 def zero_like_loss(*tensors: Tensor) -> Tensor:
-    """A scalar fp32 ``0`` attached to the autograd graph of ``tensors`` (when they have one).
+    """A scalar ``0`` attached to the autograd graph of ``tensors`` (when they have one), in
+    their :func:`compute_dtype` (fp32, or fp64 when one of them is).
 
     Used where a loss has nothing to average over (no GT, no positive ROI), so that the caller
     still gets a finite value that back-propagates zeros instead of ``nan`` or a detached
     constant. ``tensors`` must be non-empty; each may have any shape (including empty).
     """
-    out = tensors[0].float().sum() * 0.0
+    dtype = compute_dtype(*tensors)
+    out = tensors[0].to(dtype).sum() * 0.0
     for t in tensors[1:]:
-        out = out + t.float().sum() * 0.0
+        out = out + t.to(dtype).sum() * 0.0
     return out
 
 
@@ -64,10 +85,12 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         boxes2: ``(G, 4)``.
 
     Returns:
-        ``(P, G)`` IoU in fp32; ``0`` where the union is empty (degenerate boxes).
+        ``(P, G)`` IoU in fp32 (fp64 for fp64 boxes); ``0`` where the union is empty
+        (degenerate boxes).
     """
-    b1 = boxes1.float()
-    b2 = boxes2.float()
+    dtype = compute_dtype(boxes1, boxes2)
+    b1 = boxes1.to(dtype)
+    b2 = boxes2.to(dtype)
     area1 = (b1[:, 2] - b1[:, 0]).clamp(min=0) * (b1[:, 3] - b1[:, 1]).clamp(min=0)
     area2 = (b2[:, 2] - b2[:, 0]).clamp(min=0) * (b2[:, 3] - b2[:, 1]).clamp(min=0)
     lt = torch.maximum(b1[:, None, :2], b2[None, :, :2])  # (P, G, 2)
@@ -133,9 +156,10 @@ def atss_candidates(
 
     Returns:
         ``ious`` ``(R, G)``, ``candidates`` ``(C, G)`` anchor indices and ``thresholds`` ``(G,)``
-        = mean + std (unbiased) of each GT's candidate IoUs.
+        = mean + std (unbiased) of each GT's candidate IoUs; fp32, or fp64 for fp64 boxes.
     """
-    anchors, gt_boxes = anchors.float(), gt_boxes.float()
+    dtype = compute_dtype(anchors, gt_boxes)
+    anchors, gt_boxes = anchors.to(dtype), gt_boxes.to(dtype)
     ious = box_iou(anchors, gt_boxes)
     a_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
     g_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
@@ -180,7 +204,8 @@ def assign_fpn_levels(
 
 
 def softmax_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Per-row ``T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``, summed over classes, in fp32.
+    """Per-row ``T² · KL(softmax(z_t / T) ‖ softmax(z_s / T))``, summed over classes, in fp32
+    (fp64 when a logit tensor is fp64: :func:`compute_dtype`).
 
     Args:
         student_logits: ``(M, C)``.
@@ -195,14 +220,16 @@ def softmax_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: 
             f"{tuple(teacher_logits.shape)} differ in shape"
         )
     t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().to(dtype) / t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     return kl * (t * t)
 
 
 def masked_squared_error(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """``Σ_{n,c,h,w} mask[n,h,w] · (pred − target)²`` in fp32 (mask broadcast over channels).
+    """``Σ_{n,c,h,w} mask[n,h,w] · (pred − target)²`` in fp32, fp64 when ``pred`` or ``target``
+    is (mask broadcast over channels).
 
     Args:
         pred: ``(N, C, H, W)`` (e.g. adapted student features).
@@ -212,7 +239,8 @@ def masked_squared_error(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     Returns:
         Scalar sum. The caller chooses the normaliser.
     """
-    diff = (pred.float() - target.detach().float()).pow(2)
+    dtype = compute_dtype(pred, target)
+    diff = (pred.to(dtype) - target.detach().to(dtype)).pow(2)
     return (diff * mask.to(diff.dtype)[:, None]).sum()
 
 
@@ -230,8 +258,8 @@ def adapt_features(
         strides: the strides to use (must be adapter strides present in both dicts).
 
     Returns:
-        ``(adapted_student, teacher)`` lists, each ``(N, C_t, H_l, W_l)`` per stride, in fp32;
-        the teacher maps are detached.
+        ``(adapted_student, teacher)`` lists, each ``(N, C_t, H_l, W_l)`` per stride, in fp32
+        (fp64 when either map is fp64); the teacher maps are detached.
     """
     adapted, targets = [], []
     for s in strides:
@@ -240,8 +268,10 @@ def adapt_features(
                 f"stride {s} missing from the student {sorted(student_features)} or teacher "
                 f"{sorted(teacher_features)} features"
             )
-        a = adapter.convs[str(s)](student_features[s]).float()
-        t = teacher_features[s].detach().float()
+        a = adapter.convs[str(s)](student_features[s])
+        t = teacher_features[s].detach()
+        dtype = compute_dtype(a, t)
+        a, t = a.to(dtype), t.to(dtype)
         if a.shape != t.shape:
             raise ValueError(
                 f"stride {s}: adapted student map {tuple(a.shape)} does not match the teacher map "
