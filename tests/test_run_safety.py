@@ -330,3 +330,19 @@ def test_two_process_resume_is_bit_identical(tiny_data, tmp_path):
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
     assert len(b["rng_per_rank"]) == 2
+
+
+def test_eval_only_resume_falls_back_like_training_resume(tiny_data, tmp_path):
+    """``--eval-only --resume`` evaluates the checkpoint a training resume would use: with
+    ``last_checkpoint``'s file gone, the newest readable ``model_*.pth`` — not MODEL.WEIGHTS."""
+    cfg = _train_with_checkpoints(tiny_data, tmp_path / "out")
+    os.remove(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))  # last_checkpoint points to it
+    cfg.DATASETS.TEST = (tiny_data[1],)
+    yaml = write_cfg(cfg, tmp_path / "c.yaml")
+    r = run_cli(["--config-file", yaml, "--resume", "--eval-only", "MODEL.WEIGHTS", ""])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model_0000004.pth (iteration 4)" in r.stdout + r.stderr
+    assert '"AP50"' in r.stdout
+    empty = tmp_path / "empty"
+    r = run_cli(["--config-file", yaml, "--resume", "--eval-only", "OUTPUT_DIR", str(empty)])
+    assert r.returncode == 2 and "holds no checkpoint to evaluate" in r.stderr, r.stderr[-2000:]

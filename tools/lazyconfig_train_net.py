@@ -10,6 +10,7 @@ KD term's gradient share; ``preflight.json`` in ``train.output_dir``).
 """
 
 import logging
+import os
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
@@ -29,6 +30,8 @@ from kd2.d2.engine import create_ddp_model  # Detectron2's, plus CPU models (glo
 from kd2.d2.lazy import lazy_preflight_hook
 from kd2.engine.launch import die_with_parent
 from kd2.engine.run_dir import lock_output_dir
+from kd2.utils.env import check_device
+from kd2.utils.errors import ConfigError, MissingFileError, UnknownNameError, run_main
 
 logger = logging.getLogger("kd2.lazyconfig_train_net")
 
@@ -76,9 +79,57 @@ def do_train(args, cfg):
     trainer.train(start_iter, cfg.train.max_iter)
 
 
+def check_override_key(cfg, key: str, config_file: str) -> None:
+    """An override ``key`` (``a.b.c``) that the config does not have is an error naming the
+    closest key (omegaconf would silently add it); keys under a ``kd_config`` call are checked
+    by :func:`kd2.d2.lazy.kd_config` against kd2's schema."""
+    from kd2.config.config import closest_name
+    from kd2.d2.lazy import kd_config
+
+    node, path = cfg, []
+    for part in key.split("."):
+        if hasattr(node, "keys") and node.get("_target_") is kd_config:
+            return
+        if not hasattr(node, "keys") or part not in node:
+            keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+            where = ".".join(path) or "the top level"
+            raise UnknownNameError(
+                f"override {key!r}: {config_file!r} has no key {part!r} under {where}",
+                f"did you mean {'.'.join(path + [closest_name(part, keys)])!r}?"
+                if keys
+                else "check the key",
+            )
+        node, path = node[part], path + [part]
+
+
+def load_lazy_config(config_file: str, opts) -> object:
+    """``LazyConfig.load`` + ``apply_overrides`` with kd2's messages for a missing file, a file
+    that does not run, and an override of a key the config does not have."""
+    if not os.path.isfile(config_file):
+        raise MissingFileError(
+            f"--config-file {config_file!r} does not exist", "give a LazyConfig .py file"
+        )
+    try:
+        cfg = LazyConfig.load(config_file)
+    except (SyntaxError, ImportError, NameError) as e:
+        raise ConfigError(
+            f"LazyConfig {config_file!r} cannot be loaded ({type(e).__name__}: {e})",
+            "fix the file (it is Python, run as Detectron2's LazyConfig.load)",
+        ) from None
+    for override in opts:
+        check_override_key(cfg, override.split("=", 1)[0], config_file)
+    try:
+        return LazyConfig.apply_overrides(cfg, opts)
+    except (KeyError, AttributeError, ValueError) as e:
+        raise ConfigError(
+            f"the overrides {list(opts)} do not apply to {config_file!r} ({e})",
+            "give key=value pairs whose keys the config has, e.g. train.max_iter=100",
+        ) from None
+
+
 def main(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_lazy_config(args.config_file, args.opts)
+    check_device(cfg.train.get("device", "cpu"), "train.device")
     if comm.get_world_size() > 1:  # a spawned worker: die with the launcher, never orphaned
         die_with_parent()
     if comm.is_main_process():  # one run per output directory, before anything is written
@@ -91,7 +142,7 @@ def main(args):
     do_train(args, cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     args = default_argument_parser().parse_args()
     launch(
         main,
@@ -101,3 +152,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    run_main(cli)

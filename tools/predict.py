@@ -23,6 +23,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kd2.utils.errors import ConfigError, DataError, MissingFileError, run_main  # noqa: E402
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -36,7 +38,9 @@ def input_files(spec: str) -> list:
     else:
         files = sorted(f for f in glob.glob(spec) if os.path.isfile(f))
     if not files:
-        raise SystemExit(f"error: --input {spec!r} names no image (a file, a folder or a glob)")
+        raise MissingFileError(
+            f"--input {spec!r} names no image", "give an image file, a folder or a glob"
+        )
     return files
 
 
@@ -85,19 +89,22 @@ def main(argv=None) -> dict:
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS W")
     args = p.parse_args(argv)
     if not os.path.isfile(args.config_file):
-        raise SystemExit(f"error: --config-file {args.config_file!r} does not exist")
+        raise MissingFileError(
+            f"--config-file {args.config_file!r} does not exist", "check the path"
+        )
     if not 0.0 <= args.confidence_threshold <= 1.0:
-        raise SystemExit("error: --confidence-threshold must be in [0, 1]")
+        raise ConfigError(
+            f"--confidence-threshold {args.confidence_threshold} is outside [0, 1]",
+            "give a score between 0 and 1, e.g. 0.5",
+        )
     files = input_files(args.input)
     from tqdm import tqdm
 
     from kd2.engine.predictor import load_predictor
+    from kd2.engine.run_dir import make_writable_dir
 
-    try:
-        predictor = load_predictor(args.config_file, args.opts)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    os.makedirs(args.output, exist_ok=True)
+    predictor = load_predictor(args.config_file, args.opts)
+    make_writable_dir(args.output, "--output")
     results, skipped = [], []
     for path in tqdm(files, desc="predict", disable=len(files) < 2):
         image = read_rgb(path)
@@ -133,9 +140,12 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(summary))
     if skipped and len(skipped) == len(files):
-        raise SystemExit("error: no input image could be read")
+        raise DataError(
+            f"no input image could be read ({len(skipped)} skipped)",
+            "give files PIL can open (JPEG, PNG, ...)",
+        )
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,10 +25,12 @@ import os
 
 from kd2.config import BACKENDS, config_backend  # noqa: F401 (config_backend: re-exported)
 from kd2.engine import Trainer, default_argument_parser, default_setup, evaluate, launch, setup_cfg
-from kd2.engine.checkpoint import last_checkpoint
+from kd2.engine.checkpoint import find_resume_checkpoint
 from kd2.engine.launch import die_with_parent
 from kd2.engine.run_dir import lock_output_dir
 from kd2.tv.build import build_plain_detector, load_checkpoint_state
+from kd2.utils.env import check_device
+from kd2.utils.errors import ConfigError, MissingFileError, run_main
 
 logger = logging.getLogger("kd2.train_net")
 
@@ -70,47 +72,49 @@ def closest_config_files(path: str, n: int = 3):
 
 
 def check_config_file(path: str) -> None:
-    """``SystemExit`` with what is wrong when ``--config-file`` is missing or names no file."""
+    """A :class:`~kd2.utils.errors.KD2Error` saying what is wrong when ``--config-file`` is
+    missing or names no file."""
     if not path:
-        raise SystemExit(f"error: no --config-file given. Example:\n  {EXAMPLE}")
+        raise ConfigError("no --config-file given", f"for example:\n  {EXAMPLE}")
     if not os.path.isfile(path):
         close = closest_config_files(path)
         hint = (
-            "; closest existing config files: " + ", ".join(close)
+            "closest existing config files: " + ", ".join(close)
             if close
-            else f"; no config file with a similar name under {os.path.join(REPO, 'configs')}"
+            else f"no config file with a similar name under {os.path.join(REPO, 'configs')}"
         )
         what = "is a directory, not a config file" if os.path.isdir(path) else "does not exist"
-        raise SystemExit(f"error: --config-file {path!r} {what}{hint}")
+        raise MissingFileError(f"--config-file {path!r} {what}", hint)
+
+
+def detectron2_missing(config_file: str) -> ConfigError:
+    return ConfigError(
+        f"{config_file} is a Detectron2 config (it does not set MODEL.BACKEND torchvision), but "
+        "detectron2 is not installed",
+        "install it from its official repository (README, 'Install'), or set MODEL.BACKEND "
+        "torchvision for kd2's torchvision backend",
+    )
 
 
 def d2_main(args):
     """Detectron2 backend: ``KDTrainer`` (PointRend-style train_net)."""
     try:
-        from detectron2.config import get_cfg
         from detectron2.engine import default_setup
     except ImportError:
-        raise SystemExit(
-            f"{args.config_file} is a Detectron2 config (it sets no MODEL.BACKEND), but detectron2 "
-            "is not installed: install it from its official repository (README, 'Detectron2'), "
-            "or set MODEL.BACKEND torchvision for kd2's torchvision backend"
-        ) from None
+        raise detectron2_missing(args.config_file) from None
     from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger as d2_setup_logger
 
     from kd2.d2 import (
         KDTrainer,
-        add_kd_config,
+        load_config,
         register_config_datasets,
         student_checkpointer,
         student_config,
     )
 
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE)
     register_config_datasets(cfg)
     if comm.get_world_size() > 1:  # a spawned worker: die with the launcher, never orphaned
         die_with_parent()
@@ -133,6 +137,29 @@ def d2_main(args):
     return trainer.train()
 
 
+def eval_weights(cfg, resume: bool) -> dict:
+    """The student's weights to evaluate: with ``--resume`` the checkpoint training would resume
+    from (``last_checkpoint``'s file, else the newest readable ``model_*.pth``, with a warning),
+    and ``MODEL.WEIGHTS`` only when ``OUTPUT_DIR`` holds no checkpoint at all (logged)."""
+    if resume:
+        found = find_resume_checkpoint(cfg.OUTPUT_DIR)
+        if found is not None:
+            path, ckpt = found
+            logger.info("evaluating %s (iteration %d)", path, ckpt["iteration"])
+            return ckpt["model"]
+        if not cfg.MODEL.WEIGHTS:
+            raise MissingFileError(
+                f"--resume: OUTPUT_DIR {cfg.OUTPUT_DIR!r} holds no checkpoint to evaluate",
+                "train first, point OUTPUT_DIR at the run, or give MODEL.WEIGHTS",
+            )
+        logger.warning(
+            "--resume: no checkpoint in %s; evaluating MODEL.WEIGHTS %s",
+            cfg.OUTPUT_DIR,
+            cfg.MODEL.WEIGHTS,
+        )
+    return load_checkpoint_state(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+
+
 def main(args):
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
@@ -140,8 +167,7 @@ def main(args):
         # The student alone: a KD checkpoint's "model" entry is a plain detector's state dict,
         # so evaluating a distilled student needs neither the teacher nor its weights.
         model = build_plain_detector(cfg)
-        weights = (last_checkpoint(cfg.OUTPUT_DIR) if args.resume else None) or cfg.MODEL.WEIGHTS
-        model.load_state_dict(load_checkpoint_state(weights, "MODEL.WEIGHTS"))
+        model.load_state_dict(eval_weights(cfg, args.resume))
         results = evaluate(cfg, model, output_dir=cfg.OUTPUT_DIR)
         print(json.dumps(results, indent=2))
         return results
@@ -150,23 +176,15 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def cli() -> None:
     args = default_argument_parser().parse_args()
     check_config_file(args.config_file)
-    try:
-        backend = config_backend(args.config_file, args.opts)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    backend = config_backend(args.config_file, args.opts)
     if backend != "torchvision":
         try:
             from detectron2.engine import launch as d2_launch
         except ImportError:
-            raise SystemExit(
-                f"error: {args.config_file} is a Detectron2 config (it does not set "
-                "MODEL.BACKEND torchvision), but detectron2 is not installed: install it from its "
-                "official repository (README, 'Detectron2'), or set MODEL.BACKEND torchvision for "
-                "kd2's torchvision backend"
-            ) from None
+            raise detectron2_missing(args.config_file) from None
 
         d2_launch(
             d2_main,
@@ -176,7 +194,7 @@ if __name__ == "__main__":
             dist_url="auto" if args.dist_url == "auto" else args.dist_url,
             args=(args,),
         )
-        raise SystemExit(0)
+        return
     launch(
         main,
         args.num_gpus,
@@ -185,3 +203,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    run_main(cli)

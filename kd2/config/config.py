@@ -5,12 +5,24 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from typing import Any, Dict, List, Sequence, Tuple
 
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-__all__ = ["CfgNode", "base_chain", "get_cfg", "method_node_name", "validate_values"]
+from kd2.utils.errors import ConfigError, MissingFileError, UnknownNameError
+
+__all__ = [
+    "CfgNode",
+    "base_chain",
+    "closest_name",
+    "explain_merge_error",
+    "get_cfg",
+    "method_node_name",
+    "validate_kd_methods",
+    "validate_values",
+]
 
 
 def _all_keys(node: _FvCfgNode, prefix: str = "") -> List[str]:
@@ -23,7 +35,8 @@ def _all_keys(node: _FvCfgNode, prefix: str = "") -> List[str]:
     return keys
 
 
-def _closest(name: str, candidates: Sequence[str]) -> str:
+def closest_name(name: str, candidates: Sequence[str]) -> str:
+    """The candidate most similar to ``name`` (``""`` when there are none)."""
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.0)
     return match[0] if match else ""
 
@@ -46,6 +59,55 @@ def _load_yaml(path: str, allow_unsafe: bool) -> Any:
                 raise
             f.seek(0)
             return yaml.unsafe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"config file {path!r} is not valid YAML ({' '.join(str(e).split())})",
+                "fix the line it names (indentation, a missing ':' or quote)",
+            ) from None
+
+
+_TYPE_MISMATCH = re.compile(
+    r"Type mismatch \((?P<want><class '\w+'>) vs\. (?P<got><class '\w+'>)\) with values "
+    r"\((?P<old>.*) vs\. (?P<new>.*)\) for config key: (?P<key>[\w.]+)",
+    re.S,
+)
+
+
+def explain_merge_error(err: Exception, cfg: _FvCfgNode, where: str) -> Exception:
+    """The :class:`~kd2.utils.errors.ConfigError` a yacs/fvcore merge error means, or ``err``.
+
+    Shared by kd2's :class:`CfgNode` and the Detectron2 configs (``kd2.d2.merge_config``):
+    an unknown key names the closest valid one; a value of the wrong type names the key, both
+    types and, for a string where a tuple or list is expected (YAML flow style
+    ``{MIN_SIZE_TRAIN: (512,)}`` cuts the value at the comma, and YAML has no tuples), says to
+    write a list.
+
+    Args:
+        err: what the merge raised.
+        cfg: the config merged into (its keys are the candidates).
+        where: appended to the key in the message, e.g. ``" in my.yaml"``.
+    """
+    msg = str(err.args[0]) if err.args else str(err)
+    # yacs says "Non-existent config key: A.B.C" (files) or "Non-existent key: A.B.C" (lists)
+    if isinstance(err, (KeyError, AssertionError)) and msg.startswith("Non-existent"):
+        key = msg.split(":", 1)[1].strip()
+        best = closest_name(key, _all_keys(cfg))
+        return UnknownNameError(
+            f"unknown config key {key!r}{where}",
+            f"did you mean {best!r}?" if best else "see the configuration reference",
+        )
+    m = _TYPE_MISMATCH.search(msg) if isinstance(err, ValueError) else None
+    if m:
+        key, want, got = m["key"], m["want"][8:-2], m["got"][8:-2]
+        fix = f"give a {want} like the default {m['old']}"
+        if want in ("tuple", "list") and got == "str":
+            leaf = key.rsplit(".", 1)[-1]
+            fix = (
+                f"write a YAML list, e.g. `{leaf}: [512]` (YAML has no tuples; inside a flow "
+                "mapping `{...}` a comma ends the value, so `(512,)` arrives cut)"
+            )
+        return ConfigError(f"config key {key}{where} expects a {want}, got {m['new']!r}", fix)
+    return err
 
 
 def base_chain(cfg_filename: str, allow_unsafe: bool = False) -> List[Tuple[str, Dict]]:
@@ -62,7 +124,9 @@ def base_chain(cfg_filename: str, allow_unsafe: bool = False) -> List[Tuple[str,
         seen = [r for r, _ in stack]
         if real in seen:
             cycle = [p for _, p in stack[seen.index(real) :]] + [path]
-            raise ValueError(f"cyclic _BASE_ chain: {' -> '.join(cycle)}")
+            raise ConfigError(
+                f"cyclic _BASE_ chain: {' -> '.join(cycle)}", "remove one of these _BASE_ links"
+            )
         data = _load_yaml(path, allow_unsafe)
         data = data if isinstance(data, dict) else {}
         bases = data.get("_BASE_") or []
@@ -71,8 +135,9 @@ def base_chain(cfg_filename: str, allow_unsafe: bool = False) -> List[Tuple[str,
             if resolved.startswith(("https://", "http://")):
                 continue
             if not os.path.isfile(resolved):
-                raise FileNotFoundError(
-                    f"_BASE_ {base!r} of config file {path!r} does not exist ({resolved!r})"
+                raise MissingFileError(
+                    f"_BASE_ {base!r} of config file {path!r} does not exist ({resolved!r})",
+                    "a _BASE_ path is relative to the file that names it",
                 )
             walk(resolved, stack + [(real, path)])
         chain.append((path, data))
@@ -86,20 +151,23 @@ class CfgNode(_FvCfgNode):
 
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
         if not os.path.isfile(cfg_filename):
-            raise FileNotFoundError(f"config file {cfg_filename!r} does not exist")
+            raise MissingFileError(
+                f"config file {cfg_filename!r} does not exist", "check the path and its spelling"
+            )
         chain = base_chain(cfg_filename, allow_unsafe=allow_unsafe)  # a cycle: named, not hit
         lr_batch = self._lr_batch_after([data.get("SOLVER") or {} for _, data in chain])
         try:
             super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
-        except (KeyError, AssertionError) as e:
-            raise self._unknown_key_error(e, f" in {cfg_filename}") from None
+        except (KeyError, AssertionError, ValueError) as e:
+            raise explain_merge_error(e, self, f" in {cfg_filename}") from None
         self._set_lr_batch(lr_batch)
         self.validate()
 
     def merge_from_list(self, cfg_list: list) -> None:
         if len(cfg_list) % 2:
-            raise ValueError(
-                f"overrides must be KEY VALUE pairs, got an odd number of items: {cfg_list}"
+            raise ConfigError(
+                f"overrides must be KEY VALUE pairs, got an odd number of items: {cfg_list}",
+                "give a value after every key",
             )
         solver = {
             k.split(".", 1)[1]: v
@@ -108,8 +176,8 @@ class CfgNode(_FvCfgNode):
         }
         try:
             super().merge_from_list(cfg_list)
-        except (KeyError, AssertionError) as e:
-            raise self._unknown_key_error(e, " in the command-line overrides") from None
+        except (KeyError, AssertionError, ValueError) as e:
+            raise explain_merge_error(e, self, " in the command-line overrides") from None
         self._set_lr_batch(self._lr_batch_after([solver], literal=True))
         self.validate()
 
@@ -137,30 +205,24 @@ class CfgNode(_FvCfgNode):
         if ref is not None:
             self.SOLVER.BASE_LR_BATCH_SIZE = ref
 
-    def _unknown_key_error(self, err: Exception, where: str) -> Exception:
-        msg = str(err.args[0]) if err.args else str(err)
-        # yacs says "Non-existent config key: A.B.C" (files) or "Non-existent key: A.B.C" (lists)
-        if not msg.startswith("Non-existent"):
-            return err
-        key = msg.split(":", 1)[1].strip()
-        best = _closest(key, _all_keys(self))
-        hint = f"; did you mean {best!r}?" if best else ""
-        return KeyError(f"unknown config key {key!r}{where}{hint}")
-
     def validate(self) -> None:
-        """Check ``KD.METHODS`` names against the registry (an unknown one names the closest)."""
-        if "KD" not in self:
-            return
-        from kd2.losses import KD_METHOD_REGISTRY
+        validate_kd_methods(self)
 
-        known = sorted(name for name, _ in KD_METHOD_REGISTRY)
-        for name in self.KD.METHODS:
-            if name not in known:
-                best = _closest(name, known)
-                raise KeyError(
-                    f"unknown KD method {name!r} in KD.METHODS; did you mean {best!r}? "
-                    f"Registered methods: {known}"
-                )
+
+def validate_kd_methods(cfg) -> None:
+    """Check ``KD.METHODS`` names against the registry (an unknown one names the closest)."""
+    if "KD" not in cfg:
+        return
+    from kd2.losses import KD_METHOD_REGISTRY
+
+    known = sorted(name for name, _ in KD_METHOD_REGISTRY)
+    for name in cfg.KD.METHODS:
+        if name not in known:
+            best = closest_name(name, known)
+            raise UnknownNameError(
+                f"unknown KD method {name!r} in KD.METHODS",
+                f"did you mean {best!r}? Registered methods: {known}",
+            )
 
 
 def method_node_name(method: str) -> str:
@@ -210,13 +272,15 @@ def _check(cfg, key: str, rule: str, hint: str = "") -> None:
         node = node[part]
     value = node
     if not _is_number(value):
-        raise ValueError(f"{key} must be a number{hint}, got {value!r}")
+        raise ConfigError(f"{key} must be a number{hint}, got {value!r}", "give a number")
     ok = math.isfinite(value) and (rule == "finite" or (value > 0 if rule == "> 0" else value >= 0))
     if not ok:
         what = "finite" if rule == "finite" else rule
         if isinstance(value, float) and rule != "finite":
             what = f"a finite number {rule}"
-        raise ValueError(f"{key} must be {what}{hint}, got {value!r}")
+        raise ConfigError(
+            f"{key} must be {what}{hint}, got {value!r}", "change it in the config or the overrides"
+        )
 
 
 def validate_values(cfg) -> None:
@@ -287,8 +351,8 @@ def config_backend(config_file: str, opts=()) -> str:
         return "detectron2"
     if backend not in BACKENDS:
         best = difflib.get_close_matches(str(backend), BACKENDS, n=1, cutoff=0.0)
-        raise ValueError(
-            f"unknown MODEL.BACKEND {backend!r} (in {source}); valid backends: "
-            f"{', '.join(BACKENDS)}; did you mean {best[0]!r}?"
+        raise UnknownNameError(
+            f"unknown MODEL.BACKEND {backend!r} (in {source})",
+            f"valid backends: {', '.join(BACKENDS)}; did you mean {best[0]!r}?",
         )
     return backend

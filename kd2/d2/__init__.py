@@ -13,7 +13,7 @@ except ImportError as e:  # pragma: no cover - exercised where detectron2 is mis
         "`pip install --no-build-isolation -e path/to/detectron2`"
     ) from e
 
-from .config import add_kd_config
+from .config import add_kd_config, load_config
 from .data import register_config_datasets
 from .engine import (
     KDTrainer,
@@ -36,6 +36,7 @@ __all__ = [
     "DistillGeneralizedRCNN",
     "DistillRetinaNet",
     "KDTrainer",
+    "load_config",
     "register_config_datasets",
     "kd_preflight_hook",
     "kd_step_hook",

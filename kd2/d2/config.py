@@ -1,12 +1,19 @@
-"""``add_kd_config``: the ``KD`` section of kd2's schema, added to a Detectron2 config."""
+"""``add_kd_config``: the ``KD`` section of kd2's schema, added to a Detectron2 config;
+``load_config``: a Detectron2 yaml + overrides with kd2's error messages."""
 
 from __future__ import annotations
 
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, get_cfg
 
+from kd2.config.config import (
+    base_chain,
+    explain_merge_error,
+    validate_kd_methods,
+    validate_values,
+)
 from kd2.config.defaults import _C as _KD2_DEFAULTS
 
-__all__ = ["add_kd_config"]
+__all__ = ["add_kd_config", "load_config"]
 
 
 def add_kd_config(cfg: CfgNode) -> None:
@@ -24,3 +31,36 @@ def add_kd_config(cfg: CfgNode) -> None:
     gfl.NORM = "GN"
     gfl.PRIOR_PROB = 0.01
     cfg.MODEL.GFL = gfl
+    # KDTrainer's divergence guard and learning-rate check, as on the torchvision backend
+    # (kd2.engine.divergence, kd2.engine.batch_scaling). BASE_LR_BATCH_SIZE 0: not declared (a
+    # Detectron2 merge does not track where BASE_LR was set), no check; set it to the batch
+    # BASE_LR was tuned for to get the warning (or SCALE_LR_WITH_BATCH's linear scaling).
+    cfg.SOLVER.DIVERGENCE = CfgNode(_KD2_DEFAULTS.SOLVER.DIVERGENCE.clone())
+    cfg.SOLVER.BASE_LR_BATCH_SIZE = 0
+    cfg.SOLVER.SCALE_LR_WITH_BATCH = False
+
+
+def load_config(config_file: str, opts=(), freeze: bool = True) -> CfgNode:
+    """Detectron2's ``get_cfg()`` + :func:`add_kd_config` + ``config_file`` + ``opts``.
+
+    The merge errors are kd2's (:func:`kd2.config.config.explain_merge_error`): an unknown key
+    names the closest one, a tuple written in YAML flow style says to write a list; a cyclic or
+    missing ``_BASE_`` and invalid YAML are named before Detectron2 reads the file; the KD
+    method names and values are checked as on the torchvision backend.
+    """
+    cfg = get_cfg()
+    add_kd_config(cfg)
+    base_chain(config_file)  # a cycle, a missing base or bad YAML: one clear error
+    try:
+        cfg.merge_from_file(config_file)
+    except (KeyError, AssertionError, ValueError) as e:
+        raise explain_merge_error(e, cfg, f" in {config_file}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError) as e:
+        raise explain_merge_error(e, cfg, " in the command-line overrides") from None
+    validate_kd_methods(cfg)
+    validate_values(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg

@@ -11,13 +11,13 @@ import re
 import torch
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch import nn
 
 from kd2.modeling.weights_check import check_teacher_weights
+from kd2.utils.errors import ConfigError, MissingFileError, WeightsError
 
-from .config import add_kd_config
+from .config import load_config
 
 __all__ = ["build_detectron2_teacher", "build_teacher", "resolve_config_file"]
 
@@ -43,9 +43,9 @@ def resolve_config_file(name: str) -> str:
         return model_zoo.get_config_file(name)
     except RuntimeError:
         close = difflib.get_close_matches(name, _zoo_names(), n=5, cutoff=0.4)
-        raise FileNotFoundError(
-            f"KD.TEACHER.CONFIG {name!r} is neither a file nor a Detectron2 model-zoo config. "
-            f"Closest model-zoo names: {close}"
+        raise MissingFileError(
+            f"KD.TEACHER.CONFIG {name!r} is neither a file nor a Detectron2 model-zoo config",
+            f"check the path; closest model-zoo names: {close}",
         ) from None
 
 
@@ -61,14 +61,15 @@ class _WeightsOnlyCheckpointer(DetectionCheckpointer):
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             reason = re.search(r"(Unsupported global|WeightsUnpickler error)[^\n]*", str(e))
-            raise ValueError(
+            raise WeightsError(
                 f"checkpoint {f!r} holds objects other than tensors and plain containers"
                 f"{' (' + reason.group(0) + ')' if reason else ''}. kd2 loads .pth/.pt weights "
                 "(teacher weights, MODEL.WEIGHTS, resumed checkpoints) with "
                 "torch.load(weights_only=True) and refuses to unpickle arbitrary objects, which "
-                "can run code. If you trust the file, convert it once in a trusted session: "
+                "can run code",
+                "if you trust the file, convert it once in a trusted session: "
                 "load it with torch.load(path, weights_only=False) and re-save the weights alone, "
-                "torch.save({'model': state_dict}, new_path)"
+                "torch.save({'model': state_dict}, new_path)",
             ) from e
 
 
@@ -99,30 +100,37 @@ def build_detectron2_teacher(node, key: str, device: str) -> nn.Module:
     """A frozen Detectron2 teacher from ``node.CONFIG`` (a file or a model-zoo name) and
     ``node.WEIGHTS`` (``key`` names the node in messages)."""
     if not node.CONFIG:
-        raise ValueError(f"KD.METHODS is set but {key}.CONFIG is empty")
-    tcfg = get_cfg()
-    add_kd_config(tcfg)
-    tcfg.merge_from_file(resolve_config_file(node.CONFIG))
+        raise ConfigError(
+            f"KD.METHODS is set but {key}.CONFIG is empty", "give the teacher's own config file"
+        )
+    tcfg = load_config(resolve_config_file(node.CONFIG), freeze=False)
     if tcfg.KD.METHODS:
-        raise ValueError(f"the teacher config {node.CONFIG!r} has KD.METHODS set")
+        raise ConfigError(
+            f"the teacher config {node.CONFIG!r} has KD.METHODS set",
+            "a teacher has no KD: give the config the teacher was trained with",
+        )
     tcfg.MODEL.DEVICE = device
     teacher = build_model(tcfg)
     weights = node.WEIGHTS or tcfg.MODEL.WEIGHTS
     if not weights:
-        raise FileNotFoundError(f"no teacher weights: set {key}.WEIGHTS")
+        raise MissingFileError(f"no teacher weights for {key}", f"set {key}.WEIGHTS")
     if "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"{key}.WEIGHTS {weights!r} does not exist")
+        raise MissingFileError(
+            f"{key}.WEIGHTS {weights!r} does not exist",
+            "kd2 never downloads weights: give a local checkpoint of the teacher",
+        )
     checkpointer = _RecordingCheckpointer(teacher)
     checkpointer.load(weights)
     incompatible = checkpointer.incompatible
     missing = [k for k in incompatible.missing_keys if "num_batches_tracked" not in k]
     shapes = incompatible.incorrect_shapes
     if missing or shapes:
-        raise ValueError(
+        raise WeightsError(
             f"teacher checkpoint {weights!r} does not match the teacher config "
             f"{node.CONFIG!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(shapes)} shape mismatches (e.g. {shapes[:3]}). A teacher with random "
-            "parameters would teach noise; check the config and the weights"
+            f"{len(shapes)} shape mismatches (e.g. {shapes[:3]}); a teacher with random "
+            "parameters would teach noise",
+            "give the weights trained with this config, or the config they were trained with",
         )
     check_teacher_weights(teacher, weights)
     teacher.eval().requires_grad_(False)

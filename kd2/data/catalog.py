@@ -42,6 +42,7 @@ import threading
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from kd2.data.coco import load_coco_json
+from kd2.utils.errors import ConfigError, MissingFileError, UnknownNameError
 
 __all__ = [
     "DatasetCatalog",
@@ -53,6 +54,7 @@ __all__ = [
     "check_class_count",
     "config_coco_datasets",
     "parse_coco_name",
+    "unknown_dataset_error",
     "datasets_root",
     "SYNTHETIC_GENERATOR_KWARGS",
     "SYNTHETIC_CROWDED_GENERATOR_KWARGS",
@@ -72,13 +74,14 @@ def datasets_root() -> str:
     return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
-def _unknown_name_error(kind: str, name: str, registered: List[str]) -> KeyError:
+def unknown_dataset_error(kind: str, name: str, registered: List[str]) -> UnknownNameError:
+    """The error for a dataset ``name`` that is not among ``registered`` (the closest named)."""
     close = difflib.get_close_matches(name, registered, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return KeyError(
-        f"{kind} '{name}' is not registered.{hint} Registered datasets: {sorted(registered)}. "
-        "Register it with DatasetCatalog.register(name, fn) or register_coco_instances(name, "
-        "json_file, image_root), or use a 'path/to/instances.json:path/to/image_dir' name."
+    return UnknownNameError(
+        f"{kind} '{name}' is not registered.{hint} Registered datasets: {sorted(registered)}",
+        "register it with DatasetCatalog.register(name, fn) or register_coco_instances(name, "
+        "json_file, image_root), or use a 'path/to/instances.json:path/to/image_dir' name",
     )
 
 
@@ -129,7 +132,7 @@ class _DatasetCatalog:
         with self._lock:
             _maybe_register_explicit(name)
             if name not in self._fns:
-                raise _unknown_name_error("Dataset", name, list(self._fns))
+                raise unknown_dataset_error("Dataset", name, list(self._fns))
             if name not in self._cache:
                 records = self._fns[name]()
                 if not isinstance(records, list):
@@ -187,7 +190,7 @@ class _MetadataCatalog:
                 return self._metas[name]
             if name in DatasetCatalog:
                 return self._metas.setdefault(name, Metadata())
-            raise _unknown_name_error("Dataset (metadata)", name, DatasetCatalog.list())
+            raise unknown_dataset_error("Dataset (metadata)", name, DatasetCatalog.list())
 
     def list(self) -> List[str]:
         """Names that have metadata."""
@@ -286,17 +289,19 @@ def config_coco_datasets(cfg) -> List[Tuple[str, str, str, str]]:
         image_root = os.path.abspath(os.path.expanduser(image_root))
         where = f"{key} ({name!r})"
         if not os.path.isfile(json_file):
-            raise FileNotFoundError(
-                f"{where}: COCO annotation file {json_file} does not exist (relative paths are "
-                f"relative to the current directory, {os.getcwd()})"
+            raise MissingFileError(
+                f"{where}: COCO annotation file {json_file} does not exist",
+                f"check the path (relative paths are relative to the current directory, "
+                f"{os.getcwd()})",
             )
         if not os.path.isdir(image_root):
-            raise FileNotFoundError(
-                f"{where}: image directory {image_root} does not exist (relative paths are "
-                f"relative to the current directory, {os.getcwd()})"
+            raise MissingFileError(
+                f"{where}: image directory {image_root} does not exist",
+                f"check the path (relative paths are relative to the current directory, "
+                f"{os.getcwd()})",
             )
         if name in found and found[name][1:3] != (json_file, image_root):
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: dataset {name!r} is given twice with different files ({found[name][3]}:"
                 f" {found[name][1]}, {found[name][2]}; {key}: {json_file}, {image_root})"
             )
@@ -309,12 +314,12 @@ def config_coco_datasets(cfg) -> List[Tuple[str, str, str, str]]:
             or len(entry) != 3
             or not all(isinstance(x, str) and x for x in entry)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"{key} must be [name, json_file, image_root] (three non-empty strings), got "
                 f"{entry!r}; e.g. DATASETS.REGISTER [['my_train', 'ann/train.json', 'images/']]"
             )
         if parse_coco_name(entry[0]):
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: name {entry[0]!r} has the form 'instances.json:image_dir', which names "
                 "those files by itself; give the dataset a plain name"
             )
@@ -361,12 +366,12 @@ def register_coco_datasets(
             register(name, json_file, image_root)
             logger.info("registered dataset %r: %s, images in %s", name, json_file, image_root)
         elif have is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: dataset name {name!r} is already taken by a builtin dataset or one "
                 f"registered in code{catalog}; choose another name"
             )
         elif have != (json_file, image_root):
-            raise ValueError(
+            raise ConfigError(
                 f"{key}: dataset {name!r} is already registered{catalog} with other files "
                 f"(json_file {have[0]}, image_root {have[1]}; now {json_file}, {image_root}); "
                 f"choose another name, or DatasetCatalog.remove({name!r})"
@@ -408,7 +413,7 @@ def check_class_count(
         classes = thing_classes(name)
         if classes is not None and len(classes) != num_classes:
             shown = list(classes[:8]) + (["..."] if len(classes) > 8 else [])
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {name!r} has {len(classes)} categories {shown}, but the model is built "
                 f"for {num_classes} ({key} {num_classes}). Set {key} {len(classes)}, or use a "
                 f"dataset with {num_classes} categories (a distilled student needs its teacher's "
@@ -426,7 +431,7 @@ def _coco_paths(split: str) -> Callable[[], Tuple[str, str]]:
         root = os.path.abspath(os.path.join(datasets_root(), "coco"))
         json_file = os.path.join(root, "annotations", f"instances_{split}2017.json")
         if not os.path.isfile(json_file):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Builtin dataset 'coco_2017_{split}' expects {json_file}, which does not exist. "
                 "Set DETECTRON2_DATASETS to the directory that contains coco/ (currently "
                 f"DETECTRON2_DATASETS={os.environ.get('DETECTRON2_DATASETS', '<unset>')!r}, "

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from kd2.utils.errors import DataError, MissingFileError
+
 __all__ = ["load_coco_json"]
 
 logger = logging.getLogger(__name__)
@@ -31,8 +33,8 @@ logger = logging.getLogger(__name__)
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 
 
-def _fail(json_file: str, msg: str) -> ValueError:
-    return ValueError(f"Invalid COCO annotation file {json_file}: {msg}")
+def _fail(json_file: str, msg: str) -> DataError:
+    return DataError(f"Invalid COCO annotation file {json_file}: {msg}")
 
 
 def _is_number(v: Any) -> bool:
@@ -74,7 +76,7 @@ def load_coco_json(
     image_root = os.path.abspath(os.path.expanduser(image_root))
     name = dataset_name or json_file
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"COCO annotation file not found: {json_file}"
             + (f" (dataset '{dataset_name}')" if dataset_name else "")
             + ". Check the path, or the DETECTRON2_DATASETS environment variable for builtin "
@@ -84,12 +86,12 @@ def load_coco_json(
         with open(json_file, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"Invalid COCO annotation file {json_file}: not valid JSON ({e}). "
-            "Re-export or re-download the file."
+        raise DataError(
+            f"Invalid COCO annotation file {json_file}: not valid JSON ({e})",
+            "re-export or re-download the file",
         ) from None
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise DataError(
             f"Invalid COCO annotation file {json_file}: not UTF-8 text ({e})."
         ) from None
 

@@ -13,6 +13,7 @@ import torch
 
 from kd2.config import get_cfg, validate_values
 from kd2.data.catalog import register_config_datasets
+from kd2.utils.env import check_device
 
 from .batch_scaling import auto_scale_workers, fit_lr_to_batch
 from .checkpoint import write_text_atomic
@@ -48,6 +49,7 @@ def setup_cfg(config_file: str, opts=()):
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     validate_values(cfg)
+    check_device(cfg.MODEL.DEVICE)
     # applied here so that config.yaml records what the run uses; the Trainer warns
     cfg = fit_lr_to_batch(auto_scale_workers(cfg, get_world_size()), warn=False)
     cfg.freeze()

@@ -22,7 +22,15 @@ import sys
 import time
 from typing import Dict, Tuple
 
-__all__ = ["LOCK_FILE", "OutputDirBusyError", "lock_output_dir", "release_output_dir"]
+from kd2.utils.errors import DeviceError, KD2Error
+
+__all__ = [
+    "LOCK_FILE",
+    "OutputDirBusyError",
+    "lock_output_dir",
+    "make_writable_dir",
+    "release_output_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +41,25 @@ LOCK_FILE = ".kd2.lock"
 _HELD: Dict[str, Tuple[int, int]] = {}
 
 
-class OutputDirBusyError(RuntimeError):
+class OutputDirBusyError(KD2Error, RuntimeError):
     """Another live process holds the output directory's lock."""
+
+
+def make_writable_dir(path: str, key: str = "OUTPUT_DIR") -> None:
+    """Create the directory ``path`` (named ``key`` in messages); one that cannot be created or
+    written is a :class:`~kd2.utils.errors.DeviceError`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DeviceError(
+            f"{key} {path!r} cannot be created ({e.strerror or e})",
+            f"set {key} to a directory you can write, e.g. output/my_run",
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DeviceError(
+            f"{key} {path!r} is not writable",
+            f"set {key} to a directory you can write, or fix its permissions",
+        )
 
 
 def _holder(fd: int) -> str:
@@ -55,7 +80,7 @@ def lock_output_dir(output_dir: str) -> str:
     Re-entrant within one process. Raises :class:`OutputDirBusyError` naming the directory and
     the process that holds it.
     """
-    os.makedirs(output_dir, exist_ok=True)
+    make_writable_dir(output_dir)
     key = os.path.realpath(output_dir)
     path = os.path.join(key, LOCK_FILE)
     if key in _HELD:
@@ -70,8 +95,8 @@ def lock_output_dir(output_dir: str) -> str:
         os.close(fd)
         raise OutputDirBusyError(
             f"OUTPUT_DIR {output_dir!r} is in use by another run ({holder}). Two runs in one "
-            "directory would mix their checkpoints and logs: wait for it to finish, stop it, or "
-            "set another OUTPUT_DIR"
+            "directory would mix their checkpoints and logs",
+            "wait for it to finish, stop it, or set another OUTPUT_DIR",
         ) from None
     info = {
         "pid": os.getpid(),

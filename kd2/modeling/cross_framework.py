@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd2.utils.errors import ConfigError
+
 __all__ = [
     "InputConvention",
     "build_teacher_of_config",
@@ -129,13 +131,13 @@ def teacher_config_node(cfg, name: str = ""):
     if not name:
         return cfg.KD.TEACHER, "KD.TEACHER"
     if name not in cfg.KD.TEACHERS:
-        raise ValueError(
+        raise ConfigError(
             f"a method names teacher {name!r}, but KD.TEACHERS defines {sorted(cfg.KD.TEACHERS)}"
         )
     node = cfg.KD.TEACHERS[name]
     for key in ("CONFIG", "WEIGHTS"):
         if key not in node:
-            raise ValueError(f"KD.TEACHERS.{name} needs {key} (and optionally BACKEND)")
+            raise ConfigError(f"KD.TEACHERS.{name} needs {key} (and optionally BACKEND)")
     return node, f"KD.TEACHERS.{name}"
 
 
@@ -145,7 +147,7 @@ def build_teacher_of_config(cfg, name: str, own_backend: str) -> nn.Module:
     node, key = teacher_config_node(cfg, name)
     backend = str(node.get("BACKEND", "") or own_backend).lower()
     if backend not in ("torchvision", "detectron2"):
-        raise ValueError(f"{key}.BACKEND must be torchvision or detectron2, got {backend!r}")
+        raise ConfigError(f"{key}.BACKEND must be torchvision or detectron2, got {backend!r}")
     build = build_detectron2_teacher if backend == "detectron2" else build_torchvision_teacher
     from .teacher_runtime import configure_teacher
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kd2.utils.errors import WeightsError
+
 __all__ = ["ABSURD_WEIGHT", "first_non_finite", "first_absurd_parameter", "check_teacher_weights"]
 
 #: No trained detector has a parameter this large; a diverged one does (1e22 was seen).
@@ -42,8 +44,9 @@ def check_teacher_weights(teacher: nn.Module, weights: str) -> None:
     if bad is None:
         bad, what = first_absurd_parameter(teacher), f"absurdly large (> {ABSURD_WEIGHT:g})"
     if bad:
-        raise ValueError(
+        raise WeightsError(
             f"the teacher's weights are {what} ({bad}) in {weights!r}: the file is broken (a "
-            "diverged run or a damaged copy). Retrain the teacher — e.g. with a learning rate "
-            "that fits its batch size — or re-export it"
+            "diverged run or a damaged copy)",
+            "retrain the teacher — e.g. with a learning rate that fits its batch size — or "
+            "re-export it",
         )

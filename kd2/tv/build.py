@@ -39,6 +39,8 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
+from kd2.utils.errors import ConfigError, MissingFileError, WeightsError
+
 from .gfl import GFL
 
 __all__ = [
@@ -335,22 +337,26 @@ def _plain_class(arch: str):
 def load_checkpoint_state(path: str, what: str) -> Dict[str, torch.Tensor]:
     """Read a model state dict from a kd2 checkpoint (``{"model": ...}``) or a bare state dict."""
     if not path:
-        raise FileNotFoundError(f"{what}: no weights file given")
+        raise MissingFileError(f"{what}: no weights file given", f"set {what} to a checkpoint")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{what}: weights file {path!r} does not exist. kd2 never downloads weights; "
-            "pass the path of a local checkpoint (e.g. OUTPUT_DIR/model_final.pth of the run "
-            "that trained it)"
+        raise MissingFileError(
+            f"{what}: weights file {path!r} does not exist",
+            "kd2 never downloads weights; pass the path of a local checkpoint (e.g. "
+            "OUTPUT_DIR/model_final.pth of the run that trained it)",
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
-            f"{what}: cannot read weights file {path!r} ({type(e).__name__}: {e})"
+        raise WeightsError(
+            f"{what}: cannot read weights file {path!r} ({type(e).__name__}: {e})",
+            "give a checkpoint written by torch.save (kd2's model_final.pth, or a state dict)",
         ) from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what}: {path!r} is not a model checkpoint (no tensor state dict)")
+        raise WeightsError(
+            f"{what}: {path!r} is not a model checkpoint (no tensor state dict)",
+            "give a file holding {'model': state_dict} or a state dict",
+        )
     return state
 
 
@@ -374,11 +380,10 @@ def load_weights_strict(model: nn.Module, path: str, what: str, config_file: str
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
         src = f" built from {config_file!r}" if config_file else ""
-        raise ValueError(
-            f"{what}: checkpoint {path!r} does not match the model{src}: "
-            + "; ".join(parts)
-            + ". Check that the config describes the network the checkpoint was trained with "
-            "(backbone, FPN channels, number of classes, anchors)."
+        raise WeightsError(
+            f"{what}: checkpoint {path!r} does not match the model{src}: " + "; ".join(parts),
+            "check that the config describes the network the checkpoint was trained with "
+            "(backbone, FPN channels, number of classes, anchors)",
         )
     model.load_state_dict(state)
 
@@ -408,15 +413,21 @@ def build_torchvision_teacher(node, key: str, device: str) -> nn.Module:
 
     tpath = node.CONFIG
     if not tpath:
-        raise ValueError(
-            f"KD.METHODS is set but {key}.CONFIG is empty: give the teacher's own config file"
+        raise ConfigError(
+            f"KD.METHODS is set but {key}.CONFIG is empty", "give the teacher's own config file"
         )
     if not os.path.isfile(tpath):
-        raise FileNotFoundError(f"{key}.CONFIG: teacher config {tpath!r} does not exist")
+        raise MissingFileError(
+            f"{key}.CONFIG: teacher config {tpath!r} does not exist",
+            "give the config file the teacher was trained with",
+        )
     tcfg = get_cfg()
     tcfg.merge_from_file(tpath)
     if tcfg.KD.METHODS:
-        raise ValueError(f"the teacher config {tpath!r} has KD.METHODS set; a teacher has no KD")
+        raise ConfigError(
+            f"the teacher config {tpath!r} has KD.METHODS set",
+            "a teacher has no KD: give the config the teacher was trained with",
+        )
     tcfg.MODEL.DEVICE = device
     teacher = build_plain_detector(tcfg)
     load_weights_strict(teacher, node.WEIGHTS, f"{key}.WEIGHTS", tpath)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["check_torchvision", "TorchvisionBrokenError"]
+__all__ = ["check_device", "check_torchvision", "TorchvisionBrokenError"]
 
 _FIX = (
     "torchvision's Linux wheels are built against the CUDA-enabled torch of the same release; "
@@ -45,3 +45,35 @@ def check_torchvision() -> None:
         raise TorchvisionBrokenError(
             f"torchvision.ops.nms does not work with the installed {versions}: {e}\n{_FIX}"
         ) from None
+
+
+def check_device(device: str, key: str = "MODEL.DEVICE") -> None:
+    """Raise :class:`~kd2.utils.errors.DeviceError` unless ``device`` exists on this machine
+    (``cpu``, ``cuda``, ``cuda:N``, ``mps``); an unparsable name is a
+    :class:`~kd2.utils.errors.ConfigError`."""
+    import torch
+
+    from .errors import ConfigError, DeviceError
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"{key} {device!r} is not a device name", "use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"{key} is {device!r} but this machine has no usable CUDA GPU "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})",
+                f"set {key} cpu, or run where a GPU and its driver are present",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"{key} is {device!r} but this machine has {torch.cuda.device_count()} GPU(s)",
+                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}",
+            )
+    elif dev.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise DeviceError(f"{key} is {device!r} but MPS is not available", f"set {key} cpu")
