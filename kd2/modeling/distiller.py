@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from kd2.config import method_node_name
 from kd2.losses import KD_METHOD_REGISTRY
 from kd2.structures import StepRecord
+from kd2.utils.errors import ConfigError
 
 from .level_map import (
     LevelPair,
@@ -83,6 +84,17 @@ _PART_WORDS = {
     "rpn": "RPN",
     "roi": "ROI box head",
 }
+
+
+def _what_and_fix(message: str) -> tuple[str, str]:
+    """Split a refusal into what is wrong and how to fix it: the fix is the message's last
+    sentence when it says what to do (``Use ...``, ``With this teacher ...``), else the methods
+    table."""
+    for marker in (". With this teacher", ". Use ", ". For ", "; use "):
+        at = message.rfind(marker)
+        if at > 0:
+            return message[:at], message[at + 2 :].strip()
+    return message, "choose a method that applies to this pair (README, 'Methods')"
 
 
 def _teacher_label(tname: str) -> str:
@@ -173,9 +185,9 @@ class DistillerMixin:
         teachers.update(extra_teachers or {})
         used = teachers_needed(kd_cfg)
         if "" in used and teacher is None:
-            raise ValueError(
-                f"KD.METHODS {list(kd_cfg.METHODS)} need a detector teacher: set "
-                "KD.TEACHER.CONFIG and KD.TEACHER.WEIGHTS"
+            raise ConfigError(
+                f"KD.METHODS {list(kd_cfg.METHODS)} need a detector teacher",
+                "set KD.TEACHER.CONFIG and KD.TEACHER.WEIGHTS",
             )
         student_info = self._kd_model_info(self)
         infos: Dict[str, TeacherInfo] = {}
@@ -183,10 +195,11 @@ class DistillerMixin:
             info = self._kd_model_info(model)
             label = _teacher_label(tname)
             if info.num_classes != num_classes:
-                raise ValueError(
+                raise ConfigError(
                     f"{label} and the student disagree on the number of classes: the teacher "
-                    f"has {info.num_classes}, the student {num_classes}. Distillation needs the "
-                    "same label space; fix the NUM_CLASSES of one of the configs"
+                    f"has {info.num_classes}, the student {num_classes}; distillation needs the "
+                    "same label space",
+                    "fix the NUM_CLASSES of one of the configs",
                 )
             model.eval().requires_grad_(False)
             infos[tname] = info
@@ -220,9 +233,9 @@ class DistillerMixin:
             if isinstance(getattr(node, "TEACHER", None), dict):  # ClassifierKD's own node
                 tname = ""
             if tname and tname not in infos:
-                raise ValueError(
-                    f"KD.{method_node_name(name)}.TEACHER {tname!r} names no teacher; "
-                    f"KD.TEACHERS defines {sorted(n for n in infos if n)}"
+                raise ConfigError(
+                    f"KD.{method_node_name(name)}.TEACHER {tname!r} names no teacher",
+                    f"use one that KD.TEACHERS defines: {sorted(n for n in infos if n)}",
                 )
             self.kd_method_teacher[name] = tname
             s_ch, t_ch = dict(student_channels), dict(teacher_channels or {})
@@ -241,16 +254,20 @@ class DistillerMixin:
             methods[name].bind_detector(student_info.family)
             reason = methods[name].unsupported_reason(self.arch_kind, self.dense_softmax)
             if reason:
-                raise ValueError(
-                    f"KD method {name!r} (KD.METHODS) does not apply to the "
-                    f"{self._detector_name()} student: {reason}"
+                raise ConfigError(
+                    *_what_and_fix(
+                        f"KD method {name!r} (KD.METHODS) does not apply to the "
+                        f"{self._detector_name()} student: {reason}"
+                    )
                 )
             if methods[name].teacher_parts and tname in infos:
                 reason = _teacher_reason(methods[name], infos[tname], student_info)
                 if reason:
-                    raise ValueError(
-                        f"KD method {name!r} cannot learn from {_teacher_label(tname)} "
-                        f"({infos[tname].name}): {reason}"
+                    raise ConfigError(
+                        *_what_and_fix(
+                            f"KD method {name!r} cannot learn from {_teacher_label(tname)} "
+                            f"({infos[tname].name}): {reason}"
+                        )
                     )
         for method in methods.values():
             if getattr(method, "needs_classifier_teacher", False):
@@ -260,9 +277,10 @@ class DistillerMixin:
         self.kd_methods = nn.ModuleDict(methods)
         splits = {m.head_split for m in methods.values() if m.head_split is not None}
         if len(splits) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"KD.METHODS {list(kd_cfg.METHODS)} ask to cut the dense head at different "
-                f"blocks {sorted(splits)}; the head is cut at one place per step"
+                f"blocks {sorted(splits)}; the head is cut at one place per step",
+                "give these methods the same split (e.g. KD.CROSSKD.SPLIT) or drop one",
             )
         #: the dense head's towers are cut after this many blocks (CrossKD), else ``None``
         self.kd_head_split: int | None = splits.pop() if splits else None
@@ -279,9 +297,10 @@ class DistillerMixin:
         inherit = list(getattr(kd_cfg, "INHERIT_TEACHER", []) or [])
         if inherit:
             if teacher is None:
-                raise ValueError(
+                raise ConfigError(
                     f"KD.INHERIT_TEACHER {inherit} copies weights from a detector teacher, but "
-                    f"KD.METHODS {list(kd_cfg.METHODS)} build none; set a detector-teacher method"
+                    f"KD.METHODS {list(kd_cfg.METHODS)} build none",
+                    "add a method that reads a detector teacher, or unset KD.INHERIT_TEACHER",
                 )
             from kd2.modeling.inherit import inherit_teacher_weights
 
@@ -303,7 +322,9 @@ class DistillerMixin:
         balance = getattr(kd_cfg, "BALANCE", None)
         mode = str(getattr(balance, "MODE", "none")).lower()
         if mode not in ("none", "grad_share"):
-            raise ValueError(f"KD.BALANCE.MODE must be 'none' or 'grad_share', got {mode!r}")
+            raise ConfigError(
+                f"KD.BALANCE.MODE {mode!r} is not a mode", "use 'none' or 'grad_share'"
+            )
         self.kd_balance = None
         if mode == "grad_share":
             from kd2.modeling.balance import GradShareBalancer
@@ -325,7 +346,7 @@ class DistillerMixin:
         from kd2.modeling.classifier_teacher import build_classifier_teacher
 
         if input_normalization is None:
-            raise ValueError("this backend gives no input normalisation for a classifier teacher")
+            raise ConfigError("this backend gives no input normalisation for a classifier teacher")
         mean, std, channels, scale = input_normalization
         clf = build_classifier_teacher(
             method.teacher_weights, pixel_mean=mean, pixel_std=std, channels=channels, scale=scale
