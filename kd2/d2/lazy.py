@@ -10,11 +10,15 @@ Example (see ``configs/Detectron2-Quick/lazy_faster_rcnn_R18_DeFeat_quick.py``):
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict
 
 from detectron2.config import CfgNode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
+
+from kd2.config.config import closest_name
+from kd2.utils.errors import MissingFileError, UnknownNameError, WeightsError
 
 from .teacher import _RecordingCheckpointer
 
@@ -46,10 +50,16 @@ def kd_config(**overrides) -> CfgNode:
         *parents, leaf = key.split(".")
         for p in parents:
             if p not in node:
-                raise KeyError(f"unknown KD option {key!r}")
+                raise UnknownNameError(
+                    f"unknown KD option {key!r}",
+                    f"did you mean {closest_name(p, list(node.keys()))!r}?",
+                )
             node = node[p]
         if leaf not in node:
-            raise KeyError(f"unknown KD option {key!r}; valid: {sorted(node.keys())}")
+            best = closest_name(leaf, list(node.keys()))
+            raise UnknownNameError(
+                f"unknown KD option {key!r}", f"did you mean {best!r}? valid: {sorted(node.keys())}"
+            )
         node[leaf] = value
     kd.validate()
     return CfgNode(kd.KD.clone())
@@ -61,18 +71,24 @@ def load_teacher(model: nn.Module, weights: str) -> nn.Module:
     Missing parameters are an error: a randomly initialised teacher would teach noise.
     """
     if not weights:
-        raise FileNotFoundError(
-            "no teacher weights: set them on the command line, e.g. "
-            "model.teacher.weights=path/to/teacher.pth (a randomly initialised teacher would "
-            "teach noise)"
+        raise MissingFileError(
+            "no teacher weights (a randomly initialised teacher would teach noise)",
+            "set them on the command line, e.g. model.teacher.weights=path/to/teacher.pth",
+        )
+    if "://" not in weights and not os.path.isfile(weights):
+        raise MissingFileError(
+            f"teacher weights {weights!r} do not exist",
+            "train the teacher first, or set model.teacher.weights=path/to/teacher.pth "
+            "(kd2 never downloads weights)",
         )
     checkpointer = _RecordingCheckpointer(model)
     checkpointer.load(weights)
     missing = [k for k in checkpointer.incompatible.missing_keys if "num_batches" not in k]
     if missing or checkpointer.incompatible.incorrect_shapes:
-        raise ValueError(
+        raise WeightsError(
             f"teacher weights {weights!r} do not match the LazyConfig teacher: missing "
-            f"{missing[:3]}, shape mismatches {checkpointer.incompatible.incorrect_shapes[:3]}"
+            f"{missing[:3]}, shape mismatches {checkpointer.incompatible.incorrect_shapes[:3]}",
+            "give the weights trained with this teacher model, or its model definition",
         )
     return model.eval().requires_grad_(False)
 
