@@ -24,6 +24,7 @@ stays in ``output/bench/<pair>/<run>`` as with ``tools/demo.py``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -84,6 +85,34 @@ def result_path(pair: str, run_name: str) -> str:
     return os.path.join(RESULTS, pair, f"{run_name}.json")
 
 
+def _weights(out_dir: str) -> str:
+    return os.path.join(out_dir, "model_final.pth")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_of(opts: list) -> dict | None:
+    """The teacher checkpoint a distilled run read (``KD.TEACHER.WEIGHTS`` in ``opts``): its
+    path, sha256 and the AP its own run measured (``demo_result.json`` beside it)."""
+    if "KD.TEACHER.WEIGHTS" not in opts:
+        return None
+    weights = str(opts[opts.index("KD.TEACHER.WEIGHTS") + 1])
+    if not os.path.isfile(weights):
+        return None
+    info = {"weights": os.path.relpath(weights, ROOT), "weights_sha256": _sha256(weights)}
+    done = os.path.join(os.path.dirname(weights), "demo_result.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            info["AP"] = round(float(json.load(f)["bbox"]["AP"]), 4)
+    return info
+
+
 def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name: str) -> dict:
     """Train (or reuse) one run and write its JSON; returns the JSON's content."""
     import torch
@@ -92,6 +121,11 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
     path = result_path(pair, run_name)
     cfg = demo.setup_cfg(os.path.join(ROOT, config), list(opts) + ["OUTPUT_DIR", out_dir])
     digest = demo.config_digest(cfg)
+    if kind == "teacher" and os.path.isfile(path) and not os.path.isfile(_weights(out_dir)):
+        # The teacher's record outlives its checkpoint (output/ is not committed). Its rows were
+        # distilled from that checkpoint, so the record stays; a retrained teacher gets its own
+        # record, and every distilled run names the teacher it read (``teacher_of``).
+        path = result_path(pair, "teacher_retrained")
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
@@ -123,6 +157,13 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
         "machine": f"{platform.machine()} {os.cpu_count()} cpu",
         "threads": torch.get_num_threads(),
     }
+    if kind == "teacher" and os.path.isfile(_weights(out_dir)):
+        record["weights_sha256"] = _sha256(_weights(out_dir))
+    if kind == "distilled":
+        record["teacher"] = teacher_of(opts)
+        record["balance_calibrate"] = (
+            bool(cfg.KD.BALANCE.CALIBRATE) if cfg.KD.BALANCE.MODE != "none" else None
+        )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

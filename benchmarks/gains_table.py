@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -77,6 +78,10 @@ PAPER = {
 }
 
 
+#: a config whose method weight is set far off on purpose (``*_w1000``): a stress test
+STRESS = re.compile(r"_w(\d+)$")
+
+
 def balance_label(config: str) -> str:
     """``KD.BALANCE`` as the config's name says it (``*_gradshare[_nearest|_minimal]``)."""
     name = os.path.splitext(os.path.basename(config))[0]
@@ -102,9 +107,10 @@ def rows_for(pair: str) -> list[dict]:
     """One summary per distilled config of ``pair`` (seeds paired with the baseline's)."""
     runs = load(pair)
     t_pair, s_pair = PAIR_SOURCES.get(pair, (pair, pair))
-    teacher = [r for r in load(t_pair) if r["kind"] == "teacher"]
+    teacher = [r for r in load(t_pair) if r["kind"] == "teacher" and r["run"] == "teacher"]
     if not teacher:
         return []
+    pair_teacher_ap = teacher[0]["bbox"]["AP"]
     students = {r["seed"]: r["bbox"]["AP"] for r in load(s_pair) if r["kind"] == "student"}
     by_config: dict[str, list[dict]] = {}
     for r in runs:
@@ -120,7 +126,10 @@ def rows_for(pair: str) -> list[dict]:
         s = [students[k] for k in seeds]
         d = [dist[k] for k in seeds]
         gains = [b - a for a, b in zip(s, d)]
-        t_ap = teacher[0]["bbox"]["AP"]
+        # the teacher each run read (recorded since the teacher's checkpoint could be retrained)
+        t_aps = {(r.get("teacher") or {}).get("AP", pair_teacher_ap) for r in rs}
+        t_ap = statistics.fmean(t_aps)
+        calibrated = {r.get("balance_calibrate") for r in rs if balance_label(config)}
         sm, ss = mean_std(s)
         dm, ds = mean_std(d)
         gm, gs = mean_std(gains)
@@ -141,6 +150,9 @@ def rows_for(pair: str) -> list[dict]:
                 "torch": rs[0]["torch"],
                 "diverged": diverged,
                 "balance": balance_label(config),
+                "pair_teacher": pair_teacher_ap,
+                "own_teacher": t_ap if t_aps != {pair_teacher_ap} else None,
+                "feedback_only": bool(calibrated) and not any(calibrated),
             }
         )
     rows.sort(key=lambda r: -r["gain"][0])
@@ -158,7 +170,7 @@ def table() -> str:
         rows = rows_for(pair)
         for i, r in enumerate(rows):
             versions.add(r["torch"])
-            title = f"{PAIR_TITLES[pair]} (teacher {r['teacher']:.2f})" if i == 0 else ""
+            title = f"{PAIR_TITLES[pair]} (teacher {r['pair_teacher']:.2f})" if i == 0 else ""
             method = "+".join(r["methods"])
             paper = PAPER.get((pair, method), "—")
             if r["balance"]:
@@ -166,7 +178,9 @@ def table() -> str:
                 paper = "—"
             if r["diverged"]:
                 seeds_txt = ", ".join(str(x) for x in r["diverged"])
-                method += f" — **diverged** on seed {seeds_txt} (counted as AP 0)"
+                method += f" — **stopped** on seed {seeds_txt} (counted as AP 0)"
+            if r["own_teacher"] is not None:
+                method += f" — teacher retrained, AP {r['own_teacher']:.2f} †"
             inherit = ", ".join(r["inherit"]) if r["inherit"] else "no"
             per_seed = " / ".join(f"{g:+.2f}" for g in r["per_seed"])
             lines.append(
@@ -182,13 +196,18 @@ def table() -> str:
         f"Measured with torch {', '.join(sorted(versions)) or '—'} on a 2-core CPU; every figure "
         "comes from `benchmarks/results/gains/` (`python benchmarks/gains_table.py`)."
     )
+    lines.append("")
+    lines.append(
+        "† distilled from a retrained teacher (same config, one thread instead of two; its AP "
+        "beside it): the gap closed is measured against that teacher's AP."
+    )
     return "\n".join(lines)
 
 
 def _gain_cell(r: dict) -> str:
     cell = f"{r['gain'][0]:+.2f} ± {r['gain'][1]:.2f}"
     if r["diverged"]:
-        cell += f" (diverged ×{len(r['diverged'])})"
+        cell += f" (stopped ×{len(r['diverged'])})"
     return cell
 
 
@@ -210,12 +229,23 @@ def balance_table() -> str:
                 cells.append("—" if r is None else _gain_cell(r))
                 if r is not None and not complete:  # still running: not in the summary
                     cells[-1] += f" (seeds {','.join(str(x) for x in r['seeds'])} only)"
-                if complete and suffix:
+                if r is not None and r["feedback_only"]:
+                    cells[-1] += " ‡"
+                # a weight set 1000x off on purpose is not the papers' weights: not in the summary
+                if complete and suffix and not STRESS.search(base):
                     paired[suffix].append((rows[base]["gain"][0], r["gain"][0]))
             method = "+".join(rows[base]["methods"])
+            if STRESS.search(base):
+                method += ", weight ×" + STRESS.search(base).group(1) + " (stress test)"
             lines.append(
                 f"| {PAIR_TITLES[pair]} | {method} (`{base}`) | " + " | ".join(cells) + " |"
             )
+    lines.append("")
+    lines.append(
+        "‡ measured before `KD.BALANCE.CALIBRATE` (feedback updates only, no first-batch "
+        "calibration). Stress-test rows (a method's weight set far off on purpose) are not in the "
+        "summary below."
+    )
     lines.append("")
     for suffix, title in BALANCE_VARIANTS[1:]:
         pairs = paired[suffix]

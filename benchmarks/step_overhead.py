@@ -8,10 +8,13 @@ R18-FPN teacher, the demo's KD method) it times, interleaved per batch and after
 * ``teacher forward`` — what KD runs of the teacher: its FPN and its ROI head on the student's
   sampled proposals, under ``no_grad`` (the student's record is prepared outside the timer);
 * ``KD step``        — the KD meta-architecture: student forward, teacher forward, KD losses
-  (adapters included), backward, SGD step;
-* ``KD step + diagnostics`` — the same step when it also measures every term's gradient at the
-  trunk (``KD.DIAG``, every ``KD.DIAG.PERIOD`` steps), reported as its extra cost averaged over
-  the period (``diag_overhead``);
+  (adapters included), backward, SGD step, at an iteration without diagnostics;
+* ``KD step + diagnostics`` — the same step at an iteration where it also measures every term's
+  gradient at the trunk (``KD.DIAG``: every ``KD.DIAG.PERIOD`` steps, and every
+  ``KD.BALANCE.PERIOD`` steps under ``KD.BALANCE.MODE grad_share``, whose controller then
+  updates; its state is restored after each timed step). Reported as the extra cost averaged
+  over the config's own schedule (``diag_every``: steps per diagnostics step, counted with the
+  model's ``kd_diagnostics_due`` over 1000 iterations), per KD step (``diag_overhead``);
 
 prints the median of each and, per config, ``KD step / student step`` and
 ``kd_overhead_ratio=<KD step / (student step + teacher forward)>``; then the first config's
@@ -22,9 +25,20 @@ option>``. Several configs of one
 student (``--configs a.yaml b.yaml ...``) are timed side by side on the same batches, so their
 ratios compare within one run; ``--json`` writes them (``benchmarks/results/step_overhead.json``).
 
+``--amp bfloat16 float16`` also times the student step and the first config's KD step under
+``torch.autocast`` with that dtype (what ``SOLVER.AMP`` runs; float16 with a ``GradScaler`` on
+CUDA), on copies of the models and the same batches, next to float32:
+``amp_bf16_student_step_vs_fp32=<autocast time / float32 time>`` and
+``amp_bf16_kd_step_vs_fp32=`` (below 1: faster), ``amp_fp16_...`` likewise;
+``=unsupported`` where the device cannot run that autocast (the reason is in the JSON).
+Last, ``diag_overhead_<config>=`` per config.
+
+``--batch`` and ``--input`` override the configs' ``SOLVER.IMS_PER_BATCH`` and training input
+size (a quick run: ``--batch 2 --input 64 --iters 1 --warmup 0``).
+
 Weights do not change the cost, so both networks start from their random initialisation.
 Usage: ``python benchmarks/step_overhead.py [--configs FILE ...] [--iters N] [--threads T]
-[--json OUT]``
+[--amp bfloat16 float16] [--device cuda] [--json OUT]``
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -49,11 +64,28 @@ from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader  # noq
 from kd2.tv.build import build_detector, build_plain_detector, label_offset  # noqa: E402
 
 
-def build_kd_model(config: str, teacher_dir: str, teacher_options=None, device: str = "cpu"):
+def _override(cfg, batch: int = 0, size: int = 0) -> None:
+    if batch:
+        cfg.SOLVER.IMS_PER_BATCH = batch
+    if size:
+        cfg.INPUT.MIN_SIZE_TRAIN = (size,)
+        cfg.INPUT.MAX_SIZE_TRAIN = size
+
+
+def build_kd_model(
+    config: str,
+    teacher_dir: str,
+    teacher_options=None,
+    device: str = "cpu",
+    batch: int = 0,
+    size: int = 0,
+):
     """The KD model of ``config`` with a randomly initialised teacher saved in ``teacher_dir``
-    (weights do not change the cost); returns ``(cfg, model)``."""
+    (weights do not change the cost); returns ``(cfg, model)``. ``batch`` / ``size`` (when
+    non-zero) override ``SOLVER.IMS_PER_BATCH`` and the training input size."""
     cfg = get_cfg()
     cfg.merge_from_file(config)
+    _override(cfg, batch, size)
     teacher_config = os.path.join(ROOT, cfg.KD.TEACHER.CONFIG)
     tcfg = get_cfg()
     tcfg.merge_from_file(teacher_config)
@@ -76,12 +108,65 @@ TEACHER_OPTIONS = {
     "channels_last": {"CHANNELS_LAST": True},
     "compile": {"COMPILE": True},
 }
+#: ``--amp`` names -> (autocast dtype, short name in the printed figures)
+AMP_DTYPES = {"bfloat16": (torch.bfloat16, "bf16"), "float16": (torch.float16, "fp16")}
 
 
 def _to(images, targets, device):
     return [im.to(device) for im in images], [
         {k: v.to(device) for k, v in t.items()} for t in targets
     ]
+
+
+def diag_schedule(model, start: int = 1000, horizon: int = 1000) -> tuple[int, int, float]:
+    """``(an iteration with diagnostics, one without, diagnostics steps per step)`` of a KD
+    model, read from its own ``kd_diagnostics_due`` over ``[start, start + horizon)`` (past every
+    warm-up). The first is -1 where it never measures them."""
+    saved = model.kd_iteration
+    due = []
+    for it in range(start, start + horizon):
+        model.kd_iteration = it
+        due.append(bool(model.kd_diagnostics_due()))
+    model.kd_iteration = saved
+    with_diag = start + due.index(True) if any(due) else -1
+    without = start + due.index(False)
+    return with_diag, without, sum(due) / horizon
+
+
+class Stepper:
+    """One training step (forward, backward, SGD step), optionally under ``torch.autocast``
+    (float16 on CUDA with a ``GradScaler``, as ``SOLVER.AMP`` runs it)."""
+
+    def __init__(self, device: str, amp: str | None = None):
+        self.device_type = torch.device(device).type
+        self.dtype = AMP_DTYPES[amp][0] if amp else None
+        use_scaler = amp == "float16" and self.device_type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=use_scaler)
+
+    def __call__(self, model, opt, images, targets) -> None:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            losses = model(images, copy.deepcopy(targets))
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(sum(losses.values())).backward()
+        self.scaler.step(opt)
+        self.scaler.update()
+
+
+def amp_supported(device: str, amp: str) -> str:
+    """``""`` when ``torch.autocast`` with ``amp`` can run on ``device``, else the reason."""
+    device_type = torch.device(device).type
+    dtype = AMP_DTYPES[amp][0]
+    if not torch.amp.is_autocast_available(device_type):
+        return f"no autocast on {device_type}"
+    if device_type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16"
+    try:
+        with torch.autocast(device_type, dtype=dtype):
+            x = torch.ones(1, 2, 8, 8, device=device)
+            torch.nn.functional.conv2d(x, torch.ones(2, 2, 3, 3, device=device)).sum()
+    except (RuntimeError, NotImplementedError, AssertionError) as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return ""
 
 
 def main(argv=None) -> dict:
@@ -104,19 +189,39 @@ def main(argv=None) -> dict:
         choices=sorted(TEACHER_OPTIONS),
         help="teacher options timed against the float32 teacher (the first config's)",
     )
+    p.add_argument(
+        "--amp",
+        nargs="*",
+        default=[],
+        choices=sorted(AMP_DTYPES),
+        help="autocast dtypes: the student step and the first config's KD step under each",
+    )
+    p.add_argument("--no-diag", action="store_true", help="do not time the diagnostics step")
+    p.add_argument("--batch", type=int, default=0, help="override SOLVER.IMS_PER_BATCH")
+    p.add_argument("--input", type=int, default=0, help="override the training input size")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = args.device
+    for config in args.configs:
+        if not os.path.isfile(config):
+            raise SystemExit(f"step_overhead: no such config: {config}")
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     tmp = tempfile.mkdtemp(prefix="kd2_bench_")
+    sizes = {"batch": args.batch, "size": args.input}
     kd_models = {}
     for config in args.configs:
-        cfg, model = build_kd_model(os.path.abspath(config), tmp, device=args.device)
+        cfg, model = build_kd_model(os.path.abspath(config), tmp, device=device, **sizes)
         name = os.path.splitext(os.path.basename(config))[0]
         kd_models[name] = (cfg, model)
     first = os.path.abspath(args.configs[0])
+    first_name = next(iter(kd_models))
     variants = {
-        option: build_kd_model(first, tmp, TEACHER_OPTIONS[option], args.device)[1]
+        option: build_kd_model(first, tmp, TEACHER_OPTIONS[option], device, **sizes)[1]
         for option in args.teacher_options
     }
     cfg = next(iter(kd_models.values()))[0]
@@ -124,14 +229,27 @@ def main(argv=None) -> dict:
     plain_cfg.KD.METHODS = []
     torch.manual_seed(0)
     student = build_plain_detector(plain_cfg).train()
-    optimizers = {"student": torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)}
+
+    def sgd(model):
+        return torch.optim.SGD(
+            [q for q in model.parameters() if q.requires_grad], lr=1e-4, momentum=0.9
+        )
+
+    optimizers = {"student": sgd(student)}
     for name, (kcfg, model) in kd_models.items():
         if kcfg.MODEL.META_ARCHITECTURE != cfg.MODEL.META_ARCHITECTURE:
             raise SystemExit(f"{name}: every config must distil the same student")
         model.load_state_dict(student.state_dict(), strict=False)
-        optimizers[name] = torch.optim.SGD(
-            [q for q in model.parameters() if q.requires_grad], lr=1e-4, momentum=0.9
-        )
+        optimizers[name] = sgd(model)
+    schedule = {name: diag_schedule(model) for name, (_, model) in kd_models.items()}
+    # the autocast steps run on copies (a float16 step must not change the float32 models)
+    amp_unsupported = {amp: amp_supported(device, amp) for amp in args.amp}
+    amp_models = {}
+    for amp in args.amp:
+        if not amp_unsupported[amp]:
+            s_copy = copy.deepcopy(student)
+            kd_copy = copy.deepcopy(kd_models[first_name][1])
+            amp_models[amp] = (Stepper(device, amp), s_copy, sgd(s_copy), kd_copy, sgd(kd_copy))
 
     records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     loader = build_train_loader(
@@ -146,111 +264,160 @@ def main(argv=None) -> dict:
         batches.append(
             (images, [{"boxes": t["boxes"], "labels": t["labels"] + off} for t in targets])
         )
-
-    def step(model, opt, images, targets):
-        losses = model(images, copy.deepcopy(targets))
-        opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        opt.step()
-
-    batches = [_to(images, targets, args.device) for images, targets in batches]
+    batches = [_to(images, targets, device) for images, targets in batches]
     shutil.rmtree(tmp, ignore_errors=True)  # the models and batches are built: nothing reads it
+
+    step = Stepper(device)
+
+    def timed(fn, *a) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn(*a)
+        sync()
+        return time.perf_counter() - t0
+
     times = {"student step": []}
     times.update({f"teacher forward, {option}": [] for option in variants})
+    for amp in amp_models:
+        times[f"student step, autocast {amp}"] = []
+        times[f"{first_name}: KD step, autocast {amp}"] = []
     for name in kd_models:
         times[f"{name}: teacher forward"] = []
         times[f"{name}: KD step"] = []
-        times[f"{name}: KD step + diagnostics"] = []
+        if not args.no_diag and schedule[name][0] >= 0:
+            times[f"{name}: KD step + diagnostics"] = []
+    # a first step of each autocast kind outside the timers: an error there means unsupported
+    images, targets = batches[0]
+    for amp, (stepper, s_copy, s_opt, kd_copy, kd_opt) in list(amp_models.items()):
+        try:
+            kd_copy.kd_iteration = schedule[first_name][1]
+            stepper(s_copy, s_opt, images, targets)
+            stepper(kd_copy, kd_opt, images, targets)
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            amp_unsupported[amp] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            del amp_models[amp]
+            del (
+                times[f"student step, autocast {amp}"],
+                times[f"{first_name}: KD step, autocast {amp}"],
+            )
     for i, (images, targets) in enumerate(batches):
-        t0 = time.perf_counter()
-        step(student, optimizers["student"], images, targets)
-        if i >= args.warmup:
-            times["student step"].append(time.perf_counter() - t0)
+        measured = i >= args.warmup
+        sample = {"student step": timed(step, student, optimizers["student"], images, targets)}
+        for amp, (stepper, s_copy, s_opt, kd_copy, kd_opt) in amp_models.items():
+            sample[f"student step, autocast {amp}"] = timed(stepper, s_copy, s_opt, images, targets)
+            kd_copy.kd_iteration = schedule[first_name][1]
+            sample[f"{first_name}: KD step, autocast {amp}"] = timed(
+                stepper, kd_copy, kd_opt, images, targets
+            )
         for name, (_, model) in kd_models.items():
+            with_diag, without, _ = schedule[name]
             with torch.no_grad():
                 rec, _ = model.student_step(images, copy.deepcopy(targets))
-                t2 = time.perf_counter()
-                model.teacher_step(rec)
-                t3 = time.perf_counter()
-            model.kd_iteration = 1  # not a diagnostics step (KD.DIAG.PERIOD does not divide 1)
-            step(model, optimizers[name], images, targets)
-            t4 = time.perf_counter()
-            # the same step measuring the per-term trunk gradients (KD.DIAG), as every
-            # KD.DIAG.PERIOD-th step does; the optimizer is stepped on zero gradients
-            period, model.kd_diag_period = model.kd_diag_period, 1
-            model.kd_iteration = 0
-            losses = model(images, copy.deepcopy(targets))
-            optimizers[name].zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizers[name].zero_grad(set_to_none=True)
-            t5 = time.perf_counter()
-            model.kd_diag_period = period
-            if i >= args.warmup:
-                times[f"{name}: teacher forward"].append(t3 - t2)
-            if name == next(iter(kd_models)):  # the teacher options, on the same record
-                for option, variant in variants.items():
-                    with torch.no_grad():
-                        t6 = time.perf_counter()
-                        variant.teacher_step(rec)
-                        if args.device.startswith("cuda"):
-                            torch.cuda.synchronize()
-                        if i >= args.warmup:
-                            times[f"teacher forward, {option}"].append(time.perf_counter() - t6)
-                times[f"{name}: KD step"].append(t4 - t3)
-                times[f"{name}: KD step + diagnostics"].append(t5 - t4)
+                sample[f"{name}: teacher forward"] = timed(model.teacher_step, rec)
+                if name == first_name:  # the teacher options, on the same record
+                    for option, variant in variants.items():
+                        sample[f"teacher forward, {option}"] = timed(variant.teacher_step, rec)
+            model.kd_iteration = without
+            sample[f"{name}: KD step"] = timed(step, model, optimizers[name], images, targets)
+            if f"{name}: KD step + diagnostics" in times:
+                # the same step at an iteration that measures the per-term trunk gradients (and
+                # updates the KD.BALANCE controller, whose state is put back afterwards)
+                balance = copy.deepcopy(model.kd_balance.__dict__) if model.kd_balance else None
+                model.kd_iteration = with_diag
+                sample[f"{name}: KD step + diagnostics"] = timed(
+                    step, model, optimizers[name], images, targets
+                )
+                if balance is not None:
+                    model.kd_balance.__dict__.update(balance)
+        if measured:
+            for k, v in sample.items():
+                times[k].append(v)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"student: {cfg.MODEL.META_ARCHITECTURE} {cfg.MODEL.BACKBONE.NAME}, batch "
         f"{cfg.SOLVER.IMS_PER_BATCH} x {cfg.INPUT.MIN_SIZE_TRAIN[0]} px, {args.iters} measured "
-        f"batches, {args.threads} threads, torch {torch.__version__}"
+        f"batches, {args.threads} threads, torch {torch.__version__}, {device}"
     )
     for k, v in med.items():
         spread = statistics.pstdev(times[k])
-        print(f"{k:>36}: {v * 1000:8.1f} ms  (std {spread * 1000:.1f} ms)")
+        print(f"{k:>44}: {v * 1000:8.1f} ms  (std {spread * 1000:.1f} ms)")
     rows = {}
     for name, (kcfg, model) in kd_models.items():
         kd, tf = med[f"{name}: KD step"], med[f"{name}: teacher forward"]
-        diag = med[f"{name}: KD step + diagnostics"]
-        diag_period = int(kcfg.KD.DIAG.PERIOD) or 50
+        rate = schedule[name][2]
         rows[name] = {
             "methods": list(kcfg.KD.METHODS),
+            "balance": str(kcfg.KD.BALANCE.MODE),
             "teacher_parts": sorted(model.teacher_parts),
             "student_step_ms": round(med["student step"] * 1000, 1),
             "teacher_forward_ms": round(tf * 1000, 1),
             "kd_step_ms": round(kd * 1000, 1),
             "kd_over_student": round(kd / med["student step"], 3),
             "kd_overhead_ratio": round(kd / (med["student step"] + tf), 3),
-            "diag_step_ms": round(diag * 1000, 1),
-            # the diagnostics' extra cost averaged over KD.DIAG.PERIOD steps, per KD step
-            "diag_overhead": round((diag - kd) / diag_period / kd, 4),
         }
+        line = ""
+        if f"{name}: KD step + diagnostics" in med:
+            diag = med[f"{name}: KD step + diagnostics"]
+            rows[name].update(
+                {
+                    "diag_step_ms": round(diag * 1000, 1),
+                    "diag_every": round(1 / rate, 2),
+                    # the diagnostics' extra cost averaged over the schedule, per KD step
+                    "diag_overhead": round((diag - kd) * rate / kd, 4),
+                }
+            )
+            line = (
+                f", diagnostics every {1 / rate:.3g} steps cost "
+                f"{100 * rows[name]['diag_overhead']:.2f} % of a KD step"
+            )
         print(
             f"{name}: teacher parts {rows[name]['teacher_parts']}, KD step / student step "
             f"{rows[name]['kd_over_student']:.3f}, kd_overhead_ratio="
-            f"{rows[name]['kd_overhead_ratio']:.3f}, diagnostics every {diag_period} steps "
-            f"cost {100 * rows[name]['diag_overhead']:.2f} % of a KD step"
+            f"{rows[name]['kd_overhead_ratio']:.3f}{line}"
         )
-    first_name = next(iter(kd_models))
     t32 = med[f"{first_name}: teacher forward"]
-    summary = {
+    summary: dict[str, float | str] = {
         "kd_step_vs_student_step": med[f"{first_name}: KD step"] / med["student step"],
         "teacher_forward_share_of_kd_step": t32 / med[f"{first_name}: KD step"],
     }
     for option in variants:
         summary[f"teacher_forward_speedup_{option}"] = t32 / med[f"teacher forward, {option}"]
+    for amp in args.amp:
+        short = AMP_DTYPES[amp][1]
+        if amp in amp_models:
+            summary[f"amp_{short}_student_step_vs_fp32"] = (
+                med[f"student step, autocast {amp}"] / med["student step"]
+            )
+            summary[f"amp_{short}_kd_step_vs_fp32"] = (
+                med[f"{first_name}: KD step, autocast {amp}"] / med[f"{first_name}: KD step"]
+            )
+        else:
+            summary[f"amp_{short}_student_step_vs_fp32"] = "unsupported"
+            summary[f"amp_{short}_kd_step_vs_fp32"] = "unsupported"
+            print(f"autocast {amp} on {device}: unsupported ({amp_unsupported[amp]})")
     for k, v in summary.items():
-        print(f"{k}={v:.3f}")
+        print(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}")
+    for name, row in rows.items():
+        if "diag_overhead" in row:
+            print(f"diag_overhead_{name}={row['diag_overhead']:.4f}")
     out = {
         "torch": torch.__version__,
+        "machine": (
+            torch.cuda.get_device_name(torch.device(device))
+            if device.startswith("cuda")
+            else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+        ),
         "threads": args.threads,
         "iters": args.iters,
         "batch": int(cfg.SOLVER.IMS_PER_BATCH),
         "input": int(cfg.INPUT.MIN_SIZE_TRAIN[0]),
-        "device": args.device,
+        "device": device,
         "rows": rows,
         "summary": summary,
     }
+    if args.amp:
+        out["amp_unsupported"] = {k: v for k, v in amp_unsupported.items() if v}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -26,7 +26,11 @@ def tiny_cfg(
     backbone: str = "resnet18",
     channels: int = 32,
     num_classes: int = NUM_CLASSES,
+    guard: bool = False,
 ):
+    """A small detector config. ``guard``: the divergence guard (``SOLVER.DIVERGENCE``) on, as
+    in a user's run — every test of the guard or of ``KD.BALANCE`` (the two work together: the
+    controller's calibration keeps a dominating term below the guard) must pass it."""
     cfg = get_cfg()
     cfg.MODEL.META_ARCHITECTURE = arch
     cfg.MODEL.BACKBONE.NAME = backbone
@@ -43,8 +47,9 @@ def tiny_cfg(
     cfg.INPUT.MIN_SIZE_TEST = 96
     cfg.INPUT.MAX_SIZE_TEST = 128
     # The tests' teachers are randomly initialised: their distillation losses can be huge by
-    # design. The divergence guard has tests of its own (tests/test_first_contact.py).
-    cfg.SOLVER.DIVERGENCE.ENABLED = False
+    # design, so the guard is off unless asked for. Its tests (tests/test_first_contact.py) and
+    # the controller's (tests/test_kd_control.py) turn it on.
+    cfg.SOLVER.DIVERGENCE.ENABLED = guard
     cfg.KD.PREFLIGHT.ENABLED = False  # likewise the pre-flight check (it refuses such teachers)
     if arch == "FasterRCNN":
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
@@ -74,9 +79,11 @@ def save_teacher(
     return tcfg, yaml_path, pth_path
 
 
-def kd_cfg(tmp_path, arch="RetinaNet", methods=("FitNet",), teacher_backbone="resnet34"):
+def kd_cfg(
+    tmp_path, arch="RetinaNet", methods=("FitNet",), teacher_backbone="resnet34", guard=False
+):
     _, yaml_path, pth_path = save_teacher(tmp_path, arch, teacher_backbone)
-    cfg = tiny_cfg(arch)
+    cfg = tiny_cfg(arch, guard=guard)
     cfg.KD.METHODS = list(methods)
     cfg.KD.TEACHER.CONFIG = yaml_path
     cfg.KD.TEACHER.WEIGHTS = pth_path
@@ -100,9 +107,10 @@ def batch(arch: str = "RetinaNet", with_empty: bool = True):
     return images, targets
 
 
-def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6):
-    """A tiny 6-class training config on the synthetic data ``tiny_data = (train, val)``."""
-    cfg = tiny_cfg(arch)
+def engine_cfg(tiny_data, out, arch="RetinaNet", max_iter=6, guard=False):
+    """A tiny 6-class training config on the synthetic data ``tiny_data = (train, val)``
+    (``guard``: see :func:`tiny_cfg`)."""
+    cfg = tiny_cfg(arch, guard=guard)
     cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES = 6
     cfg.MODEL.FCOS.NUM_CLASSES = 6
     cfg.MODEL.GFL.NUM_CLASSES = 6

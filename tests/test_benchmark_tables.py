@@ -28,8 +28,9 @@ def test_rows_pair_seeds_and_compute_gain_and_gap(tmp_path, monkeypatch):
     pair = tmp_path / "fcos"
     pair.mkdir()
 
-    def write(name, kind, seed, ap, config="c.yaml"):
+    def write(name, kind, seed, ap, config="c.yaml", **extra):
         record = {
+            "run": name,
             "kind": kind,
             "seed": seed,
             "bbox": {"AP": ap},
@@ -37,6 +38,7 @@ def test_rows_pair_seeds_and_compute_gain_and_gap(tmp_path, monkeypatch):
             "methods": ["PKD"] if kind == "distilled" else [],
             "inherit_teacher": [],
             "torch": "x",
+            **extra,
         }
         (pair / f"{name}.json").write_text(json.dumps(record))
 
@@ -49,3 +51,25 @@ def test_rows_pair_seeds_and_compute_gain_and_gap(tmp_path, monkeypatch):
     assert row["per_seed"] == [2.0, 1.0, 4.0]
     assert row["gain"][0] == 7.0 / 3.0
     assert row["gap_closed"] == (43.0 / 3.0 - 12.0) / (30.0 - 12.0)
+    assert row["own_teacher"] is None and row["pair_teacher"] == 30.0
+
+
+def test_a_run_from_a_retrained_teacher_is_measured_against_that_teacher(tmp_path, monkeypatch):
+    table = _gains_table()
+    pair = tmp_path / "fcos"
+    pair.mkdir()
+    records = {
+        "teacher": {"kind": "teacher", "seed": 0, "bbox": {"AP": 30.0}},
+        "teacher_retrained": {"kind": "teacher", "seed": 0, "bbox": {"AP": 40.0}},
+        "student_seed0": {"kind": "student", "seed": 0, "bbox": {"AP": 10.0}},
+        "pkd_seed0": {
+            "kind": "distilled", "seed": 0, "bbox": {"AP": 25.0}, "teacher": {"AP": 40.0}
+        },
+    }  # fmt: skip
+    for name, r in records.items():
+        r.update(run=name, config="c.yaml", methods=["PKD"], inherit_teacher=[], torch="x")
+        (pair / f"{name}.json").write_text(json.dumps(r))
+    monkeypatch.setattr(table, "RESULTS", str(tmp_path))
+    (row,) = table.rows_for("fcos")
+    assert row["pair_teacher"] == 30.0 and row["own_teacher"] == 40.0
+    assert row["gap_closed"] == (25.0 - 10.0) / (40.0 - 10.0)

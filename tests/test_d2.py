@@ -768,6 +768,19 @@ def test_register_config_datasets_detectron2_idempotent_and_clashes(syn_coco):
                 MetadataCatalog.remove(name)
 
 
+def _six_class_retinanet_teacher(tmp_path, cfg) -> None:
+    """Save a random 6-class RetinaNet R34 teacher in ``tmp_path`` and point ``cfg.KD.TEACHER``
+    at it."""
+    tcfg = d2_cfg("RetinaNet", 34, 64)
+    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
+    torch.manual_seed(5)
+    DetectionCheckpointer(build_model(tcfg), save_dir=str(tmp_path)).save("teacher6")
+    with open(tmp_path / "teacher6.yaml", "w") as f:
+        f.write(tcfg.dump())
+    cfg.KD.TEACHER.CONFIG = str(tmp_path / "teacher6.yaml")
+    cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "teacher6.pth")
+
+
 def test_diagnostics_and_balance_on_detectron2(tmp_path):
     from kd2.d2.engine import student_checkpointer
 
@@ -812,14 +825,7 @@ def test_preflight_on_detectron2_stops_a_random_teacher(tmp_path, syn_coco):
     cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER = 2, 2
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.OUTPUT_DIR = str(tmp_path / "out")
-    tcfg = d2_cfg("RetinaNet", 34, 64)
-    tcfg.MODEL.RETINANET.NUM_CLASSES = 6
-    torch.manual_seed(5)
-    DetectionCheckpointer(build_model(tcfg), save_dir=str(tmp_path)).save("teacher6")
-    with open(tmp_path / "teacher6.yaml", "w") as f:
-        f.write(tcfg.dump())
-    cfg.KD.TEACHER.CONFIG = str(tmp_path / "teacher6.yaml")
-    cfg.KD.TEACHER.WEIGHTS = str(tmp_path / "teacher6.pth")
+    _six_class_retinanet_teacher(tmp_path, cfg)
     trainer = KDTrainer(cfg)
     with pytest.raises(PreflightError, match="MIN_TEACHER_AP"):
         trainer.train()
@@ -867,3 +873,76 @@ def test_detectron2_heads_resume_from_every_cut(tmp_path, arch):
 def test_head_methods_refuse_faster_rcnn_on_detectron2(tmp_path, method):
     with pytest.raises(ValueError, match=f"KD method '{method}'.*does not apply"):
         build_model(kd_cfg(tmp_path, "GeneralizedRCNN", [method]))
+
+
+def _kdtrainer_cfg(tmp_path, syn_coco, fitnet_weight=1.0, balance="none", max_iter=4):
+    """A 6-class RetinaNet FitNet run of ``KDTrainer`` on the synthetic set, the divergence
+    guard on (its defaults)."""
+    cfg = kd_cfg(tmp_path, "RetinaNet", ["FitNet"])
+    cfg.DATASETS.TRAIN = (f"{syn_coco['train_json']}:{syn_coco['train_image_root']}",)
+    cfg.DATASETS.TEST = ()
+    cfg.MODEL.RETINANET.NUM_CLASSES = 6
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR = 2, max_iter, 0.01
+    cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD = (), 1, 2
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.DIVERGENCE.ENABLED = True
+    cfg.KD.FITNET.WEIGHT = fitnet_weight
+    cfg.KD.BALANCE.MODE = balance
+    cfg.OUTPUT_DIR = str(tmp_path / f"out_{balance}_{fitnet_weight:g}")
+    _six_class_retinanet_teacher(tmp_path, cfg)
+    return cfg
+
+
+def test_kdtrainer_guard_stops_a_diverging_run_before_the_step(tmp_path, syn_coco):
+    """The torchvision trainer's guard on Detectron2's ``KDTrainer``: the same message, raised
+    between the forward and the optimizer step, no checkpoint after the last good one."""
+    from detectron2.engine import hooks
+
+    from kd2.d2 import KDTrainer
+
+    cfg = _kdtrainer_cfg(tmp_path, syn_coco, fitnet_weight=1e-6)  # the random teacher's: 3e5
+    trainer = KDTrainer(cfg)
+    cls_score = trainer.model.head.cls_score
+
+    def explode(t):  # the weights blow up after the checkpoint at 2, as at too high a rate
+        if t.iter == 2:
+            with torch.no_grad():
+                cls_score.weight.mul_(1e4)
+                cls_score.bias.fill_(1e4)
+
+    trainer.register_hooks([hooks.CallbackHook(after_step=explode)])
+    with pytest.raises(FloatingPointError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "training diverged at iteration 3" in msg and "exceeds SOLVER.DIVERGENCE.MAX_LOSS" in msg
+    assert "model_0000001.pth" in msg and "--resume SOLVER.BASE_LR 0.005" in msg
+    assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_0000003.pth"))
+
+
+def test_kdtrainer_out_of_scale_term_stops_without_balance_and_trains_with_it(tmp_path, syn_coco):
+    """FitNet at its own weight with the random teacher (loss 3e5 at iteration 0 on Detectron2's
+    0-255 inputs): with KD.BALANCE none, ``KDTrainer`` stops at iteration 0 with the
+    out-of-scale message; with grad_share, the calibration on the first batch lets the run
+    train, the share in the band from iteration 0."""
+    from detectron2.engine import hooks
+
+    from kd2.d2 import KDTrainer
+
+    cfg = _kdtrainer_cfg(tmp_path, syn_coco, max_iter=2)
+    with pytest.raises(FloatingPointError) as err:
+        KDTrainer(cfg).train()
+    msg = str(err.value)
+    assert "loss term out of scale at iteration 0" in msg and "loss_kd_fitnet" in msg
+    assert "KD.BALANCE.MODE grad_share" in msg and "KD.FITNET.WEIGHT (now 1;" in msg
+    cfg = _kdtrainer_cfg(tmp_path, syn_coco, balance="grad_share", max_iter=2)
+    trainer = KDTrainer(cfg)
+    shares = []
+    trainer.register_hooks(
+        [hooks.CallbackHook(after_step=lambda t: shares.append(dict(t.model.kd_diag_last)))]
+    )
+    trainer.train()
+    assert shares[0]["iteration"] == 0 and shares[0]["kd_calibration/share"] > 0.99
+    assert shares[0]["grad_share/loss_kd_fitnet"] == pytest.approx(0.7, abs=1e-6)
+    assert trainer.model.kd_balance.calibrated
+    assert os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))

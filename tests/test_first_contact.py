@@ -38,9 +38,37 @@ def test_guard_needs_min_iters_before_the_relative_rule():
     assert guard.check({}, 100.0) is None  # only 1 iteration seen: early losses swing widely
 
 
+def test_guard_tells_a_term_out_of_scale_from_the_start_from_a_divergence():
+    """Over MAX_LOSS at its first value (or within FACTOR of it): out of scale — a weight
+    problem; grown more than FACTOR from a normal start: diverged. Non-finite: always a stop."""
+    from kd2.engine.divergence import DIVERGED, NON_FINITE, OUT_OF_SCALE, judge_step
+
+    guard = DivergenceGuard(max_loss=1e4, factor=50, window=5, min_iters=3)
+    stop = judge_step(guard, {"loss_cls": 1.2, "loss_kd_fitnet": 3e5}, 3e5 + 1.2, 0)
+    assert stop.kind == OUT_OF_SCALE and stop.terms == ["loss_kd_fitnet"]
+    assert "loss_kd_fitnet = 3e+05 exceeds" in stop.reason
+    # the KD warm-up: zero at iteration 0, its first value 5e3 at 1, 2e4 at 4 (4x): out of scale
+    guard = DivergenceGuard(max_loss=1e4, factor=50, window=5, min_iters=3)
+    for it, kd in enumerate((0.0, 5e3, 1e4 - 1)):
+        assert judge_step(guard, {"loss_cls": 1.0, "loss_kd_x": kd}, 1.0 + kd, it) is None
+    assert judge_step(guard, {"loss_cls": 1.0, "loss_kd_x": 2e4}, 2e4 + 1, 3).kind == OUT_OF_SCALE
+    # a detection loss that grew from 1.5 to 1e8 in a few steps: diverged
+    guard = DivergenceGuard(max_loss=1e4, factor=50, window=5, min_iters=3)
+    assert judge_step(guard, {"loss_cls": 1.5}, 1.5, 0) is None
+    stop = judge_step(guard, {"loss_cls": 1e8}, 1e8, 1)
+    assert stop.kind == DIVERGED and stop.terms == ["loss_cls"] and "1.5" in stop.reason
+    # only the total over the bound: its largest term is named
+    guard = DivergenceGuard(max_loss=10, factor=50, window=5, min_iters=3)
+    stop = judge_step(guard, {"loss_a": 6.0, "loss_kd_b": 7.0}, 13.0, 0)
+    assert stop.kind == OUT_OF_SCALE and stop.terms == ["loss_kd_b"]
+    assert "total_loss = 13 exceeds" in stop.reason
+    stop = judge_step(None, {"loss_a": float("nan"), "loss_b": 1.0}, float("nan"), 7)
+    assert stop.kind == NON_FINITE and stop.terms == ["loss_a"] and stop.iteration == 7
+    assert judge_step(None, {"loss_a": 1e30}, 1e30, 0) is None  # no guard: finite goes on
+
+
 def test_guard_stops_an_exploding_run_with_the_last_good_checkpoint(tiny_data, tmp_path):
-    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=6)
-    cfg.SOLVER.DIVERGENCE.ENABLED = True
+    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=6, guard=True)
     trainer = Trainer(cfg)
     head = trainer.model.head.classification_head.cls_logits
 
@@ -55,20 +83,20 @@ def test_guard_stops_an_exploding_run_with_the_last_good_checkpoint(tiny_data, t
         trainer.train()
     msg = str(err.value)
     assert "training diverged at iteration 3" in msg and "exceeds SOLVER.DIVERGENCE.MAX_LOSS" in msg
+    assert "grown from its first value" in msg and "out of scale" not in msg
     assert "model_0000002.pth" in msg and "--resume SOLVER.BASE_LR 0.005" in msg
     assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_0000004.pth"))
 
 
 def test_guard_can_be_switched_off(tiny_data, tmp_path):
-    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=2)
+    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=2, guard=True)
     assert get_cfg().SOLVER.DIVERGENCE.ENABLED  # on by default
     cfg.SOLVER.DIVERGENCE.ENABLED = False
     assert Trainer(cfg).divergence_guard is None
 
 
 def test_student_with_absurd_weights_is_named(tiny_data, tmp_path):
-    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=4)
-    cfg.SOLVER.DIVERGENCE.ENABLED = True
+    cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=4, guard=True)
     trainer = Trainer(cfg)
     conv = trainer.model.head.classification_head.cls_logits  # no normalisation after it
 

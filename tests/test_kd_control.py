@@ -62,13 +62,63 @@ def test_balancer_steps_are_smoothed_clipped_and_stateful():
     assert b.multiplier("loss_kd_x") < 1.0 / 6.0 and b.smoothed["loss_kd"] < 0.31
     c = GradShareBalancer(0.1, 0.3, period=5)
     assert c.update(0.99999) == pytest.approx(0.1)  # clipped at 1 / MAX_STEP
-    # a single low measurement does not undo it: smoothed (0.9999 + 0) / 2 is still above the band
-    assert c.update(0.0) == pytest.approx(0.05, rel=1e-3)
+    # a single low measurement does not undo it: smoothed (0.9999 + 0.001) / 2 is still above
+    # the band
+    assert c.update(0.001) == pytest.approx(0.05, rel=1e-2)
     fresh = GradShareBalancer(0.1, 0.3, period=5)
     fresh.load_state_dict(b.state_dict())
     assert fresh.multipliers == b.multipliers and fresh.smoothed == b.smoothed
     with pytest.raises(ValueError, match="LOW < HIGH"):
         GradShareBalancer(0.3, 0.1, period=5)
+
+
+def test_no_kd_gradient_rule_reads_the_measured_share():
+    """A period whose measured KD share is 0 (no KD gradient at the trunk: a head-only term,
+    the KD warm-up's zero factor) changes nothing — not the multiplier, not the smoothed share —
+    even while the smoothed share of earlier periods is still above the band."""
+    for target in ("middle", "nearest", "minimal"):
+        b = GradShareBalancer(0.1, 0.3, period=1, target=target)
+        m = b.update(0.99999)
+        assert m < 1.0
+        smoothed = b.smoothed["loss_kd"]
+        assert smoothed > 0.3  # above the band: a rule reading it would shrink m again
+        assert b.update(0.0) == m, target
+        assert b.multiplier("loss_kd_x") == m and b.smoothed["loss_kd"] == smoothed
+    fresh = GradShareBalancer(0.1, 0.3, period=1)
+    assert fresh.update(0.0) == 1.0 and not fresh.multipliers and not fresh.smoothed
+
+
+def test_calibration_puts_the_share_on_the_target_in_closed_form():
+    """The share's odds are proportional to the common multiplier: ``m = odds(t) / odds(S1)``
+    lands exactly on the target, without the feedback rule's damping and MAX_STEP clip."""
+
+    def odds(p):
+        return p / (1 - p)
+
+    def share_at(m, s1):  # the share the multiplier gives
+        return m * odds(s1) / (1 + m * odds(s1))
+
+    b = GradShareBalancer(0.5, 0.9, period=20, warmup=20)
+    m = b.calibrate(0.9999)  # odds 9999 -> the middle's 7/3: far beyond one MAX_STEP
+    assert m == pytest.approx(odds(0.7) / odds(0.9999)) and m < 1e-3
+    assert share_at(m, 0.9999) == pytest.approx(0.7)
+    assert b.smoothed["loss_kd"] == pytest.approx(0.7) and b.calibrated and b.updates == 1
+    low = GradShareBalancer(0.5, 0.9, period=1)
+    assert low.calibrate(0.01) == pytest.approx(odds(0.7) / odds(0.01))  # scaled up, unclipped
+    inside = GradShareBalancer(0.5, 0.9, period=1)
+    assert inside.calibrate(0.6) == 1.0 and not inside.multipliers  # the methods' own weights
+    nearest = GradShareBalancer(0.5, 0.9, period=1, target="nearest")
+    assert share_at(nearest.calibrate(0.999), 0.999) == pytest.approx(0.9)
+    minimal = GradShareBalancer(0.5, 0.9, period=1, target="minimal")
+    assert share_at(minimal.calibrate(0.2), 0.2) == pytest.approx(0.5)
+    none = GradShareBalancer(0.5, 0.9, period=1)
+    assert none.calibrate(0.0) == 1.0 and none.calibrated and not none.smoothed
+    restored = GradShareBalancer(0.5, 0.9, period=20)
+    restored.load_state_dict(b.state_dict())
+    assert restored.calibrated and restored.multipliers == b.multipliers
+    old = {"multipliers": {"loss_kd": 0.5}, "smoothed": {}, "updates": 3}  # kd2 before 0.5
+    restored.set_extra_state(old)
+    assert restored.calibrated  # a checkpoint's run is past its first step
 
 
 def test_nearest_bound_rule_is_rt_detrv4s():
@@ -114,9 +164,9 @@ def test_term_advice():
     assert "multiply its weight by about 25" in term_advice("loss_kd_x", 0.01 / 1.0001, None)
 
 
-def _kd_cfg(tiny_data, tmp_path, out, max_iter=4, methods=("FitNet",)):
+def _kd_cfg(tiny_data, tmp_path, out, max_iter=4, methods=("FitNet",), guard=False):
     _, tyaml, tpth = save_teacher(tmp_path, "RetinaNet", "resnet34", num_classes=6)
-    cfg = engine_cfg(tiny_data, out, max_iter=max_iter)
+    cfg = engine_cfg(tiny_data, out, max_iter=max_iter, guard=guard)
     cfg.KD.METHODS = list(methods)
     cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
     return cfg
@@ -158,8 +208,10 @@ def test_diagnostics_written_to_metrics_and_plotted(tiny_data, tmp_path):
 
 
 def test_controller_brings_a_dominating_term_into_the_band(tiny_data, tmp_path):
+    """The feedback rule alone (no calibration), with the divergence guard on."""
     out = tmp_path / "balance"
-    cfg = _kd_cfg(tiny_data, tmp_path, out, max_iter=40)
+    cfg = _kd_cfg(tiny_data, tmp_path, out, max_iter=40, guard=True)
+    cfg.KD.BALANCE.CALIBRATE = False
     cfg.KD.FITNET.WEIGHT = 0.01  # with the random teacher: > 95 % of the trunk gradient
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True  # the first steps must not diverge meanwhile
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
@@ -187,7 +239,7 @@ def test_controller_brings_a_dominating_term_into_the_band(tiny_data, tmp_path):
 
 def test_resume_restores_the_multipliers_exactly(tiny_data, tmp_path):
     def cfg_for(out):
-        cfg = _kd_cfg(tiny_data, tmp_path, out, max_iter=6)
+        cfg = _kd_cfg(tiny_data, tmp_path, out, max_iter=6, guard=True)
         cfg.KD.FITNET.WEIGHT = 0.01
         cfg.KD.BALANCE.MODE = "grad_share"
         cfg.KD.BALANCE.PERIOD = 1
@@ -266,20 +318,79 @@ def test_controller_moves_all_kd_terms_together_by_their_total_share(tmp_path):
 
     from .helpers import batch, kd_cfg
 
-    cfg = kd_cfg(tmp_path, "RetinaNet", ["FitNet", "DeFeat"])
+    cfg = kd_cfg(tmp_path, "RetinaNet", ["FitNet", "DeFeat"], guard=True)
     cfg.KD.BALANCE.MODE = "grad_share"
     cfg.KD.BALANCE.PERIOD, cfg.KD.BALANCE.WARMUP = 1, 0
     cfg.KD.BALANCE.LOW, cfg.KD.BALANCE.HIGH = 0.5, 0.9
     model = build_detector(cfg).train()
-    model.kd_before_step(0)
     images, targets = batch("RetinaNet")
+    terms = ("loss_kd_fitnet", "loss_kd_defeat_fg", "loss_kd_defeat_bg")
+    model.kd_before_step(0)  # the calibration: in closed form, onto the band's middle
     model(images, targets)
     diag = model.kd_diag_last
-    terms = ("loss_kd_fitnet", "loss_kd_defeat_fg", "loss_kd_defeat_bg")
+    s1 = diag["kd_calibration/share"]
+    m1 = 1.0 if 0.5 <= s1 <= 0.9 else (0.7 / 0.3) / (s1 / (1 - s1))
+    assert sum(diag[f"grad_share/{t}"] for t in terms) == pytest.approx(
+        0.7 if m1 != 1.0 else s1, rel=1e-6
+    )
+    for term in terms:
+        assert model.kd_balance.multiplier(term) == pytest.approx(m1, rel=1e-9), term
+    model.kd_before_step(1)  # then the feedback rule: one step from the total share
+    model(images, targets)
+    diag = model.kd_diag_last
     s = sum(diag[f"grad_share/{t}"] for t in terms)
     assert s == pytest.approx(1.0 - diag["grad_share/detection"])
-    step = math.sqrt((0.7 / 0.3) / (s / (1 - s)))
-    expected = 1.0 if 0.5 <= s <= 0.9 else min(max(step, 0.1), 10.0)
+    smoothed = 0.5 * (0.7 if m1 != 1.0 else s1) + 0.5 * s
+    step = math.sqrt((0.7 / 0.3) / (smoothed / (1 - smoothed)))
+    expected = m1 if 0.5 <= smoothed <= 0.9 else m1 * min(max(step, 0.1), 10.0)
     for term in terms:
         assert model.kd_balance.multiplier(term) == pytest.approx(expected, rel=1e-9), term
         assert diag[f"kd_multiplier/{term}"] == model.kd_balance.multiplier(term)
+
+
+def _fitnet_x1000(tiny_data, tmp_path, out, balance: str, max_iter: int):
+    """FitNet at 1000x its weight, the divergence guard on (its defaults): with the random
+    teacher, loss_kd_fitnet is ~3e5 at iteration 0, the detection losses ~2.6."""
+    cfg = _kd_cfg(tiny_data, tmp_path, out, max_iter=max_iter, guard=True)
+    cfg.KD.FITNET.WEIGHT = 1000.0
+    cfg.KD.BALANCE.MODE = balance
+    cfg.KD.BALANCE.PERIOD, cfg.KD.BALANCE.WARMUP = 5, 5
+    cfg.KD.DIAG.PERIOD = 5
+    cfg.SOLVER.STEPS = (max_iter,)
+    cfg.SOLVER.CHECKPOINT_PERIOD = 0
+    return cfg
+
+
+def test_fitnet_x1000_with_balance_and_guard_trains_with_its_share_in_the_band(tiny_data, tmp_path):
+    """The issue's case: KD.BALANCE's calibration scales the dominating term into the band on
+    the first batch, before the first optimizer step, so the guard (judging the multiplied
+    loss) lets the run train; the logged share is in the band from the first diagnostics on."""
+    out = tmp_path / "x1000_balance"
+    trainer = Trainer(_fitnet_x1000(tiny_data, tmp_path, out, "grad_share", max_iter=30))
+    trainer.train()
+    lines = read_metrics(out)
+    diag = [d for d in lines if "grad_share/loss_kd_fitnet" in d]
+    assert [d["iteration"] for d in diag] == list(range(0, 30, 5))
+    assert diag[0]["kd_calibration/share"] > 0.999  # at the methods' own weights
+    assert diag[0]["kd_multiplier/loss_kd_fitnet"] < 1e-4
+    shares = [d["grad_share/loss_kd_fitnet"] for d in diag]
+    assert shares[0] == pytest.approx(0.7, abs=1e-6)  # the band's middle, at iteration 0
+    assert all(0.5 <= s <= 0.9 for s in shares), shares
+    losses = [d for d in lines if "total_loss" in d]
+    assert losses and all(math.isfinite(d["total_loss"]) and d["total_loss"] < 1e4 for d in losses)
+    assert (out / "model_final.pth").exists()
+
+
+def test_fitnet_x1000_without_balance_stops_at_once_as_out_of_scale(tiny_data, tmp_path):
+    """The same run with the methods' own weights stops at its first step, and the message
+    says it is a term out of scale (not a divergence), names it and what fixes it."""
+    out = tmp_path / "x1000_none"
+    trainer = Trainer(_fitnet_x1000(tiny_data, tmp_path, out, "none", max_iter=30))
+    with pytest.raises(FloatingPointError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "loss term out of scale at iteration 0" in msg and "diverged" not in msg
+    assert "loss_kd_fitnet = " in msg and "exceeds SOLVER.DIVERGENCE.MAX_LOSS" in msg
+    assert "KD.BALANCE.MODE grad_share" in msg and "KD.FITNET.WEIGHT (now 1000" in msg
+    assert "SOLVER.BASE_LR" not in msg  # no learning rate causes a term out of scale
+    assert trainer.iter == 0 and not (out / "model_final.pth").exists()

@@ -231,6 +231,12 @@ _C.KD.BALANCE.HIGH = 0.9
 # in the band, re-evaluated inside the band too, so the methods' own weights come back when they
 # fit). README "Is the teacher helping?" has them measured side by side.
 _C.KD.BALANCE.TARGET = "middle"
+# Calibration: on the first batch of a fresh run, before the first optimizer step, measure the
+# KD share at the methods' own weights and set the multiplier in closed form so the share starts
+# on the TARGET (kd2/modeling/balance.py, "Calibration"): a term that starts far out of scale is
+# scaled down from iteration 0, before the divergence guard (SOLVER.DIVERGENCE) sees it. Not on
+# resume (the multiplier comes from the checkpoint). False: the first update at WARMUP.
+_C.KD.BALANCE.CALIBRATE = True
 # Teacher-initialised student (FGD's / MGD's "inheriting strategy"): copy the teacher's weights
 # into the student wherever names and shapes match, for these parts: "backbone", "neck" (the FPN),
 # "head" (the dense head, or the RPN + ROI heads of a two-stage detector), or any state-dict name

@@ -9,6 +9,11 @@ What it adds to ``DefaultTrainer``:
 * the Global-Knowledge prototype refresh (:func:`prototype_refresh_hook`), when configured;
 * ``build_evaluator``: ``COCOEvaluator``;
 * COCO files by name (:func:`kd2.d2.data.register_config_datasets`, at construction);
+* the torchvision trainer's safety checks: the divergence guard (:func:`divergence_hook`: a
+  non-finite loss, and with ``SOLVER.DIVERGENCE.ENABLED`` a diverging or out-of-scale one, stops
+  the run before the optimizer step, with the same message) and the learning rate's batch
+  (:func:`kd2.engine.batch_scaling.fit_lr_to_batch`, when ``SOLVER.BASE_LR_BATCH_SIZE`` is
+  declared); both opt-in on Detectron2 (:func:`kd2.d2.config.add_kd_config` says why);
 * identical replicas on several processes (:func:`replica_sync_hook`): rank 0's buffers before
   every checkpoint and evaluation, per-rank checksums at the end; and DDP of a CPU model
   (:func:`create_ddp_model`: ``--num-gpus 2`` without a GPU runs on gloo).
@@ -22,7 +27,7 @@ import contextlib
 import logging
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, hooks
@@ -33,6 +38,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd2.data.catalog import check_class_count
+from kd2.engine.batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
+from kd2.engine.divergence import DivergenceGuard, judge_step, stop_message
 from kd2.engine.trainer import broadcast_buffers
 
 from .data import register_config_datasets
@@ -40,6 +47,7 @@ from .teacher import _WeightsOnlyCheckpointer
 
 __all__ = [
     "create_ddp_model",
+    "divergence_hook",
     "replica_sync_hook",
     "KDTrainer",
     "StudentView",
@@ -91,6 +99,63 @@ def kd_step_hook() -> hooks.HookBase:
             model.kd_before_step(trainer.iter)
 
     return hooks.CallbackHook(before_step=before_step)
+
+
+class _DivergenceHook(hooks.HookBase):
+    """See :func:`divergence_hook`."""
+
+    def __init__(self, guard: DivergenceGuard | None, message: Callable):
+        self.guard, self.message = guard, message
+        self._armed, self._handle = False, None
+
+    def before_train(self):
+        self._handle = self.trainer.model.register_forward_hook(self._judge)
+
+    def before_step(self):
+        self._armed = True  # the step's training forward, not the pre-flight's or an eval's
+
+    def after_step(self):
+        self._armed = False
+
+    def after_train(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _judge(self, module, inputs, output):
+        if not self._armed or not module.training or not isinstance(output, Mapping):
+            return
+        self._armed = False
+        values = {k: float(v.detach()) for k, v in output.items()}
+        stop = judge_step(self.guard, values, sum(values.values()), self.trainer.iter)
+        if stop is not None:
+            raise FloatingPointError(self.message(stop, _unwrap(self.trainer.model)))
+
+
+def divergence_hook(cfg) -> hooks.HookBase:
+    """kd2's divergence guard (``SOLVER.DIVERGENCE``, :mod:`kd2.engine.divergence`) on a
+    Detectron2 trainer: the loss dict of every step's training forward — the loss the optimizer
+    receives, ``KD.BALANCE`` multipliers included — is judged right after the forward, so a
+    non-finite, diverging or out-of-scale loss stops the run before ``backward`` and the
+    optimizer step, with the torchvision trainer's message (FloatingPointError). Detectron2's own
+    NaN check comes only after ``backward``, and it has no guard for finite explosions.
+
+    A forward hook on ``trainer.model``, armed in ``before_step``: Detectron2's ``run_step``
+    (``SimpleTrainer`` and ``AMPTrainer`` alike) stays Detectron2's own."""
+    guard = DivergenceGuard.from_config(cfg.SOLVER.DIVERGENCE)
+
+    def message(stop, model):
+        return stop_message(
+            stop,
+            model,
+            output_dir=cfg.OUTPUT_DIR,
+            base_lr=cfg.SOLVER.BASE_LR,
+            teacher_weights=cfg.KD.TEACHER.WEIGHTS,
+            kd_cfg=cfg.KD,
+            lr_batch=lr_batch_mismatch(cfg),
+        )
+
+    return _DivergenceHook(guard, message)
 
 
 def replica_sync_hook(cfg) -> hooks.HookBase:
@@ -294,6 +359,10 @@ class KDTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         register_config_datasets(cfg)  # "instances.json:image_dir" names, DATASETS.REGISTER
+        if "BASE_LR_BATCH_SIZE" in cfg.SOLVER:
+            # kd2's REFERENCE_WORLD_SIZE rule also scales BASE_LR_BATCH_SIZE (Detectron2's own
+            # then finds nothing to do), then the learning rate is checked against the batch
+            cfg = fit_lr_to_batch(auto_scale_workers(cfg, comm.get_world_size()))
         with _cpu_ddp():  # --num-gpus N without a GPU: DDP of a CPU model takes no device_ids
             super().__init__(cfg)
 
@@ -320,7 +389,10 @@ class KDTrainer(DefaultTrainer):
             len(ret),
         )
         ret.insert(at, replica_sync_hook(self.cfg))
-        return [prototype_refresh_hook(self.cfg), preflight_hook(self.cfg), kd_step_hook()] + ret
+        first = [prototype_refresh_hook(self.cfg), preflight_hook(self.cfg), kd_step_hook()]
+        if "DIVERGENCE" in self.cfg.SOLVER:
+            first.append(divergence_hook(self.cfg))
+        return first + ret
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -10,12 +10,15 @@ the image's pixels, labels contiguous ``0..K-1`` whatever the framework's conven
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from kd2.utils.errors import ConfigError, MissingFileError
 
 __all__ = ["Predictor", "load_predictor"]
 
@@ -105,7 +108,9 @@ def load_predictor(config_file: str, opts: Sequence[str] = (), weights: str = ""
     """The plain detector of ``config_file`` with ``MODEL.WEIGHTS`` (or ``weights``) loaded.
 
     Raises:
-        ValueError / FileNotFoundError: no weights, or weights that do not match the model.
+        MissingFileError: no ``MODEL.WEIGHTS``, or a weights file that does not exist.
+        ConfigError: a Detectron2 config without Detectron2 installed.
+        kd2.utils.errors.KD2Error: weights that do not fit the model (the backends' loaders).
     """
     from kd2.config import config_backend
 
@@ -127,8 +132,9 @@ def _torchvision_predictor(config_file: str, opts: list) -> Predictor:
 
     cfg = setup_cfg(config_file, opts)
     if not cfg.MODEL.WEIGHTS:
-        raise FileNotFoundError(
-            "no weights: give MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth of the run)"
+        raise MissingFileError(
+            "no weights: MODEL.WEIGHTS is empty",
+            "give MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth of the run)",
         )
     model = build_plain_detector(cfg)
     load_weights_strict(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", config_file)
@@ -152,9 +158,10 @@ def _detectron2_predictor(config_file: str, opts: list) -> Predictor:
         from detectron2.data import transforms as T
         from detectron2.modeling import build_model
     except ImportError:
-        raise SystemExit(
+        raise ConfigError(
             f"{config_file} is a Detectron2 config (it sets no MODEL.BACKEND torchvision), but "
-            "detectron2 is not installed"
+            "detectron2 is not installed",
+            "install it (`make install` builds it) or set MODEL.BACKEND torchvision",
         ) from None
     from kd2.d2 import add_kd_config, register_config_datasets, student_checkpointer
     from kd2.d2.student import student_config
@@ -166,7 +173,11 @@ def _detectron2_predictor(config_file: str, opts: list) -> Predictor:
     cfg = student_config(cfg)  # the student alone: no teacher is built or loaded
     register_config_datasets(cfg)
     if not cfg.MODEL.WEIGHTS:
-        raise FileNotFoundError("no weights: give MODEL.WEIGHTS")
+        raise MissingFileError("no weights: MODEL.WEIGHTS is empty", "give MODEL.WEIGHTS")
+    if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise MissingFileError(
+            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} does not exist", "check the path"
+        )
     model = build_model(cfg)
     student_checkpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()

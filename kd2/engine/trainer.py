@@ -53,7 +53,6 @@ from kd2.data.loader import read_image
 from kd2.data.report import write_dataset_report
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
 from kd2.modeling.prototypes import build_prototype_refresher
-from kd2.modeling.weights_check import first_absurd_parameter, first_non_finite
 from kd2.tv.build import (
     NUM_CLASSES_KEYS,
     build_detector,
@@ -63,8 +62,8 @@ from kd2.tv.build import (
 )
 
 from .batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
-from .checkpoint import find_resume_checkpoint, last_checkpoint, save_checkpoint
-from .divergence import DivergenceGuard
+from .checkpoint import find_resume_checkpoint, save_checkpoint
+from .divergence import DivergenceGuard, Stop, judge_step, stop_message
 from .launch import get_rank, get_world_size, is_main_process
 from .preflight import preserved_random_state, run_preflight
 from .run_dir import lock_output_dir, release_output_dir
@@ -579,20 +578,11 @@ class Trainer:
         total = sum(loss_dict.values())
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
         total_value = float(total.detach())
-        if not math.isfinite(total_value):
-            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-            raise FloatingPointError(
-                self._stop_message(f"loss became non-finite at iteration {self.iter}", bad, values)
-            )
-        diverged = self.divergence_guard and self.divergence_guard.check(values, total_value)
-        if diverged:
-            raise FloatingPointError(
-                self._stop_message(
-                    f"training diverged at iteration {self.iter}: {diverged}",
-                    [k for k, v in values.items() if abs(v) > self.divergence_guard.max_loss],
-                    values,
-                )
-            )
+        # the loss the optimizer receives: KD terms with their warm-up factor and KD.BALANCE
+        # multiplier (calibrated on this batch at iteration 0 of a fresh run)
+        stop = judge_step(self.divergence_guard, values, total_value, self.iter)
+        if stop is not None:
+            raise FloatingPointError(self._stop_message(stop))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         clip = self.cfg.SOLVER.CLIP_GRADIENTS
@@ -613,48 +603,17 @@ class Trainer:
         values["total_loss"] = total_value
         return values
 
-    def _stop_message(self, head: str, bad: List[str], values: Dict[str, float]) -> str:
-        """Why training stopped (``head``, the offending terms ``bad``), and advice that fits
-        the cause: a broken teacher, a diverged student, distillation terms alone, or a
-        learning rate that does not fit the batch."""
-        head = (
-            f"{head} ({', '.join(bad) or 'total'}; all terms: "
-            f"{ {k: float(f'{v:.4g}') for k, v in values.items()} }). Training stopped before "
-            "updating the weights"
-        )
-        teacher = getattr(self.model, "teacher", None)
-        if teacher is not None:
-            broken = first_non_finite(teacher) or first_absurd_parameter(teacher)
-            if broken:
-                return (
-                    f"{head}: the teacher's weights are broken ({broken}), so "
-                    f"KD.TEACHER.WEIGHTS {self.cfg.KD.TEACHER.WEIGHTS!r} cannot teach — retrain "
-                    "or re-export the teacher; no learning rate of the student can fix this"
-                )
-        last = last_checkpoint(self.cfg.OUTPUT_DIR)
-        lr = self.cfg.SOLVER.BASE_LR / 2
-        where = (
-            f"The last good checkpoint is {last}: resume from it with a lower rate, e.g. "
-            f"`--resume SOLVER.BASE_LR {lr:g}` (a new BASE_LR applies on resume)"
-            if last
-            else f"No checkpoint was written yet: restart with a lower SOLVER.BASE_LR (e.g. {lr:g})"
-        )
-        student = first_non_finite(self.model) or first_absurd_parameter(self.model)
-        if student:
-            cause = f"The student's weights have diverged ({student}). "
-        elif bad and all(k.startswith("loss_kd") for k in bad):
-            cause = (
-                "Only distillation terms are at fault (the detection losses are normal): lower "
-                "those methods' KD weights or set KD.WARMUP_ITERS. "
-            )
-        else:
-            cause = ""
-        batch = lr_batch_mismatch(self.cfg)
-        if batch:
-            cause += f"Likely cause: {batch}. "
-        return (
-            f"{head}. {cause}{where}; a longer SOLVER.WARMUP_ITERS or "
-            "SOLVER.CLIP_GRADIENTS.ENABLED True also help against divergence."
+    def _stop_message(self, stop: Stop) -> str:
+        """:func:`kd2.engine.divergence.stop_message` for this run (shared with Detectron2's
+        ``KDTrainer``)."""
+        return stop_message(
+            stop,
+            self.model,
+            output_dir=self.cfg.OUTPUT_DIR,
+            base_lr=self.cfg.SOLVER.BASE_LR,
+            teacher_weights=self.cfg.KD.TEACHER.WEIGHTS,
+            kd_cfg=self.cfg.KD,
+            lr_batch=lr_batch_mismatch(self.cfg),
         )
 
     def _log_progress(self, losses: Dict[str, float], done: int, started) -> None:

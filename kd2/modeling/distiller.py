@@ -326,6 +326,10 @@ class DistillerMixin:
                 f"KD.BALANCE.MODE {mode!r} is not a mode", "use 'none' or 'grad_share'"
             )
         self.kd_balance = None
+        self.kd_calibrate_first_step = False
+        #: the terms at the methods' own weights (no warm-up factor, no multiplier), kept only
+        #: on the step that calibrates the controller (:meth:`kd_calibrate`)
+        self._kd_own_terms: Dict[str, Tensor] = {}
         if mode == "grad_share":
             from kd2.modeling.balance import GradShareBalancer
 
@@ -336,6 +340,7 @@ class DistillerMixin:
                 balance.WARMUP,
                 target=str(getattr(balance, "TARGET", "middle")).lower(),
             )
+            self.kd_calibrate_first_step = bool(getattr(balance, "CALIBRATE", True))
 
     def _detector_family(self) -> str:
         """``"faster_rcnn"`` (any two-stage), ``"ssd"``, ``"gfl"``, ``"fcos"`` or ``"retinanet"``:
@@ -422,6 +427,8 @@ class DistillerMixin:
         views: Dict[str, StepRecord] = {}
         factor = self.kd_warmup_factor()
         balance = self.kd_balance
+        calibrating = self.kd_calibration_due()
+        self._kd_own_terms = {}
         losses: Dict[str, Tensor] = {}
         for method_name, method in self.kd_methods.items():
             tname = self.kd_method_teacher.get(method_name, "")
@@ -433,7 +440,22 @@ class DistillerMixin:
                 self.kd_term_owner[name] = method_name
                 m = balance.multiplier(name) if balance is not None else 1.0
                 losses[name] = value * (factor * m)
+                if calibrating:
+                    self._kd_own_terms[name] = value
         return losses
+
+    def kd_calibration_due(self) -> bool:
+        """Whether this training step calibrates the ``KD.BALANCE`` controller: the first step
+        (iteration 0) of a fresh run with ``KD.BALANCE.CALIBRATE``. A resumed run restores the
+        multiplier (and the calibrated flag) from its checkpoint instead."""
+        balance = self.kd_balance
+        return (
+            self.training
+            and balance is not None
+            and self.kd_calibrate_first_step
+            and not balance.calibrated
+            and self.kd_iteration == 0
+        )
 
     def kd_diagnostics_due(self) -> bool:
         """Whether this training step measures the gradient diagnostics (``KD.DIAG.PERIOD``, or
@@ -444,31 +466,89 @@ class DistillerMixin:
         return self.kd_diag_period > 0 and it % self.kd_diag_period == 0
 
     def finalize_kd_losses(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """The end of every training forward (both backends): when due, measure each term's
+        """The end of every training forward (both backends): on the first step of a fresh
+        ``KD.BALANCE`` run, :meth:`kd_calibrate`; otherwise, when due, measure each term's
         gradient at the trunk (:mod:`kd2.modeling.kd_diagnostics`) into :attr:`kd_diag_last`
-        and let the ``KD.BALANCE`` controller update its multipliers (used from the next step).
-        ``losses`` is returned unchanged."""
-        if not self.training or not self.kd_diagnostics_due():
+        and let the controller update its multipliers (used from the next step). ``losses`` is
+        returned unchanged, except for the calibrated step's ``loss_kd_*`` terms, which carry
+        the new multiplier — the loss the optimizer (and the divergence guard) sees."""
+        if self.kd_calibration_due():
+            losses, stats = self.kd_calibrate(losses)
+        elif not self.training or not self.kd_diagnostics_due():
             return losses
-        from kd2.modeling.kd_diagnostics import (
-            gradient_statistics,
-            term_gradients,
-            trunk_parameters,
-        )
+        else:
+            from kd2.modeling.kd_diagnostics import (
+                gradient_statistics,
+                term_gradients,
+                trunk_parameters,
+            )
 
-        params = trunk_parameters(self)
-        stats = gradient_statistics(term_gradients(losses, params))
-        stats = _mean_over_processes(stats)
-        if self.kd_balance is not None:
-            if self.kd_balance.due(self.kd_iteration):
+            params = trunk_parameters(self)
+            stats = gradient_statistics(term_gradients(losses, params))
+            stats = _mean_over_processes(stats)
+            if self.kd_balance is not None and self.kd_balance.due(self.kd_iteration):
                 kd_share = sum(v for k, v in stats.items() if k.startswith("grad_share/loss_kd_"))
                 self.kd_balance.update(kd_share)
+        if self.kd_balance is not None:
             for name in losses:
                 if name.startswith("loss_kd_"):
                     stats[f"kd_multiplier/{name}"] = self.kd_balance.multiplier(name)
         self.kd_diag_last = {"iteration": self.kd_iteration, **stats}
         _put_event_scalars(stats)
         return losses
+
+    def kd_calibrate(self, losses: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, float]]:
+        """Calibrate the ``KD.BALANCE`` controller on this step's batch, before its optimizer
+        step (:meth:`kd2.modeling.balance.GradShareBalancer.calibrate`).
+
+        The trunk gradients of the detection losses and of the KD terms at the methods' own
+        weights (kept by :meth:`distill_losses` on this step only; the KD warm-up factor is left
+        out, so the multiplier fits the full-weight terms the warm-up leads to) give the share
+        ``S₁``; the controller sets the multiplier that puts the share on its target. The
+        gradients are measured once: each KD term's gradient is its own-weight gradient times
+        ``warm-up factor × multiplier``, so the logged statistics (``grad_*``, plus
+        ``kd_calibration/share``: ``S₁``) are those of the loss the optimizer receives. Nothing
+        is drawn from a random generator and no batch is read: a run without ``KD.BALANCE`` never
+        gets here. Returns the loss dict with the rescaled ``loss_kd_*`` terms, and the stats.
+        """
+        from kd2.modeling.kd_diagnostics import (
+            DETECTION,
+            gradient_statistics,
+            term_gradients,
+            trunk_parameters,
+        )
+
+        own = dict(self._kd_own_terms)
+        self._kd_own_terms = {}
+        detection = {k: v for k, v in losses.items() if not k.startswith("loss_kd_")}
+        params = trunk_parameters(self)
+        grads = term_gradients({**detection, **own}, params)
+        measured = _mean_over_processes(gradient_statistics(grads))
+        share = sum(v for k, v in measured.items() if k.startswith("grad_share/loss_kd_"))
+        kd_norm = sum(v for k, v in measured.items() if k.startswith("grad_norm/loss_kd_"))
+        det_norm = measured.get(f"grad_norm/{DETECTION}", 0.0)
+        self.kd_balance.calibrate(share, kd_norm / det_norm if det_norm > 0 else None)
+        factor = self.kd_warmup_factor()
+        out = dict(losses)
+        for name, value in own.items():
+            scale = factor * self.kd_balance.multiplier(name)
+            out[name] = value * scale
+            grads[name] = [g * scale if g is not None else None for g in grads[name]]
+        stats = _mean_over_processes(gradient_statistics(grads))
+        stats["kd_calibration/share"] = share
+        logger.info(
+            "KD.BALANCE calibration at iteration %d: KD share of the trunk gradient %.6g (KD / "
+            "detection gradient norm %.3g) at the methods' own weights -> multiplier %.3g, share "
+            "%.3g (band [%g, %g])",
+            self.kd_iteration,
+            share,
+            kd_norm / det_norm if det_norm > 0 else float("inf"),
+            self.kd_balance.multiplier("loss_kd_"),
+            sum(v for k, v in stats.items() if k.startswith("grad_share/loss_kd_")),
+            self.kd_balance.low,
+            self.kd_balance.high,
+        )
+        return out, stats
 
 
 def _mean_over_processes(stats: Dict[str, float]) -> Dict[str, float]:

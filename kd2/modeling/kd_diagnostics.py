@@ -16,6 +16,7 @@ A term that does not reach the trunk (e.g. a head-only KD loss) has norm 0, shar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -69,38 +70,89 @@ def term_gradients(
     return out
 
 
-def _dot(a: list[Tensor | None], b: list[Tensor | None]) -> Tensor:
-    total = torch.zeros((), dtype=torch.float64)
-    for x, y in zip(a, b):
-        if x is not None and y is not None:
-            total = total + (x.double() * y.double()).sum().cpu()
-    return total
+#: Parameter elements per block of the fused Gram computation, by device type: blocks that stay
+#: in a CPU's cache, large blocks (few kernel launches) on a GPU. The scratch memory is about
+#: ``groups × block × 12`` bytes (each group's block concatenated, and in float64).
+GRAM_CHUNK = {"cpu": 1 << 16, "other": 1 << 22}
+
+
+def _gram(grads: Mapping[str, list[Tensor | None]], names: list[str]) -> list[list[float]]:
+    """All pairwise dot products ``⟨g_a, g_b⟩`` of the groups' trunk gradients, in float64.
+
+    One matrix product per block of parameters (each group's gradients concatenated), and one
+    device-to-host copy in all, instead of a reduction and a synchronisation per parameter and
+    pair. A ``None`` entry (the group does not reach that parameter) counts as zeros.
+    """
+    n = len(names)
+    lists = [grads[name] for name in names]
+    length = max((len(g) for g in lists), default=0)
+    gram: Tensor | None = None
+    block: list[tuple[list[Tensor | None], Tensor]] = []  # (entries, a non-None one)
+    size = 0
+
+    def flush() -> None:
+        nonlocal gram, block, size
+        if not block:
+            return
+        rows = []
+        for k in range(n):
+            parts = [
+                (entry[k] if entry[k] is not None else ref.new_zeros(ref.shape)).reshape(-1)
+                for entry, ref in block
+            ]
+            rows.append(torch.cat(parts).double())  # cat promotes mixed dtypes
+        m = torch.stack(rows)
+        g = m @ m.T
+        gram = g if gram is None else gram + g.to(gram.device)
+        block, size = [], 0
+
+    for i in range(length):
+        entry = [g[i] if i < len(g) else None for g in lists]
+        ref = next((e for e in entry if e is not None), None)
+        if ref is None:
+            continue
+        if block and block[0][1].device != ref.device:  # one block per device
+            flush()
+        block.append((entry, ref))
+        size += ref.numel()
+        if size >= GRAM_CHUNK["cpu" if ref.device.type == "cpu" else "other"]:
+            flush()
+    flush()
+    if gram is None:
+        return [[0.0] * n for _ in range(n)]
+    return gram.cpu().tolist()
 
 
 def gradient_statistics(grads: Mapping[str, list[Tensor | None]]) -> dict[str, float]:
     """``grad_norm/``, ``grad_share/`` and ``grad_cos/`` of every group (see the module doc).
 
+    Every statistic comes from the groups' Gram matrix of trunk gradients (float64): the norms
+    are its diagonal, the cosines its off-diagonal entries, the sum of the KD terms' gradients
+    enters through sums of its entries.
+
     Args:
         grads: :func:`term_gradients`' output.
     """
     names = list(grads)
+    index = {name: k for k, name in enumerate(names)}
     kd_names = [n for n in names if n != DETECTION]
-    norms = {n: float(_dot(grads[n], grads[n]).sqrt()) for n in names}
+    gram = _gram(grads, names)
+    norms = {n: math.sqrt(max(gram[index[n]][index[n]], 0.0)) for n in names}
     total = sum(norms.values())
     stats: dict[str, float] = {}
-    det = grads.get(DETECTION)
+    has_det = DETECTION in grads
     for n in names:
         stats[f"grad_norm/{n}"] = norms[n]
         stats[f"grad_share/{n}"] = norms[n] / total if total > 0 else 0.0
+    d = index.get(DETECTION)
     for n in kd_names:
         denom = norms[n] * norms.get(DETECTION, 0.0)
-        stats[f"grad_cos/{n}"] = float(_dot(grads[n], det)) / denom if det and denom > 0 else 0.0
-    if det is not None and kd_names:
-        kd_sum = []
-        for i in range(len(det)):
-            parts = [grads[n][i] for n in kd_names if grads[n][i] is not None]
-            kd_sum.append(torch.stack(parts).sum(0) if parts else None)
-        kd_norm = float(_dot(kd_sum, kd_sum).sqrt())
+        stats[f"grad_cos/{n}"] = gram[index[n]][d] / denom if has_det and denom > 0 else 0.0
+    if has_det and kd_names:
+        kd = [index[n] for n in kd_names]
+        # ‖Σ_kd g‖² = Σ_ab ⟨g_a, g_b⟩ and ⟨g_det, Σ_kd g⟩ = Σ_a ⟨g_det, g_a⟩
+        kd_norm = math.sqrt(max(sum(gram[a][b] for a in kd for b in kd), 0.0))
         denom = kd_norm * norms[DETECTION]
-        stats[f"grad_cos/{DETECTION}"] = float(_dot(det, kd_sum)) / denom if denom > 0 else 0.0
+        dot = sum(gram[d][a] for a in kd)
+        stats[f"grad_cos/{DETECTION}"] = dot / denom if denom > 0 else 0.0
     return stats

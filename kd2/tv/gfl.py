@@ -50,6 +50,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
@@ -552,7 +553,8 @@ class GFL(nn.Module):
         out = []
         for f, s in zip(features, self.anchor_strides):
             h, w = f.shape[-2:]
-            if (h, w) != (-(-hp // s), -(-wp // s)):
+            # a config check of eager runs (an exported graph's sizes are symbols)
+            if not torch.compiler.is_compiling() and (h, w) != (-(-hp // s), -(-wp // s)):
                 raise ValueError(
                     f"a feature map of {h}x{w} on a {hp}x{wp} input is not stride {s}; "
                     f"GFL's anchor strides {self.anchor_strides} must be the FPN's"
@@ -626,7 +628,8 @@ class GFL(nn.Module):
                 keep = scores > self.score_thresh
                 scores = scores[keep]
                 idxs = torch.where(keep)[0]
-                scores, top = scores.topk(min(self.topk_candidates, idxs.numel()))
+                # torchvision's k: min(topk, #candidates) in eager, a graph value when traced
+                scores, top = scores.topk(det_utils._topk_min(scores, self.topk_candidates, 0))
                 idxs = idxs[top]
                 anchor_idxs = torch.div(idxs, k, rounding_mode="floor")
                 distances = integral(dl[i, anchor_idxs], self.reg_max)
@@ -657,7 +660,8 @@ class GFL(nn.Module):
                 b = t["boxes"]
                 if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[-1] != 4:
                     raise ValueError(f"expected target boxes of shape (G, 4), got {b}")
-        original_image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        # the sizes as they are (ints in eager; int() would bake them into an exported graph)
+        original_image_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
         images, targets = self.transform(images, targets)
         if self.training:
             for t in targets:
