@@ -147,6 +147,8 @@ def test_a_method_needing_a_part_the_teacher_lacks_is_refused(
     msg = str(e.value)
     assert f"KD method {method!r} cannot learn from the teacher (KD.TEACHER)" in msg
     assert needle in msg and "these methods apply: " in msg and "PKD" in msg
+    applicable = msg.split("these methods apply: ")[1].split(", ")
+    assert method not in applicable  # the list is checked the way the refused method was
 
 
 def test_class_logit_maps_cross_dense_families_with_equal_predictions_per_location(tmp_path):

@@ -128,6 +128,16 @@ def test_torchvision_backend_user_errors(tv, tiny_data, case):
     assert not os.path.exists(os.path.join(out, "model_final.pth"))  # nothing was trained
 
 
+def test_a_user_error_in_worker_processes_is_one_message(tv):
+    """With ``--num-gpus 2`` the teacher is built in the worker processes: the launcher prints
+    the first worker's message once and exits 2, with no worker traceback."""
+    out = str(tv["root"] / "run_workers")
+    args = ["--config-file", tv["kd"], "--num-gpus", "2", "KD.TEACHER.WEIGHTS"]
+    r = run_cli([*args, str(tv["root"] / "nope.pth"), "OUTPUT_DIR", out], timeout=300)
+    assert_user_error(r, "KD.TEACHER.WEIGHTS", "does not exist")
+    assert "terminated with the following error" not in r.stderr
+
+
 def test_debug_shows_the_traceback(tv):
     args = ["--config-file", tv["plain"], "SOLVER.MAX_ITR", "3"]
     r = run_cli(args, KD2_DEBUG="1")
@@ -215,6 +225,20 @@ def test_detectron2_backend_user_errors(d2, case):
     assert_user_error(r, *needles)
 
 
+
+@needs_d2
+def test_a_user_error_in_detectron2_worker_processes_is_one_message(d2):
+    config = str(REPO / QUICK / "faster_rcnn_R18_FPN_DeFeat_quick.yaml")
+    opts = ["KD.TEACHER.WEIGHTS", str(d2 / "nope.pth"), "OUTPUT_DIR", str(d2 / "run_workers")]
+    r = run_cli(
+        ["--config-file", config, "--num-gpus", "2", *opts],
+        timeout=300,
+        DETECTRON2_DATASETS=str(shared_coco().parent),
+    )
+    assert_user_error(r, "does not exist")
+    assert "terminated with the following error" not in r.stderr
+
+
 LAZY_CASES = {
     "missing_config_file": (["--config-file", "{root}/nope.py"], ["does not exist"]),
     "unknown_override_key": (["train.max_itr=3"], ["no key 'max_itr'", "'train.max_iter'"]),
@@ -274,7 +298,25 @@ def test_predict_user_errors(tv, tiny_data):
     json.dumps(cases)  # the cases are plain data
 
 
+#: the helper tools: (tool, arguments, words of the message)
+TOOL_CASES = {
+    "plot_no_run": ("plot_kd_diagnostics.py", ["{root}/no_run"], ["metrics.json does not exist"]),
+    "prototypes_no_file": ("show_prototypes.py", ["{root}/nope.json"], ["no prototype file"]),
+    "crop_classifier_no_data": ("train_crop_classifier.py", ["--output", "{root}/cc"], ["no training data"]),
+    "analyze_unknown_dataset": (
+        "analyze_dataset.py", ["--config-file", "{plain}", "DATASETS.TRAIN", "('nope_ds',)"], ["nope_ds"]
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TOOL_CASES))
+def test_helper_tools_user_errors(tv, case):
+    tool, args, needles = TOOL_CASES[case]
+    args = [a.format(root=tv["root"], plain=tv["plain"]) for a in args]
+    assert_user_error(run_cli(args, tool=tool, timeout=120), *needles)
+
+
 def test_troubleshooting_page_lists_every_case():
     page = (REPO / "docs" / "troubleshooting.md").read_text()
-    for case in {*TV_CASES, *D2_CASES, *LAZY_CASES} - {"missing_config_file"}:
+    for case in {*TV_CASES, *D2_CASES, *LAZY_CASES, *TOOL_CASES} - {"missing_config_file"}:
         assert f"`[{case}]`" in page, case

@@ -25,6 +25,7 @@ if ROOT not in sys.path:
 from kd2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from kd2.data.report import format_report, write_dataset_report  # noqa: E402
 from kd2.engine import setup_cfg  # noqa: E402
+from kd2.utils.errors import run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

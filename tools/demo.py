@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from kd2.data import DatasetCatalog  # noqa: E402
 from kd2.engine import Trainer, setup_cfg, setup_logger  # noqa: E402
+from kd2.utils.errors import run_main  # noqa: E402
 
 logger = logging.getLogger("kd2.demo")
 
@@ -342,4 +343,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,6 +25,12 @@ import os
 import sys
 from collections import defaultdict
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from kd2.utils.errors import DataError, MissingFileError, run_main  # noqa: E402
+
 
 def read_series(metrics_file: str) -> dict[str, list[tuple[int, float]]]:
     """``{key: [(iteration, value), ...]}`` of every numeric top-level key of the file."""
@@ -78,13 +84,16 @@ def band_from_config(output_dir: str) -> tuple[float, float] | None:
 def plot(output_dir: str, out: str) -> str:
     metrics = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(metrics):
-        raise SystemExit(f"{metrics} does not exist: give the OUTPUT_DIR of a kd2 training run")
+        raise MissingFileError(
+            f"{metrics} does not exist", "give the OUTPUT_DIR of a kd2 training run"
+        )
     series = read_series(metrics)
     shares = {k: v for k, v in series.items() if k.startswith("grad_share/")}
     if not shares:
-        raise SystemExit(
+        raise DataError(
             f"{metrics} has no grad_share/ entries: the run measured no diagnostics (a run "
-            "without distillation, or KD.DIAG.PERIOD 0)"
+            "without distillation, or KD.DIAG.PERIOD 0)",
+            "train with KD.METHODS set and KD.DIAG.PERIOD > 0",
         )
     import matplotlib
 
@@ -138,4 +147,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -24,6 +24,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kd2.utils.errors import ConfigError, DataError, MissingFileError, run_main  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -38,15 +40,19 @@ def parse_args(argv=None):
 
 def load_report(path: str) -> dict:
     if not os.path.isfile(path):
-        raise SystemExit(
-            f"no prototype file {path!r}: the PGM writes OUTPUT_DIR/pgm/"
-            "prototypes_<iteration>.json when a GlobalKD run refreshes"
+        raise MissingFileError(
+            f"no prototype file {path!r}",
+            "give a OUTPUT_DIR/pgm/prototypes_<iteration>.json, which the PGM writes when a "
+            "GlobalKD run refreshes its prototypes",
         )
     with open(path) as f:
         report = json.load(f)
     for key in ("levels", "instances", "iteration"):
         if key not in report:
-            raise SystemExit(f"{path!r} is not a PGM prototype file (no {key!r} entry)")
+            raise DataError(
+                f"{path!r} is not a PGM prototype file (no {key!r} entry)",
+                "give a prototypes_<iteration>.json from OUTPUT_DIR/pgm/",
+            )
     return report
 
 
@@ -158,10 +164,15 @@ def main(argv=None) -> list[str]:
     if args.levels:
         missing = sorted(set(args.levels) - set(strides))
         if missing:
-            raise SystemExit(f"strides {missing} are not in the file; it has {strides}")
+            raise ConfigError(
+                f"--levels: strides {missing} are not in the file", f"use some of {strides}"
+            )
         strides = sorted(args.levels)
     if not report["instances"]:
-        raise SystemExit("the file has no PGM instances (no training box passed MIN_BOX_SIZE)")
+        raise DataError(
+            "the file has no PGM instances (no training box passed MIN_BOX_SIZE)",
+            "lower KD.GLOBALKD's MIN_BOX_SIZE or check the training boxes",
+        )
     num_classes = 1 + max(d["label"] for d in report["instances"])
     names = args.class_names or [f"class {c}" for c in range(num_classes)]
     reader = CropReader(args.crop_size)
@@ -180,4 +191,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

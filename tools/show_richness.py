@@ -37,6 +37,7 @@ from kd2.engine import setup_cfg  # noqa: E402
 from kd2.losses.frs import feature_richness  # noqa: E402
 from kd2.tv.build import build_plain_detector, load_checkpoint_state  # noqa: E402
 from kd2.tv.record import features_by_stride, model_strides, run_dense_head, run_rpn  # noqa: E402
+from kd2.utils.errors import run_main  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -36,6 +36,7 @@ from kd2.engine import setup_logger
 from kd2.engine.crop_classifier import train_crop_classifier
 from kd2.modeling.classifier_teacher import CLASSIFIER_ARCHS
 from kd2.tv.build import num_classes_of
+from kd2.utils.errors import ConfigError, run_main
 
 logger = logging.getLogger("kd2.train_crop_classifier")
 
@@ -72,9 +73,9 @@ def resolve(args: argparse.Namespace):
         cfg = get_cfg()
         cfg.merge_from_file(args.config_file)
         if cfg.MODEL.BACKEND != "torchvision":
-            raise SystemExit(
-                f"{args.config_file}: only kd2 (torchvision-backend) configs can be read here; for "
-                "a Detectron2 detector pass --train-dataset / --val-dataset"
+            raise ConfigError(
+                f"{args.config_file}: only kd2 (torchvision-backend) configs can be read here",
+                "for a Detectron2 detector pass --train-dataset / --val-dataset",
             )
         register_config_datasets(cfg)
         train = train or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else "")
@@ -82,7 +83,10 @@ def resolve(args: argparse.Namespace):
         k = k or num_classes_of(cfg)
         mean, std = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
     if not train or not val:
-        raise SystemExit("give --config-file, or both --train-dataset and --val-dataset")
+        raise ConfigError(
+            "no training data named",
+            "give --config-file, or both --train-dataset and --val-dataset",
+        )
     return train, val, k, mean, std
 
 
@@ -97,9 +101,9 @@ def main(argv=None) -> dict:
     k = k or len(names)
     labels = {int(c) for r in train_records for c in r["labels"]}
     if not k or (labels and max(labels) >= k):
-        raise SystemExit(
-            f"{train}: labels reach {max(labels) if labels else None} but K = {k}; pass "
-            "--num-classes or a config with the dataset's number of classes"
+        raise ConfigError(
+            f"{train}: labels reach {max(labels) if labels else None} but K = {k}",
+            "pass --num-classes or a config with the dataset's number of classes",
         )
     logger.info(
         "crop classifier %s on %s (%d images, %d objects), val %s, K=%d, crops %d px",
@@ -142,4 +146,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

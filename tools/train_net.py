@@ -26,7 +26,7 @@ import os
 from kd2.config import BACKENDS, config_backend  # noqa: F401 (config_backend: re-exported)
 from kd2.engine import Trainer, default_argument_parser, default_setup, evaluate, launch, setup_cfg
 from kd2.engine.checkpoint import find_resume_checkpoint
-from kd2.engine.launch import die_with_parent
+from kd2.engine.launch import call_reporting_user_errors, die_with_parent, worker_user_errors
 from kd2.engine.run_dir import lock_output_dir
 from kd2.tv.build import build_plain_detector, load_checkpoint_state
 from kd2.utils.env import check_device
@@ -186,14 +186,15 @@ def cli() -> None:
         except ImportError:
             raise detectron2_missing(args.config_file) from None
 
-        d2_launch(
-            d2_main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url="auto" if args.dist_url == "auto" else args.dist_url,
-            args=(args,),
-        )
+        with worker_user_errors():
+            d2_launch(
+                call_reporting_user_errors,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url="auto" if args.dist_url == "auto" else args.dist_url,
+                args=(d2_main, args),
+            )
         return
     launch(
         main,

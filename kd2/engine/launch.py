@@ -11,17 +11,22 @@ launcher never leaves orphaned training processes writing checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import socket
+import sys
 from datetime import timedelta
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from kd2.utils.errors import USER_ERROR_EXIT, KD2Error, debug_enabled, format_error
 
 __all__ = [
     "launch",
@@ -30,6 +35,8 @@ __all__ = [
     "is_main_process",
     "synchronize",
     "die_with_parent",
+    "worker_user_errors",
+    "call_reporting_user_errors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,13 +117,57 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url='auto' only works on one machine; give tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    with worker_user_errors():
+        _start_workers(
+            main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout
+        )
+
+
+@contextlib.contextmanager
+def worker_user_errors() -> Iterator[None]:
+    """Around a launch of worker processes (kd2's or Detectron2's ``launch``): a user error in
+    a worker (:func:`call_reporting_user_errors`) ends the launcher with its one message and
+    exit 2, whichever rank stopped first, instead of the workers' tracebacks."""
+    try:
+        yield
+    except mp.ProcessRaisedException as e:
+        message = _user_error_of(str(e))
+        if message is None:
+            raise
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def call_reporting_user_errors(main_func: Callable, *args) -> object:
+    """``main_func(*args)`` in a worker process; a user error (``KD2Error``) is passed to the
+    launcher as its message (torch sends a worker's exception to the launcher as the text of
+    its traceback), unless ``KD2_DEBUG`` asks for the traceback."""
+    try:
+        return main_func(*args)
+    except KD2Error as e:
+        if debug_enabled([]) or multiprocessing.parent_process() is None:  # not a worker
+            raise
+        raise RuntimeError(f"{_USER_ERROR_MARK}{format_error(e)}{_USER_ERROR_MARK}") from None
+
+
+#: brackets a worker's user-error message in the text its exception reaches the launcher as
+_USER_ERROR_MARK = "\x1ekd2-user-error\x1e"
+
+
+def _user_error_of(worker_traceback: str) -> str | None:
+    """The ``kd2: error: ...`` message a worker stopped on, or ``None`` for any other failure."""
+    parts = worker_traceback.split(_USER_ERROR_MARK)
+    return parts[1] if len(parts) >= 3 else None
+
+
+def _start_workers(main_func, world_size, gpus, machine_rank, dist_url, args, timeout) -> None:
     mp.start_processes(
         _worker,
-        nprocs=num_gpus_per_machine,
+        nprocs=gpus,
         args=(
             main_func,
             world_size,
-            num_gpus_per_machine,
+            gpus,
             machine_rank,
             dist_url,
             args,
@@ -140,6 +191,6 @@ def _worker(
         torch.cuda.set_device(local_rank)
     try:
         synchronize()
-        main_func(*args)
+        call_reporting_user_errors(main_func, *args)
     finally:
         dist.destroy_process_group()

@@ -88,9 +88,9 @@ _PART_WORDS = {
 
 def _what_and_fix(message: str) -> tuple[str, str]:
     """Split a refusal into what is wrong and how to fix it: the fix is the message's last
-    sentence when it says what to do (``Use ...``, ``With this teacher ...``), else the methods
+    sentence when it says what to do (``Use ...``), else the methods
     table."""
-    for marker in (". With this teacher", ". Use ", ". For ", "; use "):
+    for marker in (". Use ", ". For ", "; use "):
         at = message.rfind(marker)
         if at > 0:
             return message[:at], message[at + 2 :].strip()
@@ -101,37 +101,44 @@ def _teacher_label(tname: str) -> str:
     return f"teacher KD.TEACHERS.{tname}" if tname else "the teacher (KD.TEACHER)"
 
 
-def _applicable_methods(info: TeacherInfo, student: TeacherInfo) -> List[str]:
+def _applicable_methods(
+    info: TeacherInfo, student: TeacherInfo, arch: str, dense_softmax: bool, num_classes: int
+) -> List[str]:
+    """The registered methods that, at their default settings, apply to ``student`` and can
+    learn from the teacher ``info`` (the same checks as a configured method)."""
+    from kd2.config import get_cfg
+
+    defaults = get_cfg().KD
     out = []
     for name, cls in sorted(KD_METHOD_REGISTRY):
-        parts = set(cls.teacher_parts)
-        if not parts or not parts <= set(info.parts):
+        try:
+            method = cls.from_config(
+                getattr(defaults, method_node_name(name), None),
+                student_channels=dict(student.channels),
+                teacher_channels=dict(info.channels),
+                num_classes=num_classes,
+                arch=arch,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):  # needs settings of its own
             continue
-        if "dense" in parts and (
-            (info.family != student.family and not cls.dense_across_families)
-            or info.anchors_per_location != student.anchors_per_location
-        ):
+        if not method.teacher_parts or method.unsupported_reason(arch, dense_softmax):
             continue
-        out.append(name)
+        if _teacher_mismatch(method, info, student) is None:
+            out.append(name)
     return out
 
 
-def _teacher_reason(method, info: TeacherInfo, student: TeacherInfo) -> str | None:
+def _teacher_mismatch(method, info: TeacherInfo, student: TeacherInfo) -> str | None:
     """Why ``method`` cannot learn from the teacher described by ``info``, or ``None``."""
     missing = sorted(set(method.teacher_parts) - set(info.parts))
-    applicable = ", ".join(_applicable_methods(info, student))
     if missing:
         what = ", ".join(f"{p} ({_PART_WORDS.get(p, p)})" for p in missing)
-        return (
-            f"it reads the teacher's {what}, which a {info.family} teacher does not have. With "
-            f"this teacher these methods apply: {applicable}"
-        )
+        return f"it reads the teacher's {what}, which a {info.family} teacher does not have"
     cross_ok = method.dense_across_families and info.family != "ssd" and student.family != "ssd"
     if "dense" in method.teacher_parts and info.family != student.family and not cross_ok:
         return (
             f"it compares the two dense heads prediction by prediction, which needs a teacher of "
-            f"the student's family ({student.family}), not {info.family}. With this teacher "
-            f"these methods apply: {applicable}"
+            f"the student's family ({student.family}), not {info.family}"
         )
     if (
         "dense" in method.teacher_parts
@@ -139,8 +146,7 @@ def _teacher_reason(method, info: TeacherInfo, student: TeacherInfo) -> str | No
     ):
         return (
             f"its dense head places {info.anchors_per_location} predictions per location, the "
-            f"student's {student.anchors_per_location}; use the same anchors. With this teacher "
-            f"these methods apply: {applicable}"
+            f"student's {student.anchors_per_location}; use the same anchors"
         )
     return None
 
@@ -261,13 +267,15 @@ class DistillerMixin:
                     )
                 )
             if methods[name].teacher_parts and tname in infos:
-                reason = _teacher_reason(methods[name], infos[tname], student_info)
+                reason = _teacher_mismatch(methods[name], infos[tname], student_info)
                 if reason:
+                    applicable = _applicable_methods(
+                        infos[tname], student_info, self.arch_kind, self.dense_softmax, num_classes
+                    )
                     raise ConfigError(
-                        *_what_and_fix(
-                            f"KD method {name!r} cannot learn from {_teacher_label(tname)} "
-                            f"({infos[tname].name}): {reason}"
-                        )
+                        f"KD method {name!r} cannot learn from {_teacher_label(tname)} "
+                        f"({infos[tname].name}): {reason}",
+                        "with this teacher these methods apply: " + ", ".join(applicable),
                     )
         for method in methods.values():
             if getattr(method, "needs_classifier_teacher", False):

@@ -95,13 +95,18 @@ def exit_with_error(error: BaseException) -> NoReturn:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run ``main()``; a :class:`KD2Error` ends the program with one message and exit 2."""
+    """Run ``main()``; a :class:`KD2Error` ends the program with one message and exit 2. An
+    ``int`` that ``main`` returns is the exit status (other return values mean success)."""
     debug = debug_enabled()
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    if debug:  # worker processes (kd2.engine.launch) read it from the environment
+        os.environ["KD2_DEBUG"] = "1"
     try:
-        main()
+        status = main()
     except KD2Error as e:
         if debug:
             raise
         exit_with_error(e)
+    if isinstance(status, int) and not isinstance(status, bool) and status:
+        sys.exit(status)
