@@ -30,6 +30,7 @@ $(STAMP): setup.py Makefile
 	@touch $(STAMP)
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 demo: install

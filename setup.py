@@ -94,7 +94,17 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff", "onnx", "onnxruntime", "onnxscript"]},
+    extras_require={
+        "dev": [
+            "pytest",
+            "ruff",
+            "onnx",
+            "onnxruntime",
+            "onnxscript",
+            "mkdocs-material",
+            "import-linter",
+        ]
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

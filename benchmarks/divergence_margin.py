@@ -27,7 +27,8 @@ os.environ.setdefault("KD2_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
 
-from kd2.engine import Trainer, setup_cfg  # noqa: E402
+from kd2.engine import setup_cfg  # noqa: E402
+from kd2.tv import Trainer  # noqa: E402
 
 SYN = os.path.join(ROOT, "configs", "synthetic")
 # (name, config, teacher run whose model_final.pth it distils from)

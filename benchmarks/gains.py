@@ -15,7 +15,7 @@ never re-trained, so the table can grow one method at a time::
         --configs configs/synthetic/faster_rcnn_MNv3_CWD.yaml
     python benchmarks/gains.py --pair fcos --configs configs/synthetic/fcos_MNv3_PKD.yaml
     python benchmarks/gains.py --pair faster_rcnn --baselines-only   # teacher + students only
-    python benchmarks/gains_table.py                                 # the README rows
+    python benchmarks/gains_table.py --write                         # the tables, docs + projects
 
 Runs are sequential (never two at once: the wall times are recorded). Each run's training output
 stays in ``output/bench/<pair>/<run>`` as with ``tools/demo.py``.

@@ -87,8 +87,8 @@ def measure(role: str, config: str, weights: str, repeats: int, threads: int) ->
     sys.path.insert(0, ROOT)
     os.chdir(ROOT)
     os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
-    from kd2.engine import evaluate
     from kd2.engine.predictor import load_predictor
+    from kd2.tv import evaluate
 
     predictor = load_predictor(config, weights=weights)
     model = predictor.model

@@ -1,4 +1,5 @@
-"""The README's gain table is generated from the committed per-run results."""
+"""The gain tables (docs/benchmarks.md and every project README) are generated from the
+committed per-run results."""
 
 from __future__ import annotations
 
@@ -17,10 +18,44 @@ def _gains_table():
     return module
 
 
-def test_readme_gain_table_matches_the_results_json():
+def test_gain_tables_match_the_results_json():
     assert _gains_table().main(["--check"]) == 0, (
-        "README.md's gain table is stale: run python benchmarks/gains_table.py --write-readme"
+        "a gain table is stale: run python benchmarks/gains_table.py --write"
     )
+
+
+def test_every_project_readme_is_a_target_and_every_method_has_a_project():
+    table = _gains_table()
+    projects = {p.parent.name for p in (REPO / "projects").glob("*/README.md")}
+    assert set(table.PROJECTS) == projects
+    targets = {path for path, _ in table.targets()}
+    assert str(REPO / "docs" / "benchmarks.md") in targets
+    assert {str(REPO / "projects" / p / "README.md") for p in projects} <= targets
+    methods = [m for ms in table.PROJECTS.values() for m in ms]
+    assert len(methods) == len(set(methods))
+    from kd2.losses import KD_METHOD_REGISTRY
+
+    assert set(methods) == {name for name, _ in KD_METHOD_REGISTRY}
+
+
+def test_a_project_table_holds_only_its_methods_rows(tmp_path, monkeypatch):
+    table = _gains_table()
+    pair = tmp_path / "fcos"
+    pair.mkdir()
+    records = {
+        "teacher": {"kind": "teacher", "seed": 0, "bbox": {"AP": 30.0}, "methods": []},
+        "student_seed0": {"kind": "student", "seed": 0, "bbox": {"AP": 10.0}, "methods": []},
+        "pkd_seed0": {"kind": "distilled", "seed": 0, "bbox": {"AP": 12.0}, "methods": ["PKD"]},
+        "gk_seed0": {"kind": "distilled", "seed": 0, "bbox": {"AP": 14.0}, "methods": ["GlobalKD"]},
+    }
+    for name, r in records.items():
+        r.update(run=name, config=f"{name}.yaml", inherit_teacher=[], torch="x")
+        (pair / f"{name}.json").write_text(json.dumps(r))
+    monkeypatch.setattr(table, "RESULTS", str(tmp_path))
+    rows = table.table(("PKD",))
+    assert "`pkd_seed0`" in rows and "`gk_seed0`" not in rows
+    assert "`pkd_seed0`" in table.table() and "`gk_seed0`" in table.table()
+    assert "No run of these methods" in table.table(("LD",))
 
 
 def test_rows_pair_seeds_and_compute_gain_and_gap(tmp_path, monkeypatch):

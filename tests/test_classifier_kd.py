@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from kd2.data.synthetic import generate_synthetic_dataset
-from kd2.engine import Trainer
 from kd2.losses.classifier_kd import record_positives
 from kd2.modeling.classifier_teacher import (
     ClassifierTeacher,
@@ -19,7 +18,7 @@ from kd2.modeling.classifier_teacher import (
     load_crop_classifier,
     save_crop_classifier,
 )
-from kd2.tv import build_detector
+from kd2.tv import Trainer, build_detector
 from tests.helpers import NUM_CLASSES, batch, engine_cfg, save_teacher, tiny_cfg
 
 # (classification-branch module, box-regression module) of each torchvision student

@@ -371,8 +371,9 @@ def test_lazyconfig_experiment_instantiates_and_trains(tmp_path):
 
 
 def test_lazyconfig_teacher_recipe_experiment_and_student_eval_without_teacher(tmp_path):
-    """The README's LazyConfig commands: train the teacher recipe, distil with it, evaluate
-    the student with the teacher's file gone."""
+    """The LazyConfig commands (README.md's LazyConfig quick start, docs/detectron2.md's
+    "LazyConfig"): train the teacher recipe, distil with it, evaluate the student with the
+    teacher's file gone."""
     import subprocess
     import sys
 

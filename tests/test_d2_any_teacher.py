@@ -11,7 +11,8 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (see READM
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from kd2.modeling.cross_framework import input_convention, to_teacher_input  # noqa: E402
+from kd2.modeling.backends import input_convention  # noqa: E402
+from kd2.modeling.cross_framework import to_teacher_input  # noqa: E402
 from kd2.tv.build import build_detector, build_plain_detector  # noqa: E402
 
 from . import helpers as tvh  # noqa: E402

@@ -1,9 +1,10 @@
-"""The README's Detectron2 quick start on synthetic data, command by command, at tiny scale
+"""The Detectron2 quick start on synthetic data (README.md's "Quick start: Detectron2 (yacs)",
+``docs/detectron2.md``'s "Quick start on synthetic data"), command by command, at tiny scale
 (skipped where detectron2 is not installed).
 
-The commands run exactly as the README gives them — the shipped configs unchanged, from a
+The commands run exactly as those pages give them — the shipped configs unchanged, from a
 directory that has the repository's ``configs/`` and a ``datasets/kd2_synthetic`` written by the
-README's generation command — with overrides that only shrink the run (a few iterations, small
+pages' generation command — with overrides that only shrink the run (a few iterations, small
 batches, a tiny dataset).
 """
 
@@ -78,7 +79,7 @@ def run(cwd, *args):
 def test_quickstart_commands_in_order(tmp_path):
     os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")
     train_net = os.path.join(REPO, "tools", "train_net.py")
-    # 1. the data (the README's command; tiny here)
+    # 1. the data (the quick start's command; tiny here)
     run(tmp_path, "-m", "kd2.data.synthetic", "--out", "datasets/kd2_synthetic",
         "--num-train", "6", "--num-val", "3", "--image-size", "64")  # fmt: skip
     # 2. teacher, 3. baseline student, 4. distilled student: each trains and evaluates

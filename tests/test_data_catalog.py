@@ -163,7 +163,8 @@ def test_datasets_register_idempotent_and_clashes(
 
 
 def test_trainer_trains_from_a_datasets_register_name(tiny: dict, tmp_path: Path) -> None:
-    from kd2.engine import Trainer, setup_cfg
+    from kd2.engine import setup_cfg
+    from kd2.tv import Trainer
 
     from .helpers import engine_cfg, write_cfg
 

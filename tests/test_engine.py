@@ -11,10 +11,10 @@ import torch
 
 from kd2.config import get_cfg
 from kd2.data import DatasetCatalog
-from kd2.engine import Trainer
-from kd2.engine.checkpoint import last_checkpoint
 from kd2.modeling.distiller import needs_detector_teacher
+from kd2.tv import Trainer
 from kd2.tv.build import build_plain_detector
+from kd2.utils.checkpoint import last_checkpoint
 
 from .helpers import engine_cfg, run_cli, save_teacher, write_cfg
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from kd2.data.synthetic import generate_synthetic_dataset
-from kd2.engine import Trainer
 from kd2.losses.global_knowledge import (
     GlobalKD,
     global_knowledge_loss,
@@ -24,6 +23,7 @@ from kd2.losses.global_knowledge import (
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes, select_pgm_instances
 from kd2.ops import box_mean_pool
 from kd2.structures import DenseOutputs, StepRecord
+from kd2.tv import Trainer
 from kd2.tv.build import build_detector
 
 from .helpers import batch, engine_cfg, kd_cfg, save_teacher

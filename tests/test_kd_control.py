@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from kd2.engine import Trainer
 from kd2.engine.preflight import PreflightError, preserved_random_state, term_advice
 from kd2.modeling.balance import GradShareBalancer
 from kd2.modeling.kd_diagnostics import gradient_statistics, term_gradients, trunk_parameters
+from kd2.tv import Trainer
 
 from .helpers import REPO, engine_cfg, run_cli, save_teacher
 

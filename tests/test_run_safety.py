@@ -16,10 +16,10 @@ import time
 import pytest
 import torch
 
-from kd2.engine import Trainer
-from kd2.engine import checkpoint as ckpt_mod
-from kd2.engine.checkpoint import CheckpointWriteError, last_checkpoint
 from kd2.engine.run_dir import LOCK_FILE, OutputDirBusyError, lock_output_dir, release_output_dir
+from kd2.tv import Trainer
+from kd2.utils import checkpoint as ckpt_mod
+from kd2.utils.checkpoint import CheckpointWriteError, last_checkpoint
 
 from .helpers import REPO, captured, cli_env, engine_cfg, run_cli, save_teacher, write_cfg
 
@@ -71,7 +71,7 @@ def test_resume_falls_back_to_newest_readable_checkpoint(tiny_data, tmp_path, da
         open(final, "wb").write(data[: len(data) // 2])
     cfg.SOLVER.MAX_ITER = 6
     trainer = Trainer(cfg)
-    with captured("kd2.engine.checkpoint") as logs:
+    with captured("kd2.utils.checkpoint") as logs:
         trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 4
     assert trainer.resumed_from.endswith("model_0000004.pth")
@@ -219,7 +219,7 @@ def test_a_new_base_lr_applies_on_resume(tiny_data, tmp_path):
     Trainer(cfg).train()
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM = 4, 0.001, 0.8
     trainer = Trainer(cfg)
-    with captured("kd2.engine.trainer") as logs:
+    with captured("kd2.tv.engine") as logs:
         trainer.resume_or_load(resume=True)
     group = trainer.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(0.001) and group["momentum"] == 0.8

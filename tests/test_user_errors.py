@@ -225,7 +225,6 @@ def test_detectron2_backend_user_errors(d2, case):
     assert_user_error(r, *needles)
 
 
-
 @needs_d2
 def test_a_user_error_in_detectron2_worker_processes_is_one_message(d2):
     config = str(REPO / QUICK / "faster_rcnn_R18_FPN_DeFeat_quick.yaml")
@@ -302,9 +301,13 @@ def test_predict_user_errors(tv, tiny_data):
 TOOL_CASES = {
     "plot_no_run": ("plot_kd_diagnostics.py", ["{root}/no_run"], ["metrics.json does not exist"]),
     "prototypes_no_file": ("show_prototypes.py", ["{root}/nope.json"], ["no prototype file"]),
-    "crop_classifier_no_data": ("train_crop_classifier.py", ["--output", "{root}/cc"], ["no training data"]),
+    "crop_classifier_no_data": (
+        "train_crop_classifier.py", ["--output", "{root}/cc"], ["no training data"]
+    ),
     "analyze_unknown_dataset": (
-        "analyze_dataset.py", ["--config-file", "{plain}", "DATASETS.TRAIN", "('nope_ds',)"], ["nope_ds"]
+        "analyze_dataset.py",
+        ["--config-file", "{plain}", "DATASETS.TRAIN", "('nope_ds',)"],
+        ["nope_ds"],
     ),
 }  # fmt: skip
 

@@ -43,7 +43,8 @@ os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets"))
 import torch  # noqa: E402
 
 from kd2.data import DatasetCatalog  # noqa: E402
-from kd2.engine import Trainer, setup_cfg, setup_logger  # noqa: E402
+from kd2.engine import setup_cfg, setup_logger  # noqa: E402
+from kd2.tv import Trainer  # noqa: E402
 from kd2.utils.errors import run_main  # noqa: E402
 
 logger = logging.getLogger("kd2.demo")

@@ -24,11 +24,12 @@ import logging
 import os
 
 from kd2.config import BACKENDS, config_backend  # noqa: F401 (config_backend: re-exported)
-from kd2.engine import Trainer, default_argument_parser, default_setup, evaluate, launch, setup_cfg
-from kd2.engine.checkpoint import find_resume_checkpoint
+from kd2.engine import default_argument_parser, default_setup, launch, setup_cfg
 from kd2.engine.launch import call_reporting_user_errors, die_with_parent, worker_user_errors
 from kd2.engine.run_dir import lock_output_dir
+from kd2.tv import Trainer, evaluate
 from kd2.tv.build import build_plain_detector, load_checkpoint_state
+from kd2.utils.checkpoint import find_resume_checkpoint
 from kd2.utils.env import check_device
 from kd2.utils.errors import ConfigError, MissingFileError, run_main
 

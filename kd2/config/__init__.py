@@ -1,5 +1,6 @@
 from .config import (
     BACKENDS,
+    NUM_CLASSES_KEYS,
     CfgNode,
     base_chain,
     config_backend,
@@ -10,6 +11,7 @@ from .config import (
 
 __all__ = [
     "BACKENDS",
+    "NUM_CLASSES_KEYS",
     "CfgNode",
     "base_chain",
     "config_backend",

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import yaml
 from fvcore.common.config import CfgNode as _FvCfgNode
 
+from kd2.losses import KD_METHOD_REGISTRY
 from kd2.utils.errors import ConfigError, MissingFileError, UnknownNameError
 
 __all__ = [
@@ -213,7 +214,6 @@ def validate_kd_methods(cfg) -> None:
     """Check ``KD.METHODS`` names against the registry (an unknown one names the closest)."""
     if "KD" not in cfg:
         return
-    from kd2.losses import KD_METHOD_REGISTRY
 
     known = sorted(name for name, _ in KD_METHOD_REGISTRY)
     for name in cfg.KD.METHODS:
@@ -329,6 +329,16 @@ def validate_values(cfg) -> None:
 
 #: ``MODEL.BACKEND`` values.
 BACKENDS = ("torchvision", "detectron2")
+
+#: The key holding ``K`` (the number of classes) for each ``MODEL.META_ARCHITECTURE`` of kd2's
+#: own (torchvision-backend) schema.
+NUM_CLASSES_KEYS = {
+    "FasterRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+    "FCOS": "MODEL.FCOS.NUM_CLASSES",
+    "SSD": "MODEL.SSD.NUM_CLASSES",
+    "GFL": "MODEL.GFL.NUM_CLASSES",
+}
 
 
 def config_backend(config_file: str, opts=()) -> str:

@@ -162,8 +162,8 @@ _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0
 _C.TEST.DETECTIONS_PER_IMAGE = 100
 # COCO evaluation: "pycocotools" (the reference), "faster_coco_eval" (the same metrics, a C++
-# core, ~5x faster on the COCO subset: README "Faster evaluation"), or "auto" = faster_coco_eval
-# where it is installed (a kd2 dependency), else pycocotools.
+# core, ~5x faster on the COCO subset: docs/export.md, "Faster evaluation"), or "auto" =
+# faster_coco_eval where it is installed (a kd2 dependency), else pycocotools.
 _C.TEST.COCO_EVAL_BACKEND = "auto"
 
 _C.OUTPUT_DIR = "./output"
@@ -218,7 +218,7 @@ _C.KD.PREFLIGHT.MIN_TEACHER_AP = 1.0
 # sum_kd ||g_term|| / (sum_kd ||g_term|| + ||g_detection||), inside [LOW, HIGH]. The multiplier is
 # logged (kd_multiplier/<term>) and checkpointed. The band is where the bundled pairs' helpful
 # methods sit (CWD 0.92, PKD 0.76 on Faster R-CNN) and the unhelpful ones do not (MGD 0.06,
-# diverging DeFeat > 0.9): README "Is the teacher helping?".
+# diverging DeFeat > 0.9): docs/balance_and_diagnostics.md.
 _C.KD.BALANCE = CN()
 _C.KD.BALANCE.MODE = "none"
 _C.KD.BALANCE.PERIOD = 20
@@ -229,7 +229,7 @@ _C.KD.BALANCE.HIGH = 0.9
 # band's middle per update), "nearest" (RT-DETRv4's GAM rule: the whole odds ratio to the nearest
 # bound, clipped to 10x per update) or "minimal" (the multiplier nearest to 1 that keeps the share
 # in the band, re-evaluated inside the band too, so the methods' own weights come back when they
-# fit). README "Is the teacher helping?" has them measured side by side.
+# fit). docs/balance_and_diagnostics.md has them measured side by side.
 _C.KD.BALANCE.TARGET = "middle"
 # Calibration: on the first batch of a fresh run, before the first optimizer step, measure the
 # KD share at the methods' own weights and set the multiplier in closed form so the share starts

@@ -9,10 +9,11 @@ try:
 except ImportError as e:  # pragma: no cover - exercised where detectron2 is missing
     raise ImportError(
         "kd2.d2 needs detectron2, which is not installed. Install it from its official "
-        "repository (see the README's Detectron2 section), e.g. "
+        "repository (docs/installation.md; `make install` builds it offline), e.g. "
         "`pip install --no-build-isolation -e path/to/detectron2`"
     ) from e
 
+from . import backend  # noqa: F401 (registers the backend)
 from .config import add_kd_config, load_config
 from .data import register_config_datasets
 from .engine import (

@@ -38,9 +38,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kd2.data.catalog import check_class_count
+from kd2.data.loader import read_image
 from kd2.engine.batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
 from kd2.engine.divergence import DivergenceGuard, judge_step, stop_message
-from kd2.engine.trainer import broadcast_buffers
+from kd2.engine.launch import broadcast_buffers
+from kd2.engine.preflight import preserved_random_state, run_preflight
+from kd2.modeling.prototypes import build_prototype_refresher
 
 from .data import register_config_datasets
 from .teacher import _WeightsOnlyCheckpointer
@@ -165,7 +168,7 @@ def replica_sync_hook(cfg) -> hooks.HookBase:
     statistics drift apart between ranks (each sees its own images). Right before every step
     after which ``PeriodicCheckpointer`` saves (``SOLVER.CHECKPOINT_PERIOD``, the last step) or
     ``EvalHook`` / ``PreciseBN`` run (``TEST.EVAL_PERIOD``, the last step), every rank gets rank
-    0's buffers (:func:`kd2.engine.trainer.broadcast_buffers`, as kd2's torchvision trainer does),
+    0's buffers (:func:`kd2.engine.launch.broadcast_buffers`, as kd2's torchvision trainer does),
     so every rank evaluates, and rank 0 saves, the same model. Its ``after_step`` must therefore
     run after ``PreciseBN`` and before ``PeriodicCheckpointer`` and ``EvalHook``
     (:meth:`KDTrainer.build_hooks` puts it there); it runs on every rank, at the same steps. After
@@ -244,9 +247,6 @@ def train_records(dataset_names) -> list:
 def prototype_refresh_hook(cfg) -> hooks.HookBase:
     """Runs the Global-Knowledge PGM (one epoch period by default) before the steps that need
     it; a no-op when no configured method needs prototypes."""
-    from kd2.data.loader import read_image
-    from kd2.modeling.prototypes import build_prototype_refresher
-
     state = {}
 
     def before_train(trainer):
@@ -302,8 +302,6 @@ def kd_preflight_hook(
             return
         from detectron2.data import DatasetCatalog, build_detection_test_loader
         from detectron2.evaluation import inference_on_dataset
-
-        from kd2.engine.preflight import preserved_random_state, run_preflight
 
         refresher = getattr(trainer, "kd_prototype_refresher", None)
         if refresher is not None:  # GlobalKD's terms need their prototypes

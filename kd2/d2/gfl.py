@@ -3,11 +3,11 @@
 The Detectron2 counterpart of :mod:`kd2.tv.gfl` (whose docstring gives the math): the same
 detector, built like Detectron2's ``FCOS`` on :class:`DenseDetector` (``preprocess_image``,
 ``backbone``, ``head``, ``forward_training`` / ``forward_inference``, Detectron2's batched input
-dicts and ``Instances``). Everything numeric is imported from :mod:`kd2.tv.gfl` —
-:func:`~kd2.tv.gfl.atss_assign`, :func:`~kd2.tv.gfl.gfl_losses` (QFL, DFL, GIoU with their
-weights and normalisers), :func:`~kd2.tv.gfl.integral`, :class:`~kd2.tv.gfl.GFLBoxCoder`,
-:class:`~kd2.tv.gfl.Scale` — so with the same weights and input both backends give the same head
-outputs, anchors, labels, losses and detections (``tests/test_d2_gfl.py``).
+dicts and ``Instances``). Everything numeric comes from :mod:`kd2.modeling.gfl`, shared with
+:mod:`kd2.tv.gfl` — ATSS assignment, the losses (QFL, DFL, GIoU with their weights and
+normalisers), the integral, the box coder and ``Scale`` — so with the same weights and input
+both backends give the same head outputs, anchors, labels, losses and detections
+(``tests/test_d2_gfl.py``).
 
 Detectron2 specifics:
 
@@ -46,15 +46,15 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from kd2.modeling.gfl import GFLBoxCoder, Scale, atss_assign, gfl_losses, integral
 from kd2.modeling.prototypes import own_padded_size
 from kd2.structures import DenseOutputs
-from kd2.tv.gfl import GFLBoxCoder, Scale, atss_assign, gfl_losses, integral
 
 __all__ = ["GFL", "GFLBox2BoxTransform", "GFLHead", "gfl_lazy_model"]
 
 
 class GFLBox2BoxTransform(GFLBoxCoder):
-    """:class:`kd2.tv.gfl.GFLBoxCoder` with Detectron2's ``Box2BoxTransform`` method names, so
+    """:class:`kd2.modeling.gfl.GFLBoxCoder` with Detectron2's ``Box2BoxTransform`` method names, so
     that ``DenseDetector._decode_per_level_predictions`` decodes GFL's side distances."""
 
     def apply_deltas(self, deltas: Tensor, boxes: Tensor) -> Tensor:
@@ -120,7 +120,7 @@ class GFLHead(nn.Module):
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
         """Per level ``(N, K, H_l, W_l)`` class-quality logits and ``(N, 4 (reg_max + 1), H_l,
-        W_l)`` distribution logits (after the level's :class:`~kd2.tv.gfl.Scale`)."""
+        W_l)`` distribution logits (after the level's :class:`~kd2.modeling.gfl.Scale`)."""
         if len(features) != self._num_features:
             raise ValueError(f"GFLHead has {self._num_features} levels, got {len(features)} maps")
         logits, dists = [], []
@@ -139,8 +139,8 @@ class GFL(DenseDetector):
     """GFL with ATSS assignment (see the module docstring).
 
     Train mode returns ``{"loss_qfl", "loss_dfl", "loss_giou"}`` (the formulas of
-    :func:`kd2.tv.gfl.gfl_losses`, normalised per batch as mmdet 2.x, no EMA); eval mode a list of
-    ``{"instances": Instances}``.
+    :func:`kd2.modeling.gfl.gfl_losses`, normalised per batch as mmdet 2.x, no EMA); eval mode a
+    list of ``{"instances": Instances}``.
 
     Args:
         backbone, head, head_in_features, pixel_mean, pixel_std: as ``DenseDetector``.
@@ -260,9 +260,10 @@ class GFL(DenseDetector):
         Returns:
             the :class:`~kd2.structures.DenseOutputs` part (no labels): ``cls_logits`` per
             level ``(N, R_l, K)``, ``box_dist`` ``(N, R_l, 4 (reg_max + 1))``, ``box_deltas``
-            their :func:`~kd2.tv.gfl.integral` ``(N, R_l, 4)`` in stride units, ``anchors`` the
-            ATSS squares ``(R_l, 4)``, ``box_coder`` a :class:`GFLBox2BoxTransform`; the
-            anchors as ``Boxes``; the transposed ``[logits, dists]`` that :meth:`losses` takes.
+            their :func:`~kd2.modeling.gfl.integral` ``(N, R_l, 4)`` in stride units,
+            ``anchors`` the ATSS squares ``(R_l, 4)``, ``box_coder`` a
+            :class:`GFLBox2BoxTransform`; the anchors as ``Boxes``; the transposed
+            ``[logits, dists]`` that :meth:`losses` takes.
         """
         logits, dists = self._transpose(self.head(features))
         anchors = self.anchor_generator(features)
@@ -347,7 +348,7 @@ class GFL(DenseDetector):
         pred_dists: List[Tensor],
         gt_boxes: List[Tensor],
     ) -> Dict[str, Tensor]:
-        """``loss_qfl``, ``loss_dfl``, ``loss_giou`` (:func:`kd2.tv.gfl.gfl_losses`).
+        """``loss_qfl``, ``loss_dfl``, ``loss_giou`` (:func:`kd2.modeling.gfl.gfl_losses`).
 
         The argument order of Detectron2's ``RetinaNet.losses`` / ``FCOS.losses``, with the
         distribution logits in place of the box deltas.

@@ -17,6 +17,7 @@ from detectron2.config import CfgNode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from kd2.config import get_cfg
 from kd2.config.config import closest_name
 from kd2.utils.errors import MissingFileError, UnknownNameError, WeightsError
 
@@ -37,8 +38,6 @@ def _to_cfg_list(d: Dict[str, Any], prefix: str = "") -> list:
 
 def kd_config(**overrides) -> CfgNode:
     """kd2's ``KD`` section with ``overrides`` (nested dicts allowed); unknown keys are errors."""
-    from kd2.config import get_cfg
-
     overrides = {  # LazyConfig passes omegaconf containers
         k: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
         for k, v in overrides.items()

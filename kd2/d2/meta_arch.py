@@ -26,15 +26,16 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.structures import Boxes
+from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from kd2.modeling.cross_framework import input_convention, is_torchvision_detector, to_teacher_input
+from kd2.modeling.backends import backend_of, input_convention
 from kd2.modeling.distiller import DistillerMixin, model_family, teachers_needed
+from kd2.modeling.gfl import integral
 from kd2.modeling.head_split import TowerHead, flat_layers, run_with_head_split
-from kd2.modeling.level_map import TeacherInfo, detector_parts, foreign_teacher_info
+from kd2.modeling.level_map import TeacherInfo, detector_parts
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
 from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
-from kd2.tv.gfl import integral
 
 from .gfl import GFL
 from .teacher import build_teacher
@@ -50,7 +51,7 @@ def _channels(model: nn.Module) -> Dict[int, int]:
     return {spec.stride: spec.channels for spec in model.backbone.output_shape().values()}
 
 
-def _input_normalization(model: nn.Module):
+def model_input_convention(model: nn.Module):
     """``(pixel_mean, pixel_std, channel order, scale)`` of a Detectron2 model's input
     (0-255 pixels in ``INPUT.FORMAT``), for a classifier teacher. ``DenseDetector`` (FCOS)
     keeps no ``input_format``: its data mapper decides, BGR by default as in Detectron2."""
@@ -222,6 +223,8 @@ class _Distill(DistillerMixin):
     """The Detectron2 training forward shared by every meta-architecture: student steps, the
     teacher parts under ``no_grad``, the KD losses. In eval mode: the plain student."""
 
+    kd_backend = "detectron2"
+
     @classmethod
     def from_config(cls, cfg):
         """The student's own ``from_config`` plus the teacher of ``cfg.KD.TEACHER`` (``None``
@@ -233,12 +236,17 @@ class _Distill(DistillerMixin):
         ret["kd_cfg"] = cfg.KD
         return ret
 
-    def _kd_model_info(self, model: nn.Module) -> TeacherInfo:
-        if is_torchvision_detector(model):  # a torchvision teacher
-            from kd2.tv.meta_arch import model_info as tv_model_info
-
-            return foreign_teacher_info(tv_model_info(model))
+    def _kd_own_model_info(self, model: nn.Module) -> TeacherInfo:
         return model_info(model)
+
+    def kd_publish_scalars(self, stats: Dict[str, float]) -> None:
+        """Into Detectron2's event storage (its metrics.json and TensorBoard writers pick them
+        up), when inside a Detectron2 training loop."""
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # no storage: not inside a Detectron2 training loop
+            return
+        storage.put_scalars(**stats, smoothing_hint=False)
 
     def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
         """KD.TEACHER's record of this step (only the parts its methods read)."""
@@ -259,14 +267,9 @@ class _Distill(DistillerMixin):
         t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
         if t is None or not parts:
             return student.teacher_view()
-        if is_torchvision_detector(t):
-            from kd2.tv.record import teacher_record as tv_teacher_record
-
-            images = to_teacher_input(
-                student.images, input_convention(self), input_convention(t), 32
-            )
-            strides = sorted(self.kd_teacher_infos[name].channels)
-            return tv_teacher_record(t, images, student, parts, strides)
+        foreign = self._kd_foreign_teacher_record(t, student, name)
+        if foreign is not None:
+            return foreign
         images = t.preprocess_image(batched_inputs).tensor
         return teacher_record(t, images, student, parts, self.kd_head_split)
 
@@ -275,12 +278,13 @@ class _Distill(DistillerMixin):
         student's batch itself (``preprocess_image``), so its input format must be the
         student's; a torchvision teacher reads the student's tensor in its own convention."""
         t = self._teacher
+        foreign = backend_of(t).name != self.kd_backend
         classes = (
             True,
             f"classes: teacher {self.kd_teacher_infos[''].num_classes}, student "
             f"{_num_classes(self)}",
         )
-        if is_torchvision_detector(t):
+        if foreign:
             return [
                 classes,
                 (
@@ -289,7 +293,7 @@ class _Distill(DistillerMixin):
                     f"std, channels, scale) {input_convention(self)} to {input_convention(t)}",
                 ),
             ]
-        s_fmt, t_fmt = _input_normalization(self)[2], _input_normalization(t)[2]
+        s_fmt, t_fmt = model_input_convention(self)[2], model_input_convention(t)[2]
         return [
             classes,
             (
@@ -299,8 +303,8 @@ class _Distill(DistillerMixin):
             ),
             (
                 True,
-                f"normalisation: student mean/std {_input_normalization(self)[:2]}, teacher "
-                f"{_input_normalization(t)[:2]} (each normalises the raw batch itself)",
+                f"normalisation: student mean/std {model_input_convention(self)[:2]}, teacher "
+                f"{model_input_convention(t)[:2]} (each normalises the raw batch itself)",
             ),
         ]
 
@@ -322,7 +326,7 @@ class _Distill(DistillerMixin):
         image's own padded size, as the released PGM). Returns ``{stride: (sum G_i, C)}``.
         """
         net = self._teacher if teacher else self
-        if is_torchvision_detector(net):
+        if backend_of(net).name != self.kd_backend:
             raise ValueError(
                 "GlobalKD's prototypes pool the teacher's features of whole images, which kd2 "
                 "does for a teacher of the student's framework only; use a Detectron2 teacher"
@@ -390,7 +394,7 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
             teacher,
             num_classes=self.roi_heads.num_classes,
             student_channels=_channels(self),
-            input_normalization=_input_normalization(self),
+            input_normalization=model_input_convention(self),
             extra_teachers=extra_teachers,
         )
 
@@ -444,7 +448,7 @@ class _DistillDense(_Distill):
             teacher,
             num_classes=self.num_classes,
             student_channels=_channels(self),
-            input_normalization=_input_normalization(self),
+            input_normalization=model_input_convention(self),
             extra_teachers=extra_teachers,
         )
 

@@ -14,6 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from torch import nn
 
+from kd2.modeling.cross_framework import build_teacher_of_config
 from kd2.modeling.weights_check import check_teacher_weights
 from kd2.utils.errors import ConfigError, MissingFileError, WeightsError
 
@@ -91,8 +92,6 @@ def build_teacher(cfg, name: str = "") -> nn.Module:
     teacher). A ``.pth``/``.pt`` file is read with ``torch.load(weights_only=True)``; a ``.pkl``
     file (``detectron2://`` model zoo) is unpickled by Detectron2: trust its source.
     """
-    from kd2.modeling.cross_framework import build_teacher_of_config
-
     return build_teacher_of_config(cfg, name, "detectron2")
 
 

@@ -58,7 +58,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from kd2.tv.build import NUM_CLASSES_KEYS
+from kd2.config import NUM_CLASSES_KEYS
+from kd2.utils.checkpoint import write_text_atomic  # kd2.engine imports kd2.data
 
 __all__ = [
     "dataset_report",
@@ -242,6 +243,43 @@ def dataset_report(
         plain-English strings, each saying what to change).
     """
     arch = _arch(cfg)
+    m = _measure(records, cfg, arch)
+    report = _summary(m, cfg, arch, class_names)
+    warnings: List[str] = report["warnings"]
+    n, num_boxes, threshold = m["n"], m["num_boxes"], report["small_box_threshold"]
+    # (1) boxes too small for the anchors
+    if threshold is not None and num_boxes and m["n_small"] / num_boxes > SMALL_BOX_MAX_FRACTION:
+        warnings.append(
+            _small_box_warning(
+                report,
+                m["size_input"],
+                report["anchor_sizes"],
+                report["smallest_anchor"],
+                threshold,
+                m["resize"],
+                arch,
+            )
+        )
+    # (2) strongly downscaled images
+    scale = m["scale"]
+    if n and (
+        np.count_nonzero(scale < DOWNSCALE_MIN) >= DOWNSCALE_MIN_IMAGE_FRACTION * n
+        or scale.min() < DOWNSCALE_SEVERE
+    ):
+        warnings.append(_downscale_warning(records, m, arch))
+    # (3) classes with (almost) no boxes
+    rare = _rare_class_warning(m["class_counts"], num_boxes, m["name_of"], arch)
+    if rare:
+        warnings.append(rare)
+    # (4) more objects per image than the detector may output / propose
+    if n:
+        warnings.extend(_per_image_limit_warnings(records, m["counts"], report["limits"]))
+    return report
+
+
+def _measure(records: Sequence[Mapping[str, Any]], cfg, arch: str) -> Dict[str, Any]:
+    """The arrays the report is made of: image sides, boxes per image, box sizes before and
+    after the training resize, the scale per image, the class counts."""
     n = len(records)
     heights = np.fromiter((int(r["height"]) for r in records), dtype=np.int64, count=n)
     widths = np.fromiter((int(r["width"]) for r in records), dtype=np.int64, count=n)
@@ -253,14 +291,31 @@ def dataset_report(
         if n
         else np.zeros((0,), dtype=np.int64)
     )
-    num_boxes = int(len(boxes))
-
     scale, resize = _resize_scales(heights, widths, cfg, arch)
     bw = np.clip(boxes[:, 2] - boxes[:, 0], 0.0, None)
     bh = np.clip(boxes[:, 3] - boxes[:, 1], 0.0, None)
     size_orig = np.sqrt(bw * bh)
-    size_input = size_orig * np.repeat(scale, counts)
+    return {
+        "n": n,
+        "heights": heights,
+        "widths": widths,
+        "counts": counts,
+        "labels": labels,
+        "num_boxes": int(len(boxes)),
+        "scale": scale,
+        "resize": resize,
+        "size_orig": size_orig,
+        "size_input": size_orig * np.repeat(scale, counts),
+        "short": np.minimum(heights, widths),
+        "long": np.maximum(heights, widths),
+    }
 
+
+def _summary(m: Dict[str, Any], cfg, arch: str, class_names) -> Dict[str, Any]:
+    """The report's figures (everything but the warnings) from the measured arrays ``m``;
+    adds ``class_counts``, ``name_of`` and ``n_small`` to ``m``."""
+    n, counts, scale, num_boxes = m["n"], m["counts"], m["scale"], m["num_boxes"]
+    short, long_, labels, size_input = m["short"], m["long"], m["labels"], m["size_input"]
     anchors, anchor_source = anchor_sizes_of(cfg)
     flat_anchors = [a for lv in anchors for a in lv]
     smallest = min(flat_anchors) if flat_anchors else None
@@ -280,8 +335,7 @@ def dataset_report(
             return str(class_names[i])
         return f"class {i}"
 
-    short = np.minimum(heights, widths)
-    long_ = np.maximum(heights, widths)
+    m.update(class_counts=class_counts, name_of=name_of, n_small=n_small)
     hist, _ = np.histogram(np.clip(size_input, _HIST_EDGES[0], _HIST_EDGES[-1]), _HIST_EDGES)
 
     limits: Dict[str, int] = {"TEST.DETECTIONS_PER_IMAGE": int(cfg.TEST.DETECTIONS_PER_IMAGE)}
@@ -289,7 +343,7 @@ def dataset_report(
         limits["MODEL.RPN.POST_NMS_TOPK_TRAIN"] = int(cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN)
         limits["MODEL.RPN.POST_NMS_TOPK_TEST"] = int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
 
-    report: Dict[str, Any] = {
+    return {
         "architecture": arch,
         "num_classes": num_classes,
         "num_images": n,
@@ -308,14 +362,14 @@ def dataset_report(
             "long_max": int(long_.max()) if n else None,
         },
         "resize": {
-            **resize,
+            **m["resize"],
             "scale_min": float(scale.min()) if n else None,
             "scale_median": float(np.median(scale)) if n else None,
             "scale_max": float(scale.max()) if n else None,
             "images_downscaled_below": DOWNSCALE_MIN,
             "num_images_downscaled": int(np.count_nonzero(scale < DOWNSCALE_MIN)),
         },
-        "box_size_original": _stats(size_orig),
+        "box_size_original": _stats(m["size_orig"]),
         "box_size_input": _stats(size_input),
         "box_size_histogram": {
             "edges": [float(e) for e in _HIST_EDGES],
@@ -335,98 +389,95 @@ def dataset_report(
         "limits": limits,
         "warnings": [],
     }
-    warnings: List[str] = report["warnings"]
 
-    # (1) boxes too small for the anchors
-    if threshold is not None and num_boxes and n_small / num_boxes > SMALL_BOX_MAX_FRACTION:
-        warnings.append(
-            _small_box_warning(report, size_input, anchors, smallest, threshold, resize, arch)
-        )
 
-    # (2) strongly downscaled images
+def _downscale_warning(records, m: Dict[str, Any], arch: str) -> str:
+    """Images shrunk more than ``1 / DOWNSCALE_MIN`` for training, and what to change."""
+    scale, resize, n = m["scale"], m["resize"], m["n"]
     down = scale < DOWNSCALE_MIN
-    if n and (
-        np.count_nonzero(down) >= DOWNSCALE_MIN_IMAGE_FRACTION * n or scale.min() < DOWNSCALE_SEVERE
-    ):
-        i = int(np.argmin(scale))
-        s_min = float(scale[i])
-        where = f"{int(widths[i])}x{int(heights[i])} px"
-        if "file_name" in records[i]:
-            where += f" ({os.path.basename(str(records[i]['file_name']))})"
-        if arch == "SSD":
-            fix = (
-                f"SSD squeezes every image to MODEL.SSD.SIZE {resize['fixed_size'][0]} px; a larger"
-                " SIZE does not help (its default boxes grow with it): tile the images into "
-                f"crops of about {resize['fixed_size'][0]} px, or use FasterRCNN/RetinaNet/FCOS"
-            )
-        else:
-            fix = (
-                f"INPUT.MIN_SIZE_TRAIN ({resize['min_size']},) / MAX_SIZE_TRAIN "
-                f"{resize['max_size']} cap the image sides; to train at native resolution set "
-                f"INPUT.MIN_SIZE_TRAIN ({int(short.max())},) INPUT.MAX_SIZE_TRAIN "
-                f"{int(long_.max())} (and the same MIN_SIZE_TEST/MAX_SIZE_TEST) if memory allows, "
-                f"or tile the large images into crops of about {resize['max_size']} px"
-            )
-        warnings.append(
-            f"{int(np.count_nonzero(down))} of {n} images are shrunk more than "
-            f"{1 / DOWNSCALE_MIN:g}x for training (smallest scale {s_min:.2f}, image {where}): "
-            f"a 10-px object there becomes {10 * s_min:.1f} px. {fix}."
+    i = int(np.argmin(scale))
+    s_min = float(scale[i])
+    where = f"{int(m['widths'][i])}x{int(m['heights'][i])} px"
+    if "file_name" in records[i]:
+        where += f" ({os.path.basename(str(records[i]['file_name']))})"
+    if arch == "SSD":
+        fix = (
+            f"SSD squeezes every image to MODEL.SSD.SIZE {resize['fixed_size'][0]} px; a larger"
+            " SIZE does not help (its default boxes grow with it): tile the images into "
+            f"crops of about {resize['fixed_size'][0]} px, or use FasterRCNN/RetinaNet/FCOS"
         )
+    else:
+        fix = (
+            f"INPUT.MIN_SIZE_TRAIN ({resize['min_size']},) / MAX_SIZE_TRAIN "
+            f"{resize['max_size']} cap the image sides; to train at native resolution set "
+            f"INPUT.MIN_SIZE_TRAIN ({int(m['short'].max())},) INPUT.MAX_SIZE_TRAIN "
+            f"{int(m['long'].max())} (and the same MIN_SIZE_TEST/MAX_SIZE_TEST) if memory allows, "
+            f"or tile the large images into crops of about {resize['max_size']} px"
+        )
+    return (
+        f"{int(np.count_nonzero(down))} of {n} images are shrunk more than "
+        f"{1 / DOWNSCALE_MIN:g}x for training (smallest scale {s_min:.2f}, image {where}): "
+        f"a 10-px object there becomes {10 * s_min:.1f} px. {fix}."
+    )
 
-    # (3) classes with (almost) no boxes
+
+def _rare_class_warning(class_counts, num_boxes: int, name_of, arch: str) -> str | None:
+    """Classes with (almost) no boxes, or ``None``."""
     mean_per_class = num_boxes / len(class_counts) if len(class_counts) else 0.0
     rare_below = max(float(RARE_CLASS_MIN_BOXES), RARE_CLASS_MEAN_FRACTION * mean_per_class)
     rare = [(i, int(c)) for i, c in enumerate(class_counts) if c < rare_below]
-    if rare:
-        shown = sorted(rare, key=lambda ic: (ic[1], ic[0]))[:10]  # the rarest ten, rarest first
-        listed = ", ".join(
-            f"'{name_of(i)}' ({c} box{'es' if c != 1 else ''}, "
-            f"{(100.0 * c / num_boxes) if num_boxes else 0:.1f}%)"
-            for i, c in shown
-        ) + (f" and {len(rare) - len(shown)} more" if len(rare) > len(shown) else "")
-        warnings.append(
-            f"Rare classes (fewer than {math.ceil(rare_below)} boxes: the larger of "
-            f"{RARE_CLASS_MIN_BOXES} and {RARE_CLASS_MEAN_FRACTION:g}x the mean "
-            f"{mean_per_class:.0f} per class): {listed}. The detector will hardly learn them and "
-            "their AP (part of the mean AP) will be near 0 or noise: annotate more examples, or "
-            "merge/drop the class (the dataset's categories and "
-            f"{NUM_CLASSES_KEYS.get(arch, 'NUM_CLASSES')})."
-        )
+    if not rare:
+        return None
+    shown = sorted(rare, key=lambda ic: (ic[1], ic[0]))[:10]  # the rarest ten, rarest first
+    listed = ", ".join(
+        f"'{name_of(i)}' ({c} box{'es' if c != 1 else ''}, "
+        f"{(100.0 * c / num_boxes) if num_boxes else 0:.1f}%)"
+        for i, c in shown
+    ) + (f" and {len(rare) - len(shown)} more" if len(rare) > len(shown) else "")
+    return (
+        f"Rare classes (fewer than {math.ceil(rare_below)} boxes: the larger of "
+        f"{RARE_CLASS_MIN_BOXES} and {RARE_CLASS_MEAN_FRACTION:g}x the mean "
+        f"{mean_per_class:.0f} per class): {listed}. The detector will hardly learn them and "
+        "their AP (part of the mean AP) will be near 0 or noise: annotate more examples, or "
+        "merge/drop the class (the dataset's categories and "
+        f"{NUM_CLASSES_KEYS.get(arch, 'NUM_CLASSES')})."
+    )
 
-    # (4) more objects per image than the detector may output / propose
-    if n:
-        most = int(counts.max())
-        i = int(np.argmax(counts))
-        where = (
-            f" ({os.path.basename(str(records[i]['file_name']))})"
-            if "file_name" in records[i]
-            else ""
+
+def _per_image_limit_warnings(records, counts, limits: Dict[str, int]) -> List[str]:
+    """More objects in an image than the detector may output or propose."""
+    out = []
+    n = len(records)
+    most = int(counts.max())
+    i = int(np.argmax(counts))
+    where = (
+        f" ({os.path.basename(str(records[i]['file_name']))})" if "file_name" in records[i] else ""
+    )
+    lim = limits["TEST.DETECTIONS_PER_IMAGE"]
+    if most > lim:
+        over = int(np.count_nonzero(counts > lim))
+        msg = (
+            f"{over} of {n} images have more boxes than TEST.DETECTIONS_PER_IMAGE {lim} "
+            f"(most: {most}{where}): the detector outputs at most {lim} detections per image, "
+            f"so recall there is capped at {100.0 * lim / most:.0f}% whatever it learns. Set "
+            f"TEST.DETECTIONS_PER_IMAGE {_round_up(most, 100)}."
         )
-        lim = limits["TEST.DETECTIONS_PER_IMAGE"]
-        if most > lim:
-            over = int(np.count_nonzero(counts > lim))
-            msg = (
-                f"{over} of {n} images have more boxes than TEST.DETECTIONS_PER_IMAGE {lim} "
-                f"(most: {most}{where}): the detector outputs at most {lim} detections per image, "
-                f"so recall there is capped at {100.0 * lim / most:.0f}% whatever it learns. Set "
-                f"TEST.DETECTIONS_PER_IMAGE {_round_up(most, 100)}."
+        if most > 100:
+            msg += (
+                " Note that COCO AP (pycocotools' default maxDets=100) also scores at most "
+                "100 detections per image."
             )
-            if most > 100:
-                msg += (
-                    " Note that COCO AP (pycocotools' default maxDets=100) also scores at most "
-                    "100 detections per image."
-                )
-            warnings.append(msg)
-        rpn = [(key, v) for key, v in limits.items() if key.startswith("MODEL.RPN.") and most > v]
-        if rpn:
-            keys = " / ".join(f"{key} {v}" for key, v in rpn)
-            warnings.append(
-                f"An image has {most} boxes{where}, more than the Faster R-CNN proposals kept per "
-                f"image ({keys}): objects are lost before the box head sees them. Raise "
-                + " and ".join(f"{key} to {_round_up(2 * most, 100)}" for key, _ in rpn)
-                + " (about 2x the most boxes in an image)."
-            )
-    return report
+        out.append(msg)
+    rpn = [(key, v) for key, v in limits.items() if key.startswith("MODEL.RPN.") and most > v]
+    if rpn:
+        keys = " / ".join(f"{key} {v}" for key, v in rpn)
+        out.append(
+            f"An image has {most} boxes{where}, more than the Faster R-CNN proposals kept per "
+            f"image ({keys}): objects are lost before the box head sees them. Raise "
+            + " and ".join(f"{key} to {_round_up(2 * most, 100)}" for key, _ in rpn)
+            + " (about 2x the most boxes in an image)."
+        )
+    return out
 
 
 def _small_box_warning(
@@ -559,6 +610,17 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _flat_sizes(anchor_sizes: Sequence[Any] | None) -> List[float]:
+    """Anchor sizes, flat or per level, as one flat list."""
+    flat: List[float] = []
+    for a in anchor_sizes or []:
+        if isinstance(a, (list, tuple, np.ndarray)):
+            flat.extend(float(v) for v in a)
+        else:
+            flat.append(float(a))
+    return flat
+
+
 def plot_box_sizes(
     report_or_sizes: Union[Mapping[str, Any], Sequence[float], np.ndarray],
     anchor_sizes: Sequence[Any] | None,
@@ -599,12 +661,7 @@ def plot_box_sizes(
         counts, _ = np.histogram(np.clip(sizes, edges[0], edges[-1]), edges)
         counts = counts.astype(np.float64)
         title_extra = ""
-    flat: List[float] = []
-    for a in anchor_sizes or []:
-        if isinstance(a, (list, tuple, np.ndarray)):
-            flat.extend(float(v) for v in a)
-        else:
-            flat.append(float(a))
+    flat = _flat_sizes(anchor_sizes)
     total = int(counts.sum())
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -670,7 +727,6 @@ def write_dataset_report(
     """
     report = _jsonable(dataset_report(records, cfg, class_names=class_names))
     os.makedirs(output_dir, exist_ok=True)
-    from kd2.engine.checkpoint import write_text_atomic  # kd2.engine imports kd2.data
 
     json_path = os.path.join(output_dir, "dataset_report.json")
     write_text_atomic(json_path, json.dumps(report, indent=1))

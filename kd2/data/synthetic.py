@@ -337,8 +337,6 @@ def render_synthetic_image(
         ``{"category_id": int, "bbox": [x, y, w, h], "area": float}`` in drawing order.
     """
     s = int(image_size)
-    pad = s // 2 + 2
-    canvas = s + 2 * pad
     img = _background(s, rng)
     _draw_distractors(img, rng)
 
@@ -349,30 +347,7 @@ def render_synthetic_image(
         spec = classes[int(rng.integers(0, len(classes)))]
         size = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
         fill, holes = _shape_polygons(spec.shape, size, rng)
-        accepted = None
-        for _attempt in range(12):
-            margin = 0.25 * size
-            centre = rng.uniform(-margin, s + margin, size=2)
-            full = _draw_mask(canvas, fill, holes, centre + pad)
-            full_area = int(np.count_nonzero(full >= 128))
-            alpha_u8 = full[pad : pad + s, pad : pad + s]
-            binary = alpha_u8 >= 128
-            inside = int(np.count_nonzero(binary))
-            if full_area == 0 or inside < _MIN_INSIDE_FRACTION * full_area or inside < 4:
-                continue
-            if not _box_ok(_tight_box(binary)):
-                continue
-            ok = True
-            for p in placed:
-                vis = p["visible"] & ~binary
-                if np.count_nonzero(vis) < _MIN_VISIBLE_FRACTION * p["inside"] or not _box_ok(
-                    _tight_box(vis)
-                ):
-                    ok = False
-                    break
-            if ok:
-                accepted = (centre, alpha_u8, binary, inside)
-                break
+        accepted = _place_object(rng, s, size, fill, holes, placed)
         if accepted is None:
             continue
         centre, alpha_u8, binary, inside = accepted
@@ -392,18 +367,48 @@ def render_synthetic_image(
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.2))
     img += rng.normal(0.0, rng.uniform(2.0, 10.0), size=img.shape).astype(np.float32)
     image = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return image, [_visible_object(p) for p in placed]
 
-    objects: List[Dict[str, object]] = []
-    for p in placed:
-        x0, y0, x1, y1 = _tight_box(p["visible"])
-        objects.append(
-            {
-                "category_id": p["spec"].dataset_id,
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "area": float(max(int(np.count_nonzero(p["visible"])), 1)),
-            }
-        )
-    return image, objects
+
+def _place_object(rng: np.random.Generator, s: int, size: float, fill, holes, placed: list):
+    """Up to 12 random centres for a shape of extent ``size`` in an ``s``-pixel image: the first
+    where enough of it lies inside the image and every placed object stays visible enough;
+    ``(centre, alpha_u8, binary, inside)`` or ``None``."""
+    pad = s // 2 + 2
+    canvas = s + 2 * pad
+    for _attempt in range(12):
+        margin = 0.25 * size
+        centre = rng.uniform(-margin, s + margin, size=2)
+        full = _draw_mask(canvas, fill, holes, centre + pad)
+        full_area = int(np.count_nonzero(full >= 128))
+        alpha_u8 = full[pad : pad + s, pad : pad + s]
+        binary = alpha_u8 >= 128
+        inside = int(np.count_nonzero(binary))
+        if full_area == 0 or inside < _MIN_INSIDE_FRACTION * full_area or inside < 4:
+            continue
+        if not _box_ok(_tight_box(binary)):
+            continue
+        ok = True
+        for p in placed:
+            vis = p["visible"] & ~binary
+            if np.count_nonzero(vis) < _MIN_VISIBLE_FRACTION * p["inside"] or not _box_ok(
+                _tight_box(vis)
+            ):
+                ok = False
+                break
+        if ok:
+            return centre, alpha_u8, binary, inside
+    return None
+
+
+def _visible_object(p: Dict[str, object]) -> Dict[str, object]:
+    """A placed object's annotation: the tight box and area of what is still visible."""
+    x0, y0, x1, y1 = _tight_box(p["visible"])
+    return {
+        "category_id": p["spec"].dataset_id,
+        "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+        "area": float(max(int(np.count_nonzero(p["visible"])), 1)),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +467,76 @@ def _crowded_distractor(rng: np.random.Generator, r: float, object_like: bool) -
     return fill
 
 
+def _draw_crowded_distractor(
+    img: np.ndarray, rng: np.random.Generator, lo: float, hi: float, object_like: bool
+) -> None:
+    """One unannotated distractor of object size (log-uniform in ``[lo, hi]``) on ``img``."""
+    h, w = img.shape[:2]
+    size = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    half = int(math.ceil(size / 2)) + 2
+    fill = _crowded_distractor(rng, size / 2, object_like)
+    alpha = _draw_mask(2 * half, fill, [], np.array([half, half], dtype=np.float64))
+    x0 = int(rng.integers(0, max(w - 2 * half, 0) + 1))
+    y0 = int(rng.integers(0, max(h - 2 * half, 0) + 1))
+    if object_like and rng.random() < 0.5:  # saturated, possibly object-like
+        col = _hsv_to_bgr(rng.uniform(0, 180), rng.uniform(120, 255), rng.uniform(120, 255))
+    else:
+        col = rng.uniform(20, 235, size=3).astype(np.float32)
+    if 2 * half <= min(h, w):
+        _paste(img, x0, y0, alpha.astype(np.float32) / 255.0, np.broadcast_to(col, (1, 1, 3)))
+
+
+def _draw_crowded_shape(spec, size: float, rng: np.random.Generator, p: int, h: int, w: int):
+    """The shape's mask on a ``p``-pixel patch, redrawn (up to 5 times) while its box is under
+    3 px; ``(alpha_u8, binary, tight box)``."""
+    centre = np.array([p // 2, p // 2], dtype=np.float64)
+    for _shape_try in range(5):  # a tiny, thin shape may round to a box under 3 px
+        fill, holes = _shape_polygons(spec.shape, size, rng)
+        alpha_u8 = _draw_mask(p, fill, holes, centre)
+        binary = alpha_u8 >= 128
+        box = _tight_box(binary)
+        if p > min(h, w) or _box_ok(box):
+            break
+    return alpha_u8, binary, box
+
+
+def _paste_blurred(img, x0: int, y0: int, alpha, layer, rng: np.random.Generator) -> None:
+    """Paste an object's layer at ``(x0, y0)``, blurred (mask and layer) 15 % of the time."""
+    if rng.random() < 0.15:  # per-object blur
+        sigma = rng.uniform(0.5, 1.2)
+        alpha = cv2.GaussianBlur(alpha, (0, 0), sigma)
+        layer = cv2.GaussianBlur(layer, (0, 0), sigma)
+    _paste(img, x0, y0, alpha, layer)
+
+
+def _free_spot(
+    rng: np.random.Generator,
+    occupied: np.ndarray,
+    p: int,
+    half: int,
+    box: Tuple[int, int, int, int],
+    cluster: Tuple[np.ndarray, float] | None,
+) -> Tuple[int, int] | None:
+    """The top-left corner of a free ``p``-pixel patch whose shape's ``box`` (patch pixels),
+    one pixel around it, touches no placed object: 50 tries, the first 25 near ``cluster``'s
+    centre (a Gaussian of its sigma) when given; ``None`` when none is free."""
+    h, w = occupied.shape
+    bx0, by0, bx1, by1 = box
+    for attempt in range(50):
+        if attempt < 25 and cluster is not None:
+            cx, cy = cluster[0] + rng.normal(0.0, cluster[1], size=2) - half
+            x0 = int(min(max(round(cx), 0), w - p))
+            y0 = int(min(max(round(cy), 0), h - p))
+        else:
+            x0 = int(rng.integers(0, w - p + 1))
+            y0 = int(rng.integers(0, h - p + 1))
+        ys = slice(max(y0 + by0 - 1, 0), y0 + by1 + 1)
+        xs = slice(max(x0 + bx0 - 1, 0), x0 + bx1 + 1)
+        if not occupied[ys, xs].any():
+            return x0, y0
+    return None
+
+
 def render_crowded_image(
     rng: np.random.Generator,
     height: int,
@@ -501,18 +576,7 @@ def render_crowded_image(
     img = _crowded_background(h, w, rng)
     # distractors, drawn first (objects may cover them)
     for _ in range(int(int(num_objects) * float(distractor_ratio))):
-        size = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-        half = int(math.ceil(size / 2)) + 2
-        fill = _crowded_distractor(rng, size / 2, object_like_distractors)
-        alpha = _draw_mask(2 * half, fill, [], np.array([half, half], dtype=np.float64))
-        x0 = int(rng.integers(0, max(w - 2 * half, 0) + 1))
-        y0 = int(rng.integers(0, max(h - 2 * half, 0) + 1))
-        if object_like_distractors and rng.random() < 0.5:  # saturated, possibly object-like
-            col = _hsv_to_bgr(rng.uniform(0, 180), rng.uniform(120, 255), rng.uniform(120, 255))
-        else:
-            col = rng.uniform(20, 235, size=3).astype(np.float32)
-        if 2 * half <= min(h, w):
-            _paste(img, x0, y0, alpha.astype(np.float32) / 255.0, np.broadcast_to(col, (1, 1, 3)))
+        _draw_crowded_distractor(img, rng, lo, hi, object_like_distractors)
     centres = np.zeros((0, 2))
     sigmas = np.zeros(0)
     if clustered > 0 and num_objects > 0:
@@ -529,43 +593,20 @@ def render_crowded_image(
         half = int(math.ceil(size / 2)) + 2
         p = 2 * half
         centre = np.array([half, half], dtype=np.float64)
-        for _shape_try in range(5):  # a tiny, thin shape may round to a box under 3 px
-            fill, holes = _shape_polygons(spec.shape, size, rng)
-            alpha_u8 = _draw_mask(p, fill, holes, centre)
-            binary = alpha_u8 >= 128
-            bx0, by0, bx1, by1 = _tight_box(binary)
-            if p > min(h, w) or _box_ok((bx0, by0, bx1, by1)):
-                break
+        alpha_u8, binary, (bx0, by0, bx1, by1) = _draw_crowded_shape(spec, size, rng, p, h, w)
         if p > min(h, w) or not _box_ok((bx0, by0, bx1, by1)):
             continue
-        cluster = -1
+        cluster = None
         if len(centres) and rng.random() < clustered:
-            cluster = int(rng.integers(0, len(centres)))
-        spot = None
-        for attempt in range(50):
-            if attempt < 25 and cluster >= 0:
-                cx, cy = centres[cluster] + rng.normal(0.0, sigmas[cluster], size=2) - half
-                x0 = int(min(max(round(cx), 0), w - p))
-                y0 = int(min(max(round(cy), 0), h - p))
-            else:
-                x0 = int(rng.integers(0, w - p + 1))
-                y0 = int(rng.integers(0, h - p + 1))
-            ys = slice(max(y0 + by0 - 1, 0), y0 + by1 + 1)
-            xs = slice(max(x0 + bx0 - 1, 0), x0 + bx1 + 1)
-            if not occupied[ys, xs].any():
-                spot = (x0, y0)
-                break
+            k = int(rng.integers(0, len(centres)))
+            cluster = (centres[k], sigmas[k])
+        spot = _free_spot(rng, occupied, p, half, (bx0, by0, bx1, by1), cluster)
         if spot is None:
             continue
         x0, y0 = spot
         occupied[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1] = True
         layer = _texture_layer(spec, size, centre, p, rng)
-        alpha = alpha_u8.astype(np.float32) / 255.0
-        if rng.random() < 0.15:  # per-object blur
-            sigma = rng.uniform(0.5, 1.2)
-            alpha = cv2.GaussianBlur(alpha, (0, 0), sigma)
-            layer = cv2.GaussianBlur(layer, (0, 0), sigma)
-        _paste(img, x0, y0, alpha, layer)
+        _paste_blurred(img, x0, y0, alpha_u8.astype(np.float32) / 255.0, layer, rng)
         objects.append(
             {
                 "category_id": spec.dataset_id,
@@ -626,28 +667,14 @@ def _generate_split(
     os.makedirs(image_dir, exist_ok=True)
     images: List[dict] = []
     annotations: List[dict] = []
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 3] if image_format == "png" else []
-    if image_format == "jpg":
-        params = [cv2.IMWRITE_JPEG_QUALITY, 95]
     for i in range(num_images):
         rng = np.random.default_rng([int(seed), _SPLIT_CODES[split], i])
         image, objects = render_synthetic_image(
             rng, image_size, classes, empty=(i % _EMPTY_EVERY == 1)
         )
-        image_id = i + 1
-        file_name = f"{image_id:06d}.{image_format}"
-        if not cv2.imwrite(os.path.join(image_dir, file_name), image, params):
-            raise OSError(f"cv2 could not write {os.path.join(image_dir, file_name)}")
-        images.append(
-            {
-                "id": image_id,
-                "file_name": file_name,
-                "width": image_size,
-                "height": image_size,
-                "license": 1,
-            }
-        )
-        _append_annotations(annotations, image_id, objects)
+        params = _write_params(image_format)
+        images.append(_write_image(image_dir, i + 1, image, image_format, params))
+        _append_annotations(annotations, i + 1, objects)
     return images, annotations
 
 
@@ -721,6 +748,19 @@ def _append_annotations(annotations: List[Dict], image_id: int, objects: List[Di
         )
 
 
+def _check_synthetic_args(
+    num_train: int, num_val: int, image_size: int, num_classes: int, image_format: str
+) -> None:
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"num_train/num_val must be >= 0, got {num_train}/{num_val}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32, got {image_size}")
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+
+
 def generate_synthetic_dataset(
     root: str,
     *,
@@ -759,14 +799,7 @@ def generate_synthetic_dataset(
             ``overwrite``.
         ValueError: an argument is out of range.
     """
-    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
-        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"num_train/num_val must be >= 0, got {num_train}/{num_val}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32, got {image_size}")
-    if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    _check_synthetic_args(num_train, num_val, image_size, num_classes, image_format)
     paths = _prepare_root(root, overwrite)
     classes = SYNTHETIC_CLASSES[:num_classes]
     t0 = time.perf_counter()
@@ -804,6 +837,127 @@ def generate_synthetic_dataset(
         time.perf_counter() - t0,
     )
     return paths
+
+
+def _write_params(image_format: str) -> list:
+    """``cv2.imwrite`` options: PNG compression 3, or JPEG quality 95."""
+    if image_format == "jpg":
+        return [cv2.IMWRITE_JPEG_QUALITY, 95]
+    return [cv2.IMWRITE_PNG_COMPRESSION, 3] if image_format == "png" else []
+
+
+def _write_image(image_dir: str, image_id: int, image: np.ndarray, image_format: str, params):
+    """Write image ``image_id`` as ``<id:06d>.<format>``; its COCO ``images`` entry."""
+    h, w = image.shape[:2]
+    file_name = f"{image_id:06d}.{image_format}"
+    if not cv2.imwrite(os.path.join(image_dir, file_name), image, params):
+        raise OSError(f"cv2 could not write {os.path.join(image_dir, file_name)}")
+    return {"id": image_id, "file_name": file_name, "width": w, "height": h, "license": 1}
+
+
+def _check_crowded_args(
+    num_train, num_val, min_side, max_side, counts, min_object, max_object, num_classes,
+    image_format, distractor_ratio, clustered,
+) -> None:  # fmt: skip
+    lo_n, hi_n = counts
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"num_train/num_val must be >= 0, got {num_train}/{num_val}")
+    if not 4 <= min_object <= max_object:
+        raise ValueError(f"need 4 <= min_object <= max_object, got {min_object}, {max_object}")
+    if not max_object + 6 <= min_side <= max_side:
+        raise ValueError(
+            f"need max_object + 6 <= min_side <= max_side, got {min_side}, {max_side} "
+            f"(max_object {max_object})"
+        )
+    if not 0 <= lo_n <= hi_n:
+        raise ValueError(f"objects_per_image must be (lo, hi) with 0 <= lo <= hi, got {lo_n, hi_n}")
+    if not (0 <= distractor_ratio and 0 <= clustered <= 1):
+        raise ValueError(
+            f"need distractor_ratio >= 0 and 0 <= clustered <= 1, got {distractor_ratio}, "
+            f"{clustered}"
+        )
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+
+
+def _crowded_split_image(
+    rng: np.random.Generator,
+    label: str,
+    sides: Tuple[int, int],
+    counts: Tuple[int, int],
+    count_scales_with_area: bool,
+    classes,
+    object_size: Tuple[float, float],
+    **render_options,
+):
+    """One image of a crowded split: its sides and object count drawn from ``rng``, then
+    :func:`render_crowded_image`; a warning when fewer objects fit than were drawn."""
+    min_side, max_side = sides
+    lo_n, hi_n = counts
+    h, w = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+    top = hi_n
+    if count_scales_with_area:
+        top = max(lo_n, min(hi_n, int(hi_n * h * w / max_side**2)))
+    wanted = int(rng.integers(lo_n, top + 1))
+    image, objects = render_crowded_image(rng, h, w, classes, wanted, object_size, **render_options)
+    if len(objects) < wanted:
+        logger.warning(
+            "%s (%dx%d): placed %d of %d objects (no free space left, or shapes too small)",
+            label,
+            w,
+            h,
+            len(objects),
+            wanted,
+        )
+    return image, objects
+
+
+def _write_crowded_split(
+    paths: Dict[str, str], split: str, n: int, seed: int, image_format: str, image_args: dict
+) -> None:
+    """The ``n`` images of a crowded split and its COCO file (``generator_args`` recorded)."""
+    image_dir = paths[f"{split}_image_root"]
+    os.makedirs(image_dir, exist_ok=True)
+    params = _write_params(image_format)
+    images: List[dict] = []
+    annotations: List[dict] = []
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), _SPLIT_CODES[split], i, _CROWDED_STREAM])
+        image, objects = _crowded_split_image(rng, f"crowded {split} image {i}", **image_args)
+        images.append(_write_image(image_dir, i + 1, image, image_format, params))
+        _append_annotations(annotations, i + 1, objects)
+    (min_side, max_side), (lo_n, hi_n) = image_args["sides"], image_args["counts"]
+    min_object, max_object = image_args["object_size"]
+    classes = image_args["classes"]
+    generator_args = {
+        "generator": "crowded",
+        "num_images": n,
+        "min_side": min_side,
+        "max_side": max_side,
+        "objects_per_image": [lo_n, hi_n],
+        "min_object": min_object,
+        "max_object": max_object,
+        "num_classes": len(classes),
+        "seed": seed,
+        "image_format": image_format,
+        "count_scales_with_area": image_args["count_scales_with_area"],
+        "distractor_ratio": image_args["distractor_ratio"],
+        "object_like_distractors": image_args["object_like_distractors"],
+        "clustered": image_args["clustered"],
+    }
+    _write_json(
+        paths[f"{split}_json"],
+        _coco_data(
+            "kd2 synthetic crowded small-object detection dataset",
+            split,
+            generator_args,
+            images,
+            annotations,
+            classes,
+        ),
+    )
 
 
 def generate_crowded_dataset(
@@ -855,99 +1009,25 @@ def generate_crowded_dataset(
         ValueError: an argument is out of range.
     """
     lo_n, hi_n = (int(v) for v in objects_per_image)
-    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
-        raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"num_train/num_val must be >= 0, got {num_train}/{num_val}")
-    if not 4 <= min_object <= max_object:
-        raise ValueError(f"need 4 <= min_object <= max_object, got {min_object}, {max_object}")
-    if not max_object + 6 <= min_side <= max_side:
-        raise ValueError(
-            f"need max_object + 6 <= min_side <= max_side, got {min_side}, {max_side} "
-            f"(max_object {max_object})"
-        )
-    if not 0 <= lo_n <= hi_n:
-        raise ValueError(f"objects_per_image must be (lo, hi) with 0 <= lo <= hi, got {lo_n, hi_n}")
-    if not (0 <= distractor_ratio and 0 <= clustered <= 1):
-        raise ValueError(
-            f"need distractor_ratio >= 0 and 0 <= clustered <= 1, got {distractor_ratio}, "
-            f"{clustered}"
-        )
-    if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    _check_crowded_args(
+        num_train, num_val, min_side, max_side, (lo_n, hi_n), min_object, max_object,
+        num_classes, image_format, distractor_ratio, clustered,
+    )  # fmt: skip
     paths = _prepare_root(root, overwrite)
     classes = SYNTHETIC_CLASSES[:num_classes]
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 3] if image_format == "png" else []
-    if image_format == "jpg":
-        params = [cv2.IMWRITE_JPEG_QUALITY, 95]
     t0 = time.perf_counter()
+    image_args = {
+        "sides": (min_side, max_side),
+        "counts": (lo_n, hi_n),
+        "count_scales_with_area": count_scales_with_area,
+        "classes": classes,
+        "object_size": (min_object, max_object),
+        "distractor_ratio": distractor_ratio,
+        "object_like_distractors": object_like_distractors,
+        "clustered": clustered,
+    }
     for split, n in (("train", num_train), ("val", num_val)):
-        image_dir = paths[f"{split}_image_root"]
-        os.makedirs(image_dir, exist_ok=True)
-        images: List[dict] = []
-        annotations: List[dict] = []
-        for i in range(n):
-            rng = np.random.default_rng([int(seed), _SPLIT_CODES[split], i, _CROWDED_STREAM])
-            h, w = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
-            top = hi_n
-            if count_scales_with_area:
-                top = max(lo_n, min(hi_n, int(hi_n * h * w / max_side**2)))
-            wanted = int(rng.integers(lo_n, top + 1))
-            image, objects = render_crowded_image(
-                rng,
-                h,
-                w,
-                classes,
-                wanted,
-                (min_object, max_object),
-                distractor_ratio=distractor_ratio,
-                object_like_distractors=object_like_distractors,
-                clustered=clustered,
-            )
-            if len(objects) < wanted:
-                logger.warning(
-                    "crowded %s image %d (%dx%d): placed %d of %d objects (no free space left, "
-                    "or shapes too small)",
-                    split,
-                    i,
-                    w,
-                    h,
-                    len(objects),
-                    wanted,
-                )
-            image_id = i + 1
-            file_name = f"{image_id:06d}.{image_format}"
-            if not cv2.imwrite(os.path.join(image_dir, file_name), image, params):
-                raise OSError(f"cv2 could not write {os.path.join(image_dir, file_name)}")
-            images.append(
-                {"id": image_id, "file_name": file_name, "width": w, "height": h, "license": 1}
-            )
-            _append_annotations(annotations, image_id, objects)
-        generator_args = {
-            "generator": "crowded",
-            "num_images": n,
-            "min_side": min_side,
-            "max_side": max_side,
-            "objects_per_image": [lo_n, hi_n],
-            "min_object": min_object,
-            "max_object": max_object,
-            "num_classes": num_classes,
-            "seed": seed,
-            "image_format": image_format,
-            "count_scales_with_area": count_scales_with_area,
-            "distractor_ratio": distractor_ratio,
-            "object_like_distractors": object_like_distractors,
-            "clustered": clustered,
-        }
-        data = _coco_data(
-            "kd2 synthetic crowded small-object detection dataset",
-            split,
-            generator_args,
-            images,
-            annotations,
-            classes,
-        )
-        _write_json(paths[f"{split}_json"], data)
+        _write_crowded_split(paths, split, n, seed, image_format, image_args)
     logger.info(
         "Generated crowded synthetic dataset at %s (%d train / %d val images) in %.1fs",
         paths["root"],

@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kd2.data import build_test_loader, build_train_loader
 from kd2.losses.classifier_kd import crop_boxes
@@ -119,6 +119,78 @@ def evaluate_crop_classifier(
     }
 
 
+def _sgd_cosine(model: nn.Module, lr: float, weight_decay: float, max_iter: int):
+    """SGD (momentum 0.9) on the trainable parameters with a cosine schedule to 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: 0.5 * (1 + math.cos(math.pi * min(it, max_iter) / max_iter))
+    )
+    return opt, sched
+
+
+def _sgd_step(model, opt, crops: Tensor, labels: Tensor, device, epoch: int, it: int):
+    """One optimizer step on a batch of crops; a non-finite loss stops the run."""
+    crops, labels = crops.to(device), labels.to(device)
+    logits = model(crops)
+    loss = F.cross_entropy(logits, labels)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(
+            f"crop-classifier loss became {loss.item()} at epoch {epoch} iteration {it}; lower --lr"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, logits, labels
+
+
+class _EpochRun:
+    """The running training figures of one epoch, logged every 20 steps with an ETA."""
+
+    def __init__(self, epoch: int, epochs: int, iters_per_epoch: int, t0: float, progress: bool):
+        self.epoch, self.epochs, self.iters_per_epoch = epoch, epochs, iters_per_epoch
+        self.t0, self.progress = t0, progress
+        self.seen = self.correct = 0
+        self.loss_sum = 0.0
+
+    def summary(self, val: Dict[str, object]) -> Dict[str, float]:
+        """The epoch's history entry, its validation logged."""
+        logger.info(
+            "crop classifier: epoch %d/%d val top-1 %.2f%% on %d crops",
+            self.epoch + 1,
+            self.epochs,
+            val["top1"],
+            val["num_crops"],
+        )
+        return {
+            "epoch": self.epoch + 1,
+            "train_loss": self.loss_sum / max(self.seen, 1),
+            "train_top1": 100.0 * self.correct / max(self.seen, 1),
+            "val_top1": val["top1"],
+        }
+
+    def log(self, it: int, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
+        self.seen += len(labels)
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.loss_sum += loss.item() * len(labels)
+        max_iter = self.epochs * self.iters_per_epoch
+        done = self.epoch * self.iters_per_epoch + it + 1
+        if self.progress and (done % 20 == 0 or done == max_iter):
+            elapsed = time.time() - self.t0
+            logger.info(
+                "crop classifier: epoch %d/%d iter %d/%d loss %.3f train top-1 %.1f%% "
+                "(%.0fs elapsed, ETA %.0fs)",
+                self.epoch + 1,
+                self.epochs,
+                done,
+                max_iter,
+                self.loss_sum / max(self.seen, 1),
+                100.0 * self.correct / max(self.seen, 1),
+                elapsed,
+                elapsed / done * (max_iter - done),
+            )
+
+
 def train_crop_classifier(
     train_records: List[Dict],
     val_records: List[Dict],
@@ -164,21 +236,15 @@ def train_crop_classifier(
         pixel_std=pixel_std,
         class_names=class_names,
     ).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     iters_per_epoch = max(1, math.ceil(len(train_records) / batch_images))
-    max_iter = epochs * iters_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: 0.5 * (1 + math.cos(math.pi * min(it, max_iter) / max_iter))
-    )
+    opt, sched = _sgd_cosine(model, lr, weight_decay, epochs * iters_per_epoch)
     loader = build_train_loader(train_records, batch_size_per_rank=batch_images, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     history: List[Dict[str, float]] = []
     t0 = time.time()
     model.train()
     for epoch in range(epochs):
-        seen = correct = 0
-        loss_sum = 0.0
+        step = _EpochRun(epoch, epochs, iters_per_epoch, t0, progress)
         for it in range(iters_per_epoch):
             images, targets = next(loader)
             crops, labels = gt_crops(
@@ -193,52 +259,11 @@ def train_crop_classifier(
             if len(labels) < 2:  # BatchNorm needs two samples; such batches are rare
                 sched.step()
                 continue
-            crops, labels = crops.to(device), labels.to(device)
-            logits = model(crops)
-            loss = F.cross_entropy(logits, labels)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"crop-classifier loss became {loss.item()} at epoch {epoch} iteration {it}; "
-                    "lower --lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, logits, labels = _sgd_step(model, opt, crops, labels, device, epoch, it)
             sched.step()
-            seen += len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            loss_sum += loss.item() * len(labels)
-            done = epoch * iters_per_epoch + it + 1
-            if progress and (done % 20 == 0 or done == max_iter):
-                elapsed = time.time() - t0
-                logger.info(
-                    "crop classifier: epoch %d/%d iter %d/%d loss %.3f train top-1 %.1f%% "
-                    "(%.0fs elapsed, ETA %.0fs)",
-                    epoch + 1,
-                    epochs,
-                    done,
-                    max_iter,
-                    loss_sum / max(seen, 1),
-                    100.0 * correct / max(seen, 1),
-                    elapsed,
-                    elapsed / done * (max_iter - done),
-                )
+            step.log(it, loss, logits, labels)
         val = evaluate_crop_classifier(model, val_records, batch_images=batch_images, device=device)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_top1": 100.0 * correct / max(seen, 1),
-                "val_top1": val["top1"],
-            }
-        )
-        logger.info(
-            "crop classifier: epoch %d/%d val top-1 %.2f%% on %d crops",
-            epoch + 1,
-            epochs,
-            val["top1"],
-            val["num_crops"],
-        )
+        history.append(step.summary(val))
     weights = os.path.join(output_dir, "model_final.pth")
     model.cpu()
     save_crop_classifier(weights, model, top1=val["top1"], epochs=epochs, seed=seed)

@@ -13,10 +13,10 @@ import torch
 
 from kd2.config import get_cfg, validate_values
 from kd2.data.catalog import register_config_datasets
+from kd2.utils.checkpoint import write_text_atomic
 from kd2.utils.env import check_device
 
 from .batch_scaling import auto_scale_workers, fit_lr_to_batch
-from .checkpoint import write_text_atomic
 from .launch import get_rank, get_world_size
 from .run_dir import lock_output_dir
 

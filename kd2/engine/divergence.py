@@ -38,6 +38,10 @@ from typing import Dict, List
 
 from torch import nn
 
+from kd2.config import method_node_name
+from kd2.modeling.weights_check import first_absurd_parameter, first_non_finite
+from kd2.utils.checkpoint import last_checkpoint
+
 __all__ = ["DIVERGED", "NON_FINITE", "OUT_OF_SCALE", "DivergenceGuard", "Stop", "judge_step"]
 __all__ += ["stop_message"]
 
@@ -159,8 +163,6 @@ def _detection_total(values: Dict[str, float]) -> float:
 
 def _weight_advice(term: str, model: nn.Module, kd_cfg) -> str:
     """``KD.<METHOD>.WEIGHT (now w)`` for the method that owns ``term``, or its node."""
-    from kd2.config import method_node_name
-
     method = getattr(model, "kd_term_owner", {}).get(term)
     if not method:
         return "its method's weight"
@@ -227,10 +229,6 @@ def stop_message(
         kd_cfg: the ``KD`` options (names the offending method's weight), or ``None``.
         lr_batch: :func:`kd2.engine.batch_scaling.lr_batch_mismatch`'s warning, or ``None``.
     """
-    from kd2.modeling.weights_check import first_absurd_parameter, first_non_finite
-
-    from .checkpoint import last_checkpoint
-
     if stop.kind == NON_FINITE:
         head = f"loss became non-finite at iteration {stop.iteration}"
     elif stop.kind == OUT_OF_SCALE:

@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Tuple
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from kd2.utils.errors import USER_ERROR_EXIT, KD2Error, debug_enabled, format_error
 
@@ -35,6 +36,7 @@ __all__ = [
     "is_main_process",
     "synchronize",
     "die_with_parent",
+    "broadcast_buffers",
     "worker_user_errors",
     "call_reporting_user_errors",
 ]
@@ -57,6 +59,14 @@ def is_main_process() -> bool:
 def synchronize() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics, prototypes)."""
+    if get_world_size() == 1:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, 0)
 
 
 _PR_SET_PDEATHSIG = 1

@@ -126,6 +126,66 @@ def measure_terms(
     return _mean(values), _mean(stats)
 
 
+def _term_table(
+    values: Mapping[str, float], stats: Mapping[str, float], owners: Mapping[str, str]
+) -> tuple[dict, list[str]]:
+    """Per loss term (the detection losses together first) its value, gradient norm, share,
+    cosine and ratio to the detection gradient; and the advice for the terms out of scale."""
+    det_norm = stats.get(f"grad_norm/{DETECTION}", 0.0)
+    terms, warnings = {}, []
+    for name in [DETECTION] + sorted(k for k in values if k.startswith("loss_kd_")):
+        norm = stats.get(f"grad_norm/{name}", 0.0)
+        value = (
+            sum(v for k, v in values.items() if not k.startswith("loss_kd_"))
+            if name == DETECTION
+            else values[name]
+        )
+        ratio = norm / det_norm if det_norm > 0 else float("nan")
+        terms[name] = {
+            "value": value,
+            "grad_norm": norm,
+            "grad_share": stats.get(f"grad_share/{name}", 0.0),
+            "grad_cos": stats.get(f"grad_cos/{name}", 0.0),
+            "ratio_to_detection": 1.0 if name == DETECTION else ratio,
+            "method": owners.get(name),
+        }
+        if name != DETECTION:
+            if norm == 0.0:
+                terms[name]["note"] = "does not reach the trunk (head-only term)"
+            elif math.isfinite(ratio):
+                advice = term_advice(name, ratio, owners.get(name))
+                if advice:
+                    warnings.append(advice)
+    return terms, warnings
+
+
+def _refuse_a_bad_teacher(
+    input_checks: list[tuple[bool, str]],
+    teacher_ap: float | None,
+    min_teacher_ap: float,
+    val_images: int,
+    output_dir: str,
+) -> None:
+    """Stop the run when the teacher reads another image than the student, or is too weak."""
+    bad = [line for ok, line in input_checks if not ok]
+    if bad:
+        raise PreflightError(
+            "the teacher does not see the image the student sees: "
+            + "; ".join(bad)
+            + ". Fix the teacher's config (or set KD.PREFLIGHT.ENABLED False to skip the check)"
+        )
+    if teacher_ap is not None and teacher_ap < min_teacher_ap:
+        raise PreflightError(
+            f"the teacher's AP on {val_images} validation images is {teacher_ap:.2f} (below "
+            f"KD.PREFLIGHT.MIN_TEACHER_AP = {min_teacher_ap}): it would teach noise. Check "
+            "KD.TEACHER.WEIGHTS (the right file, a trained checkpoint), that its config's classes "
+            "are the student dataset's (NUM_CLASSES, category order), and its input format "
+            "(PIXEL_MEAN / PIXEL_STD, RGB vs BGR). To distil from it anyway set "
+            "KD.PREFLIGHT.MIN_TEACHER_AP 0.0 (or KD.PREFLIGHT.ENABLED False). Report: "
+            f"{os.path.join(output_dir, 'preflight.json')}"
+        )
+
+
 def run_preflight(
     model: nn.Module,
     batches: Iterable,
@@ -160,32 +220,7 @@ def run_preflight(
     warmups += [getattr(m, "warmup_iters", 0) for m in model.kd_methods.values()]
     reference = max(int(w) for w in warmups)
     values, stats = measure_terms(model, batches, forward, reference, start_iteration)
-    owners = getattr(model, "kd_term_owner", {})
-    det_norm = stats.get(f"grad_norm/{DETECTION}", 0.0)
-    terms, warnings = {}, []
-    for name in [DETECTION] + sorted(k for k in values if k.startswith("loss_kd_")):
-        norm = stats.get(f"grad_norm/{name}", 0.0)
-        value = (
-            sum(v for k, v in values.items() if not k.startswith("loss_kd_"))
-            if name == DETECTION
-            else values[name]
-        )
-        ratio = norm / det_norm if det_norm > 0 else float("nan")
-        terms[name] = {
-            "value": value,
-            "grad_norm": norm,
-            "grad_share": stats.get(f"grad_share/{name}", 0.0),
-            "grad_cos": stats.get(f"grad_cos/{name}", 0.0),
-            "ratio_to_detection": 1.0 if name == DETECTION else ratio,
-            "method": owners.get(name),
-        }
-        if name != DETECTION:
-            if norm == 0.0:
-                terms[name]["note"] = "does not reach the trunk (head-only term)"
-            elif math.isfinite(ratio):
-                advice = term_advice(name, ratio, owners.get(name))
-                if advice:
-                    warnings.append(advice)
+    terms, warnings = _term_table(values, stats, getattr(model, "kd_term_owner", {}))
     report = {
         "teacher_ap": teacher_ap,
         "val_images": val_images,
@@ -203,23 +238,7 @@ def run_preflight(
         with open(os.path.join(output_dir, "preflight.json"), "w") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
-    bad = [line for ok, line in input_checks if not ok]
-    if bad:
-        raise PreflightError(
-            "the teacher does not see the image the student sees: "
-            + "; ".join(bad)
-            + ". Fix the teacher's config (or set KD.PREFLIGHT.ENABLED False to skip the check)"
-        )
-    if teacher_ap is not None and teacher_ap < min_teacher_ap:
-        raise PreflightError(
-            f"the teacher's AP on {val_images} validation images is {teacher_ap:.2f} (below "
-            f"KD.PREFLIGHT.MIN_TEACHER_AP = {min_teacher_ap}): it would teach noise. Check "
-            "KD.TEACHER.WEIGHTS (the right file, a trained checkpoint), that its config's classes "
-            "are the student dataset's (NUM_CLASSES, category order), and its input format "
-            "(PIXEL_MEAN / PIXEL_STD, RGB vs BGR). To distil from it anyway set "
-            "KD.PREFLIGHT.MIN_TEACHER_AP 0.0 (or KD.PREFLIGHT.ENABLED False). Report: "
-            f"{os.path.join(output_dir, 'preflight.json')}"
-        )
+    _refuse_a_bad_teacher(input_checks, teacher_ap, min_teacher_ap, val_images, output_dir)
     return report
 
 

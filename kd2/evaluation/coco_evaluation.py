@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kd2.data.catalog import MetadataCatalog
+
 __all__ = ["COCOEvaluator", "inference_on_dataset", "BBOX_METRICS"]
 
 logger = logging.getLogger(__name__)
@@ -98,8 +100,6 @@ class COCOEvaluator:
     """
 
     def __init__(self, dataset_name: str, *, output_dir: str | None = None, backend: str = "auto"):
-        from kd2.data.catalog import MetadataCatalog
-
         COCO, _ = coco_api(backend)
         self.backend = backend
         self.dataset_name = dataset_name

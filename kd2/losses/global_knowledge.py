@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd2.modeling.adapters import FeatureAdapter
+from kd2.losses.adapters import FeatureAdapter
 from kd2.ops import box_mean_pool
 from kd2.structures import StepRecord
 

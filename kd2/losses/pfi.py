@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from kd2.modeling.adapters import FeatureAdapter
+from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
@@ -89,7 +89,7 @@ class PFI(KDMethod):
 
     Config (``cfg.KD.PFI``): ``WEIGHT`` (1.5), ``DETACH_PREDICTION`` (True), ``ADAPTER_KERNEL``
     (0 = identity, which requires equal student/teacher channels; 1 or 3 = a
-    :class:`~kd2.modeling.adapters.FeatureAdapter` conv). Loss: ``loss_kd_pfi``, the mean of
+    :class:`~kd2.losses.adapters.FeatureAdapter` conv). Loss: ``loss_kd_pfi``, the mean of
     :func:`pfi_loss` over the dense head's strides present in both records' features.
     """
 

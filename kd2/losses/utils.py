@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd2.modeling.adapters import FeatureAdapter
+from kd2.losses.adapters import FeatureAdapter
 
 __all__ = [
     "adapt_features",

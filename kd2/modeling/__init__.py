@@ -1,6 +1,3 @@
-"""Trainable layers (adapters) and the backend-independent half of KD meta-architectures
-(:mod:`kd2.modeling.distiller`, imported from its module to keep kd2.losses free of cycles)."""
-
-from .adapters import FeatureAdapter
-
-__all__ = ["FeatureAdapter"]
+"""The backend-independent half of the KD meta-architectures: the distiller
+(:mod:`kd2.modeling.distiller`), the backend seam (:mod:`kd2.modeling.backends`), teachers,
+level pairing, balance and diagnostics. Each module is imported from its own path."""

@@ -10,7 +10,8 @@ term is multiplied by the same factor, so the ratios between a method's terms st
 (and, with several methods, the user's); for a method with one term ``S`` is that term's share.
 A first version held each term's share against the detection gradient separately: on DeFeat's
 four terms each stayed inside the band while together they left the detection losses 5 % of the
-trunk gradient, and the run still diverged (README, "How the band was chosen").
+trunk gradient, and the run still diverged (docs/balance_and_diagnostics.md, "How the band was
+chosen").
 
 Per period, with ``s`` the smoothed share (an exponential average, momentum ``0.5``, of the
 measured ``S``) and ``t`` the band's middle:

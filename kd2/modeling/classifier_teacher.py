@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 
+from kd2.utils.checkpoint import atomic_save
+
 __all__ = [
     "CLASSIFIER_ARCHS",
     "ClassifierTeacher",
@@ -90,8 +92,6 @@ class CropClassifier(nn.Module):
 
 def save_crop_classifier(path: str, model: CropClassifier, **extra: object) -> None:
     """Write ``{"model": state_dict, "kd2_classifier": metadata + extra}`` atomically."""
-    from kd2.engine.checkpoint import atomic_save
-
     meta = dict(model.metadata())
     meta.update(extra)
     atomic_save({"model": model.state_dict(), _FORMAT_KEY: meta}, path)

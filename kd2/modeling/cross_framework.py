@@ -9,8 +9,8 @@ teacher's is one fixed per-channel affine map after a channel permutation
 record is in the student's coordinates. The batch padding is extended to the teacher's size
 divisibility when it needs more (:func:`to_teacher_input`).
 
-``KD.TEACHER.BACKEND`` (or ``KD.TEACHERS.<NAME>.BACKEND``) picks the teacher's framework;
-:func:`build_detectron2_teacher` / :func:`build_torchvision_teacher` build it. A teacher of the
+``KD.TEACHER.BACKEND`` (or ``KD.TEACHERS.<NAME>.BACKEND``) picks the teacher's framework; its
+backend (:mod:`kd2.modeling.backends`) builds it. A teacher of the
 other framework fills ``features`` (and, for a two-stage teacher, ``roi`` on the student's
 proposals); per-anchor parts (``dense``, ``rpn``) are not offered across frameworks — the two
 frameworks lay their anchors out differently.
@@ -18,7 +18,7 @@ frameworks lay their anchors out differently.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,21 +26,16 @@ from torch import Tensor, nn
 
 from kd2.utils.errors import ConfigError
 
+from .backends import InputConvention, get_backend
+from .teacher_runtime import configure_teacher
+
 __all__ = [
     "InputConvention",
     "build_teacher_of_config",
     "teacher_config_node",
-    "input_convention",
-    "is_torchvision_detector",
-    "build_detectron2_teacher",
-    "build_torchvision_teacher",
     "normalization_map",
     "to_teacher_input",
 ]
-
-#: ``(mean, std, channels, scale)``: ``x = (raw · scale − mean) / std`` in channel order
-#: ``channels`` (``"RGB"`` / ``"BGR"``), ``raw`` the RGB image in ``[0, 1]``.
-InputConvention = Tuple[Sequence[float], Sequence[float], str, float]
 
 
 def _rgb(conv: InputConvention) -> Tuple[List[int], Tensor, Tensor]:
@@ -88,43 +83,6 @@ def to_teacher_input(
     return images
 
 
-def is_torchvision_detector(model: nn.Module) -> bool:
-    """A torchvision-style detector (it owns a ``GeneralizedRCNNTransform``), else Detectron2."""
-    return hasattr(model, "transform")
-
-
-def input_convention(model: nn.Module) -> InputConvention:
-    """The input convention of a detector of either framework."""
-    if is_torchvision_detector(model):
-        return (list(model.transform.image_mean), list(model.transform.image_std), "RGB", 1.0)
-    return (
-        model.pixel_mean.flatten().tolist(),
-        model.pixel_std.flatten().tolist(),
-        getattr(model, "input_format", "BGR"),
-        255.0,
-    )
-
-
-def build_detectron2_teacher(node, key: str, device: str) -> nn.Module:
-    """A frozen Detectron2 teacher (a config file or model-zoo name, its weights) for a
-    torchvision student; ``key`` names the config node in messages."""
-    try:
-        from kd2.d2.teacher import build_detectron2_teacher as build
-    except ImportError as e:
-        raise ImportError(
-            f"{key}.BACKEND is detectron2, but detectron2 is not installed: {e}"
-        ) from None
-    return build(node, key, device)
-
-
-def build_torchvision_teacher(node, key: str, device: str) -> nn.Module:
-    """A frozen kd2 torchvision teacher (a kd2 yaml and its weights) for a Detectron2
-    student."""
-    from kd2.tv.build import build_torchvision_teacher as build
-
-    return build(node, key, device)
-
-
 def teacher_config_node(cfg, name: str = ""):
     """``(node, "KD.TEACHER" / "KD.TEACHERS.<name>")`` of a teacher; an unknown name lists the
     defined ones, an entry without ``CONFIG`` / ``WEIGHTS`` says which key is missing."""
@@ -143,12 +101,8 @@ def teacher_config_node(cfg, name: str = ""):
 
 def build_teacher_of_config(cfg, name: str, own_backend: str) -> nn.Module:
     """The frozen teacher ``name`` (``""`` = ``KD.TEACHER``) of a student of ``own_backend``
-    (``"torchvision"`` or ``"detectron2"``), built by the framework its ``BACKEND`` names."""
+    (``"torchvision"`` or ``"detectron2"``), built by the backend its ``BACKEND`` names."""
     node, key = teacher_config_node(cfg, name)
     backend = str(node.get("BACKEND", "") or own_backend).lower()
-    if backend not in ("torchvision", "detectron2"):
-        raise ConfigError(f"{key}.BACKEND must be torchvision or detectron2, got {backend!r}")
-    build = build_detectron2_teacher if backend == "detectron2" else build_torchvision_teacher
-    from .teacher_runtime import configure_teacher
-
+    build = get_backend(backend, f"{key}.BACKEND").build_teacher
     return configure_teacher(build(node, key, cfg.MODEL.DEVICE), node, key, cfg.MODEL.DEVICE)

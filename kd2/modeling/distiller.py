@@ -20,14 +20,17 @@ from typing import Dict, FrozenSet, List, Mapping, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from kd2.config import method_node_name
+from kd2.config import get_cfg, method_node_name
 from kd2.losses import KD_METHOD_REGISTRY
 from kd2.structures import StepRecord
 from kd2.utils.errors import ConfigError
 
+from .backends import backend_of, input_convention
+from .cross_framework import to_teacher_input
 from .level_map import (
     LevelPair,
     TeacherInfo,
+    foreign_teacher_info,
     level_table,
     method_channels,
     pair_levels,
@@ -106,8 +109,6 @@ def _applicable_methods(
 ) -> List[str]:
     """The registered methods that, at their default settings, apply to ``student`` and can
     learn from the teacher ``info`` (the same checks as a configured method)."""
-    from kd2.config import get_cfg
-
     defaults = get_cfg().KD
     out = []
     for name, cls in sorted(KD_METHOD_REGISTRY):
@@ -158,6 +159,8 @@ class DistillerMixin:
     arch_kind: str = "one_stage"
     #: The dense head is a softmax classifier with a background class (SSD); set by the backend.
     dense_softmax: bool = False
+    #: The student's backend (:mod:`kd2.modeling.backends`); set by the backend class.
+    kd_backend: str = ""
 
     def _init_distiller(
         self,
@@ -179,7 +182,7 @@ class DistillerMixin:
         :meth:`_kd_model_info` (``teacher_num_classes`` / ``teacher_channels`` are not needed).
         ``input_normalization`` = ``(pixel_mean, pixel_std, channels, scale)`` of the student's
         input (see :class:`kd2.modeling.classifier_teacher.ClassifierTeacher`), needed by
-        methods with a classifier teacher. The backend provides :meth:`_kd_model_info`.
+        methods with a classifier teacher. The backend provides :meth:`_kd_own_model_info`.
 
         Each method learns from the teacher its ``KD.<METHOD>.TEACHER`` names; its FPN levels
         are paired with that teacher's by :func:`kd2.modeling.level_map.pair_levels` (logged as
@@ -187,6 +190,52 @@ class DistillerMixin:
         family — is refused here with the methods that do apply.
         """
         object.__setattr__(self, "_classifier_teachers", [])
+        student_info, infos = self._kd_attach_teachers(kd_cfg, teacher, extra_teachers, num_classes)
+        self.num_classes_kd = num_classes
+        self.kd_warmup_iters = kd_cfg.WARMUP_ITERS
+        self.kd_iteration = 0
+        self._kd_pair_levels(student_info, infos)
+        #: the teacher name (``""`` = KD.TEACHER) each method learns from
+        self.kd_method_teacher: Dict[str, str] = {}
+        methods = {}
+        for name in kd_cfg.METHODS:
+            methods[name] = self._kd_build_method(
+                name,
+                kd_cfg,
+                infos,
+                student_info,
+                student_channels=student_channels,
+                teacher_channels=teacher_channels,
+                num_classes=num_classes,
+            )
+        for method in methods.values():
+            if getattr(method, "needs_classifier_teacher", False):
+                method.attach_classifier(
+                    self._build_classifier_teacher(method, input_normalization)
+                )
+        self.kd_methods = nn.ModuleDict(methods)
+        self._kd_split_head(kd_cfg, methods)
+        #: per teacher name, the record parts its methods read (each teacher runs only those)
+        self.kd_teacher_parts: Dict[str, FrozenSet[str]] = {
+            tname: frozenset().union(
+                *(m.teacher_parts for n, m in methods.items() if self.kd_method_teacher[n] == tname)
+            )
+            for tname in infos
+        }
+        #: the parts of KD.TEACHER's methods (the default teacher)
+        self.teacher_parts: FrozenSet[str] = self.kd_teacher_parts.get("", frozenset())
+        self._init_kd_control(kd_cfg)
+        self._kd_inherit_teacher_weights(kd_cfg, teacher)
+
+    def _kd_attach_teachers(
+        self,
+        kd_cfg,
+        teacher: nn.Module | None,
+        extra_teachers: Mapping[str, nn.Module] | None,
+        num_classes: int,
+    ) -> Tuple[TeacherInfo, Dict[str, TeacherInfo]]:
+        """Freeze the teachers, check their classes and keep them out of the submodules; returns
+        the student's description and each teacher's, by name."""
         teachers = {"": teacher} if teacher is not None else {}
         teachers.update(extra_teachers or {})
         used = teachers_needed(kd_cfg)
@@ -213,9 +262,10 @@ class DistillerMixin:
         object.__setattr__(self, "_extra_teachers", dict(extra_teachers or {}))
         #: per teacher name, its description (FPN channels by stride, parts, family)
         self.kd_teacher_infos: Dict[str, TeacherInfo] = infos
-        self.num_classes_kd = num_classes
-        self.kd_warmup_iters = kd_cfg.WARMUP_ITERS
-        self.kd_iteration = 0
+        return student_info, infos
+
+    def _kd_pair_levels(self, student_info: TeacherInfo, infos: Dict[str, TeacherInfo]) -> None:
+        """Pair the student's FPN levels with each teacher's; log each pairing as a table."""
         #: per teacher name, the student <-> teacher level pairs and their logged table
         self.kd_level_pairs: Dict[str, List[LevelPair]] = {}
         self.kd_level_tables: Dict[str, str] = {}
@@ -230,59 +280,67 @@ class DistillerMixin:
                 f"({student_info.name}):",
             )
             logger.info(self.kd_level_tables[tname])
-        #: the teacher name (``""`` = KD.TEACHER) each method learns from
-        self.kd_method_teacher: Dict[str, str] = {}
-        methods = {}
-        for name in kd_cfg.METHODS:
-            node = getattr(kd_cfg, method_node_name(name), None)
-            tname = str(getattr(node, "TEACHER", "") or "") if node is not None else ""
-            if isinstance(getattr(node, "TEACHER", None), dict):  # ClassifierKD's own node
-                tname = ""
-            if tname and tname not in infos:
-                raise ConfigError(
-                    f"KD.{method_node_name(name)}.TEACHER {tname!r} names no teacher",
-                    f"use one that KD.TEACHERS defines: {sorted(n for n in infos if n)}",
-                )
-            self.kd_method_teacher[name] = tname
-            s_ch, t_ch = dict(student_channels), dict(teacher_channels or {})
-            if tname in infos:
-                pairs = self.kd_level_pairs[tname]
-                s_ch, t_ch = dict(student_info.channels), dict(infos[tname].channels)
-                if any(p.resized for p in pairs):
-                    s_ch, t_ch = method_channels(pairs)
-            methods[name] = KD_METHOD_REGISTRY.get(name).from_config(
-                node,
-                student_channels=s_ch,
-                teacher_channels=t_ch,
-                num_classes=num_classes,
-                arch=self.arch_kind,
+
+    def _kd_build_method(
+        self,
+        name: str,
+        kd_cfg,
+        infos: Dict[str, TeacherInfo],
+        student_info: TeacherInfo,
+        *,
+        student_channels: Mapping[int, int],
+        teacher_channels: Mapping[int, int] | None,
+        num_classes: int,
+    ):
+        """Build the method ``name`` from ``KD.<NAME>`` on the levels its teacher pairs; refuse
+        it (with the methods that do apply) when it cannot apply to this student or teacher."""
+        node = getattr(kd_cfg, method_node_name(name), None)
+        tname = str(getattr(node, "TEACHER", "") or "") if node is not None else ""
+        if isinstance(getattr(node, "TEACHER", None), dict):  # ClassifierKD's own node
+            tname = ""
+        if tname and tname not in infos:
+            raise ConfigError(
+                f"KD.{method_node_name(name)}.TEACHER {tname!r} names no teacher",
+                f"use one that KD.TEACHERS defines: {sorted(n for n in infos if n)}",
             )
-            methods[name].bind_detector(student_info.family)
-            reason = methods[name].unsupported_reason(self.arch_kind, self.dense_softmax)
+        self.kd_method_teacher[name] = tname
+        s_ch, t_ch = dict(student_channels), dict(teacher_channels or {})
+        if tname in infos:
+            pairs = self.kd_level_pairs[tname]
+            s_ch, t_ch = dict(student_info.channels), dict(infos[tname].channels)
+            if any(p.resized for p in pairs):
+                s_ch, t_ch = method_channels(pairs)
+        method = KD_METHOD_REGISTRY.get(name).from_config(
+            node,
+            student_channels=s_ch,
+            teacher_channels=t_ch,
+            num_classes=num_classes,
+            arch=self.arch_kind,
+        )
+        method.bind_detector(student_info.family)
+        reason = method.unsupported_reason(self.arch_kind, self.dense_softmax)
+        if reason:
+            raise ConfigError(
+                *_what_and_fix(
+                    f"KD method {name!r} (KD.METHODS) does not apply to the "
+                    f"{self._detector_name()} student: {reason}"
+                )
+            )
+        if method.teacher_parts and tname in infos:
+            reason = _teacher_mismatch(method, infos[tname], student_info)
             if reason:
+                applicable = _applicable_methods(
+                    infos[tname], student_info, self.arch_kind, self.dense_softmax, num_classes
+                )
                 raise ConfigError(
-                    *_what_and_fix(
-                        f"KD method {name!r} (KD.METHODS) does not apply to the "
-                        f"{self._detector_name()} student: {reason}"
-                    )
+                    f"KD method {name!r} cannot learn from {_teacher_label(tname)} "
+                    f"({infos[tname].name}): {reason}",
+                    "with this teacher these methods apply: " + ", ".join(applicable),
                 )
-            if methods[name].teacher_parts and tname in infos:
-                reason = _teacher_mismatch(methods[name], infos[tname], student_info)
-                if reason:
-                    applicable = _applicable_methods(
-                        infos[tname], student_info, self.arch_kind, self.dense_softmax, num_classes
-                    )
-                    raise ConfigError(
-                        f"KD method {name!r} cannot learn from {_teacher_label(tname)} "
-                        f"({infos[tname].name}): {reason}",
-                        "with this teacher these methods apply: " + ", ".join(applicable),
-                    )
-        for method in methods.values():
-            if getattr(method, "needs_classifier_teacher", False):
-                method.attach_classifier(
-                    self._build_classifier_teacher(method, input_normalization)
-                )
-        self.kd_methods = nn.ModuleDict(methods)
+        return method
+
+    def _kd_split_head(self, kd_cfg, methods) -> None:
+        """Where the dense head's towers are cut (CrossKD): one place per step."""
         splits = {m.head_split for m in methods.values() if m.head_split is not None}
         if len(splits) > 1:
             raise ConfigError(
@@ -292,27 +350,21 @@ class DistillerMixin:
             )
         #: the dense head's towers are cut after this many blocks (CrossKD), else ``None``
         self.kd_head_split: int | None = splits.pop() if splits else None
-        #: per teacher name, the record parts its methods read (each teacher runs only those)
-        self.kd_teacher_parts: Dict[str, FrozenSet[str]] = {
-            tname: frozenset().union(
-                *(m.teacher_parts for n, m in methods.items() if self.kd_method_teacher[n] == tname)
-            )
-            for tname in infos
-        }
-        #: the parts of KD.TEACHER's methods (the default teacher)
-        self.teacher_parts: FrozenSet[str] = self.kd_teacher_parts.get("", frozenset())
-        self._init_kd_control(kd_cfg)
-        inherit = list(getattr(kd_cfg, "INHERIT_TEACHER", []) or [])
-        if inherit:
-            if teacher is None:
-                raise ConfigError(
-                    f"KD.INHERIT_TEACHER {inherit} copies weights from a detector teacher, but "
-                    f"KD.METHODS {list(kd_cfg.METHODS)} build none",
-                    "add a method that reads a detector teacher, or unset KD.INHERIT_TEACHER",
-                )
-            from kd2.modeling.inherit import inherit_teacher_weights
 
-            inherit_teacher_weights(self.student_state_dict(), teacher.state_dict(), inherit)
+    def _kd_inherit_teacher_weights(self, kd_cfg, teacher: nn.Module | None) -> None:
+        """``KD.INHERIT_TEACHER``: copy the named teacher modules' weights into the student."""
+        inherit = list(getattr(kd_cfg, "INHERIT_TEACHER", []) or [])
+        if not inherit:
+            return
+        if teacher is None:
+            raise ConfigError(
+                f"KD.INHERIT_TEACHER {inherit} copies weights from a detector teacher, but "
+                f"KD.METHODS {list(kd_cfg.METHODS)} build none",
+                "add a method that reads a detector teacher, or unset KD.INHERIT_TEACHER",
+            )
+        from kd2.modeling.inherit import inherit_teacher_weights
+
+        inherit_teacher_weights(self.student_state_dict(), teacher.state_dict(), inherit)
 
     def _detector_name(self) -> str:
         """The framework detector this student subclasses (``SSD``, ``RetinaNet``, ...)."""
@@ -422,8 +474,41 @@ class DistillerMixin:
         return dict(self.__dict__.get("_extra_teachers", {}))
 
     def _kd_model_info(self, model: nn.Module) -> TeacherInfo:
-        """The backend's description of a detector (channels, classes, parts, family)."""
+        """A detector's description (channels, classes, parts, family): the student's backend
+        describes its own detectors (:meth:`_kd_own_model_info`), a teacher of another framework
+        is described by its backend and offers only the parts that cross frameworks."""
+        backend = backend_of(model)
+        if backend.name != self.kd_backend:
+            return foreign_teacher_info(backend.model_info(model))
+        return self._kd_own_model_info(model)
+
+    def kd_publish_scalars(self, stats: Dict[str, float]) -> None:
+        """Hand the diagnostics of a step to the backend's trainer (Detectron2's event storage);
+        kd2's own trainer reads :attr:`kd_diag_last` instead."""
+
+    def _kd_own_model_info(self, model: nn.Module) -> TeacherInfo:
+        """The student backend's description of one of its detectors (the student included)."""
         raise NotImplementedError
+
+    def _kd_foreign_teacher_record(
+        self, teacher: nn.Module, student: StepRecord, name: str
+    ) -> StepRecord | None:
+        """The record of teacher ``name`` when it is another framework's detector (``None``
+        when it is of the student's): its backend runs the parts its methods read on the
+        student's padded batch, converted to the teacher's input convention and padded to its
+        size divisibility, so the record is in the student's coordinates."""
+        backend = backend_of(teacher)
+        if backend.name == self.kd_backend:
+            return None
+        images = to_teacher_input(
+            student.images,
+            input_convention(self),
+            backend.input_convention(teacher),
+            backend.size_divisibility(teacher),
+        )
+        parts = self.kd_teacher_parts.get(name, frozenset())
+        strides = sorted(self.kd_teacher_infos[name].channels)
+        return backend.teacher_record(teacher, images, student, parts, strides)
 
     def distill_losses(
         self, student: StepRecord, teacher: StepRecord | Dict[str, StepRecord]
@@ -502,7 +587,7 @@ class DistillerMixin:
                 if name.startswith("loss_kd_"):
                     stats[f"kd_multiplier/{name}"] = self.kd_balance.multiplier(name)
         self.kd_diag_last = {"iteration": self.kd_iteration, **stats}
-        _put_event_scalars(stats)
+        self.kd_publish_scalars(stats)
         return losses
 
     def kd_calibrate(self, losses: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, float]]:
@@ -573,17 +658,3 @@ def _mean_over_processes(stats: Dict[str, float]) -> Dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
-
-
-def _put_event_scalars(stats: Dict[str, float]) -> None:
-    """Into Detectron2's event storage when training under Detectron2 (its metrics.json and
-    TensorBoard writers pick them up); kd2's own trainer reads :attr:`kd_diag_last` instead."""
-    try:
-        from detectron2.utils.events import get_event_storage
-    except ImportError:
-        return
-    try:
-        storage = get_event_storage()
-    except AssertionError:  # no storage: not inside a Detectron2 training loop
-        return
-    storage.put_scalars(**stats, smoothing_hint=False)

@@ -27,6 +27,8 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 from torch import Tensor, nn
 
+from kd2.structures import HeadSplit
+
 __all__ = [
     "ACTIVATIONS",
     "TowerHead",
@@ -187,8 +189,6 @@ def run_with_head_split(
     """``run()`` (a backend's head forward returning ``(DenseOutputs, ...)``); when ``split`` is
     set, with the towers' features after block ``split`` and the head's ``resume`` in the record's
     :class:`~kd2.structures.HeadSplit` (``make_head`` names the head's pieces)."""
-    from kd2.structures import HeadSplit
-
     if split is None:
         return run()
     head = make_head()

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from kd2.losses.global_knowledge import robustness_by_class
 from kd2.ops import box_mean_pool, pgm_select
+from kd2.utils.checkpoint import atomic_save, write_text_atomic
 
 __all__ = [
     "PrototypeRefresher",
@@ -297,7 +298,6 @@ class PrototypeRefresher:
             logger.info("PGM: teacher features from the cache %s", path)
         else:
             self._teacher_feats = self._extract(teacher=True)
-            from kd2.engine.checkpoint import atomic_save
 
             os.makedirs(self.output_dir, exist_ok=True)
             atomic_save(self._teacher_feats, path)
@@ -368,8 +368,6 @@ class PrototypeRefresher:
             {k: d[k] for k in ("file_name", "image_id", "box", "label")} for d in self.instances
         ]
         if main:
-            from kd2.engine.checkpoint import atomic_save, write_text_atomic
-
             os.makedirs(self.output_dir, exist_ok=True)
             base = os.path.join(self.output_dir, f"prototypes_{iteration:07d}")
             write_text_atomic(base + ".json", json.dumps(report))

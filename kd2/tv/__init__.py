@@ -1,6 +1,10 @@
-"""kd2's torchvision backend: detectors, KD meta-architectures and their record."""
+"""kd2's torchvision backend: detectors, KD meta-architectures, their record and the trainer.
 
+Importing it registers the backend (:mod:`kd2.modeling.backends`)."""
+
+from . import backend  # noqa: F401 (registers the backend)
 from .build import build_detector, build_plain_detector, build_teacher, label_offset
+from .engine import Trainer, evaluate
 from .gfl import GFL
 from .meta_arch import KD_ARCHITECTURES, KDFCOS, KDGFL, KDFasterRCNN, KDRetinaNet
 
@@ -15,4 +19,6 @@ __all__ = [
     "KDRetinaNet",
     "KDFCOS",
     "KDGFL",
+    "Trainer",
+    "evaluate",
 ]

@@ -39,6 +39,10 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
+from kd2.config import NUM_CLASSES_KEYS, get_cfg
+from kd2.modeling.cross_framework import build_teacher_of_config
+from kd2.modeling.distiller import teachers_needed
+from kd2.modeling.weights_check import check_teacher_weights
 from kd2.utils.errors import ConfigError, MissingFileError, WeightsError
 
 from .gfl import GFL
@@ -57,16 +61,6 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("FasterRCNN", "RetinaNet", "FCOS", "SSD", "GFL")
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
-#: The config key holding ``K`` for each architecture.
-NUM_CLASSES_KEYS = {
-    "FasterRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
-    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
-    "FCOS": "MODEL.FCOS.NUM_CLASSES",
-    "SSD": "MODEL.SSD.NUM_CLASSES",
-    "GFL": "MODEL.GFL.NUM_CLASSES",
-}
 
 
 def num_classes_of(cfg) -> int:
@@ -400,17 +394,12 @@ def build_plain_detector(cfg) -> nn.Module:
 def build_teacher(cfg, name: str = "") -> nn.Module:
     """Build a frozen teacher: ``KD.TEACHER`` (``name`` empty) or ``KD.TEACHERS.<name>`` — its
     own config file and weights; ``BACKEND: detectron2`` builds a Detectron2 model."""
-    from kd2.modeling.cross_framework import build_teacher_of_config
-
     return build_teacher_of_config(cfg, name, "torchvision")
 
 
 def build_torchvision_teacher(node, key: str, device: str) -> nn.Module:
     """A frozen teacher from ``node.CONFIG`` (a kd2 torchvision yaml) and ``node.WEIGHTS`` (a local
     checkpoint, loaded strictly); ``key`` names the config node in messages."""
-    from kd2.config import get_cfg
-    from kd2.modeling.weights_check import check_teacher_weights
-
     tpath = node.CONFIG
     if not tpath:
         raise ConfigError(
@@ -442,7 +431,6 @@ def build_detector(cfg) -> nn.Module:
     (a detector teacher only when a method reads one)."""
     if not cfg.KD.METHODS:
         return build_plain_detector(cfg)
-    from kd2.modeling.distiller import teachers_needed
 
     from .meta_arch import KD_ARCHITECTURES
 

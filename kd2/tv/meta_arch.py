@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
-from kd2.modeling.cross_framework import input_convention, is_torchvision_detector, to_teacher_input
+from kd2.modeling.backends import backend_of, input_convention
+from kd2.modeling.cross_framework import to_teacher_input
 from kd2.modeling.distiller import DistillerMixin, model_family
-from kd2.modeling.level_map import TeacherInfo, detector_parts, foreign_teacher_info
+from kd2.modeling.level_map import TeacherInfo, detector_parts
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
 from kd2.structures import RoiOutputs, StepRecord
 
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 class _KDMixin(DistillerMixin):
     """torchvision side of the KD meta-architectures: record filling and the training forward."""
+
+    kd_backend = "torchvision"
 
     def _init_kd(
         self, cfg, teacher: nn.Module | None, extra_teachers: Dict[str, nn.Module] | None = None
@@ -56,11 +59,7 @@ class _KDMixin(DistillerMixin):
         default = self.kd_teacher_infos.get("")
         self.kd_teacher_strides = sorted(default.channels) if default is not None else []
 
-    def _kd_model_info(self, model: nn.Module) -> TeacherInfo:
-        if not is_torchvision_detector(model):  # a Detectron2 teacher
-            from kd2.d2.meta_arch import model_info as d2_model_info
-
-            return foreign_teacher_info(d2_model_info(model))
+    def _kd_own_model_info(self, model: nn.Module) -> TeacherInfo:
         return model_info(model, self.kd_strides if model is self else None)
 
     def forward(self, images, targets=None):
@@ -115,16 +114,9 @@ class _KDMixin(DistillerMixin):
         t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
         if t is None or not parts:
             return student.teacher_view()
-        if not is_torchvision_detector(t):
-            from kd2.d2.meta_arch import teacher_record as d2_teacher_record
-
-            images = to_teacher_input(
-                student.images,
-                input_convention(self),
-                input_convention(t),
-                int(t.backbone.size_divisibility),
-            )
-            return d2_teacher_record(t, images, student, parts)
+        foreign = self._kd_foreign_teacher_record(t, student, name)
+        if foreign is not None:
+            return foreign
         images = to_teacher_input(student.images, input_convention(self), input_convention(t))
         strides = sorted(self.kd_teacher_infos[name].channels)
         return R.teacher_record(t, images, student, parts, strides, self.kd_head_split)
@@ -157,7 +149,7 @@ class _KDMixin(DistillerMixin):
             ``{stride: (sum G_i, C)}`` in image-then-box order.
         """
         net = self._teacher if teacher else self
-        if not is_torchvision_detector(net):
+        if backend_of(net).name != self.kd_backend:
             raise ValueError(
                 "GlobalKD's prototypes pool the teacher's features of whole images, which kd2 "
                 "does for a teacher of the student's framework only; use a torchvision teacher"

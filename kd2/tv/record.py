@@ -28,7 +28,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou
 
-from kd2.modeling.head_split import TowerHead, flat_layers
+from kd2.modeling.head_split import TowerHead, flat_layers, run_with_head_split
 from kd2.structures import DenseOutputs
 
 __all__ = [
@@ -214,7 +214,7 @@ def run_gfl_head(
 
     Record: ``cls_logits`` the ``K`` joint class-quality (QFL) logits; ``box_dist`` the
     ``4 (reg_max + 1)`` distribution logits; ``box_deltas`` their expected side distances in
-    units of the stride (:func:`kd2.tv.gfl.integral`, differentiable); ``anchors`` the ATSS
+    units of the stride (:func:`kd2.modeling.gfl.integral`, differentiable); ``anchors`` the ATSS
     squares (side ``octave_base_scale`` x stride, one per location), which ``box_coder``
     (:class:`kd2.tv.gfl.GFLBoxCoder`) decodes ``box_deltas`` against.
     """
@@ -249,8 +249,6 @@ def run_any_dense_head(
 ):
     """:func:`run_gfl_head` or :func:`run_dense_head`, with the towers' features after block
     ``split`` in the record's ``head_split`` (:mod:`kd2.modeling.head_split`) when given."""
-    from kd2.modeling.head_split import run_with_head_split
-
     from .gfl import GFL
 
     def run():

@@ -11,7 +11,7 @@ scheduler / loader from the config, ``resume_or_load``, ``train``, ``test``. Wha
   ``last_checkpoint`` target falls back to the newest readable checkpoint (with a warning);
   a ``SOLVER`` learning rate, momentum or weight decay changed on resume is applied (and logged);
 * **one run per** ``OUTPUT_DIR`` (:mod:`kd2.engine.run_dir`), **atomic checkpoints** with the
-  user's umask (:mod:`kd2.engine.checkpoint`);
+  user's umask (:mod:`kd2.utils.checkpoint`);
 * a non-finite loss stops training with a clear error, before the optimizer touches the
   weights and without writing a checkpoint, so the last good checkpoint stays intact; the
   message says whether the teacher, the student or the distillation terms are at fault;
@@ -51,22 +51,22 @@ from kd2.data import (
 from kd2.data.catalog import check_class_count, register_config_datasets
 from kd2.data.loader import read_image
 from kd2.data.report import write_dataset_report
+from kd2.engine.batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
+from kd2.engine.divergence import DivergenceGuard, Stop, judge_step, stop_message
+from kd2.engine.launch import broadcast_buffers, get_rank, get_world_size, is_main_process
+from kd2.engine.preflight import preserved_random_state, run_preflight
+from kd2.engine.run_dir import lock_output_dir, release_output_dir
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
 from kd2.modeling.prototypes import build_prototype_refresher
-from kd2.tv.build import (
+from kd2.utils.checkpoint import find_resume_checkpoint, save_checkpoint
+
+from .build import (
     NUM_CLASSES_KEYS,
     build_detector,
     label_offset,
     load_checkpoint_state,
     num_classes_of,
 )
-
-from .batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
-from .checkpoint import find_resume_checkpoint, save_checkpoint
-from .divergence import DivergenceGuard, Stop, judge_step, stop_message
-from .launch import get_rank, get_world_size, is_main_process
-from .preflight import preserved_random_state, run_preflight
-from .run_dir import lock_output_dir, release_output_dir
 
 __all__ = ["Trainer", "build_lr_lambda", "ContiguousLabels", "evaluate", "unwrap"]
 
@@ -177,16 +177,6 @@ def _all_rank_rng_states() -> List[Dict]:
     gathered: List = [None] * get_world_size()
     dist.all_gather_object(gathered, state)
     return gathered
-
-
-def broadcast_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics, prototypes)."""
-    if get_world_size() == 1:
-        return
-    import torch.distributed as dist
-
-    for buf in model.buffers():
-        dist.broadcast(buf.data, 0)
 
 
 def check_dataset_classes(cfg) -> None:
@@ -435,6 +425,15 @@ class Trainer:
                 release_output_dir(cfg.OUTPUT_DIR)
 
     def _train(self) -> Dict:
+        loader = self._before_train()
+        writer = _tensorboard(self.cfg.OUTPUT_DIR) if is_main_process() else None
+        self._train_steps(loader, writer)
+        self._after_train(writer)
+        return self.last_results
+
+    def _before_train(self):
+        """Evaluate the teacher, write the dataset report, build the loader (the resumed RNG
+        state restored after it), the PGM refresher, and run the pre-flight check."""
         cfg = self.cfg
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         teacher = getattr(self.model, "teacher", None)
@@ -458,9 +457,13 @@ class Trainer:
         if self.start_iter == 0 and cfg.KD.PREFLIGHT.ENABLED and hasattr(self.model, "teacher"):
             if self.model.teacher is not None:
                 self._preflight(records)
-        writer = _tensorboard(cfg.OUTPUT_DIR) if is_main_process() else None
+        return loader
+
+    def _train_steps(self, loader, writer) -> None:
+        """The iterations from ``start_iter``, with the progress bar."""
         from tqdm import tqdm
 
+        cfg = self.cfg
         bar = tqdm(
             total=self.max_iter,
             initial=self.start_iter,
@@ -482,35 +485,39 @@ class Trainer:
                     self._write_metrics(
                         {k: v for k, v in diag.items() if k != "iteration"}, it, writer
                     )
-                done = self.iter + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses['total_loss']:.3f}", refresh=False)
-                period = cfg.SOLVER.LOG_PERIOD
-                if done % period == 0 or done == self.max_iter:
-                    losses.update(
-                        lr=self.optimizer.param_groups[0]["lr"],
-                        data_time=data_time,
-                        time=time.perf_counter() - t0,
-                    )
-                    self._write_metrics(losses, done, writer)
-                if bar.disable and (done <= 5 or done % period == 0 or done == self.max_iter):
-                    self._log_progress(losses, done, started)
-                self.iter = done
-                # Evaluate before saving: the evaluation's data loader draws from the global
-                # RNG, and the checkpoint must hold the state the next step starts from.
-                if (
-                    cfg.TEST.EVAL_PERIOD
-                    and done % cfg.TEST.EVAL_PERIOD == 0
-                    and done < self.max_iter
-                ):
-                    broadcast_buffers(self.model)
-                    self._evaluate_and_log(done, writer)
-                if cfg.SOLVER.CHECKPOINT_PERIOD and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-                    self.save(f"model_{done:07d}.pth")
-                for fn in self.after_step:
-                    fn(self)
+                self._after_step(losses, t0, data_time, writer, bar.disable, started)
         finally:
             bar.close()
+
+    def _after_step(self, losses, t0: float, data_time: float, writer, quiet_bar, started):
+        """Log, evaluate (``TEST.EVAL_PERIOD``) and checkpoint after an iteration."""
+        cfg = self.cfg
+        done = self.iter + 1
+        period = cfg.SOLVER.LOG_PERIOD
+        if done % period == 0 or done == self.max_iter:
+            losses.update(
+                lr=self.optimizer.param_groups[0]["lr"],
+                data_time=data_time,
+                time=time.perf_counter() - t0,
+            )
+            self._write_metrics(losses, done, writer)
+        if quiet_bar and (done <= 5 or done % period == 0 or done == self.max_iter):
+            self._log_progress(losses, done, started)
+        self.iter = done
+        # Evaluate before saving: the evaluation's data loader draws from the global
+        # RNG, and the checkpoint must hold the state the next step starts from.
+        if cfg.TEST.EVAL_PERIOD and done % cfg.TEST.EVAL_PERIOD == 0 and done < self.max_iter:
+            broadcast_buffers(self.model)
+            self._evaluate_and_log(done, writer)
+        if cfg.SOLVER.CHECKPOINT_PERIOD and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+            self.save(f"model_{done:07d}.pth")
+        for fn in self.after_step:
+            fn(self)
+
+    def _after_train(self, writer) -> None:
+        """The final checkpoint, the replicas' checksums, the final evaluation."""
         self.save("model_final.pth")  # broadcasts rank 0's buffers first
         # Between checkpoints BatchNorm running statistics are per rank (DDP with
         # broadcast_buffers=False, as in Detectron2); save() made them rank 0's everywhere.
@@ -522,11 +529,10 @@ class Trainer:
             checksum,
             buffers,
         )
-        if cfg.DATASETS.TEST:
+        if self.cfg.DATASETS.TEST:
             self._evaluate_and_log(self.max_iter, writer)
         if writer is not None:
             writer.close()
-        return self.last_results
 
     def _preflight(self, records: List[Dict]) -> None:
         """``KD.PREFLIGHT`` (:mod:`kd2.engine.preflight`) before the first step; it leaves the
