@@ -21,6 +21,19 @@ def shared_coco() -> Path:
     return Path(os.environ.get("KD2_SHARED_COCO", default))
 
 
+def method_node(name: str, **overrides):
+    """The schema's ``cfg.KD.<NAME>`` of the method ``name`` with ``overrides`` (keys of the
+    node): what the backends hand ``from_config``."""
+    from kd2.config import method_node_name
+
+    node = getattr(get_cfg().KD, method_node_name(name)).clone()
+    for key, value in overrides.items():
+        if key not in node:
+            raise KeyError(f"KD.{method_node_name(name)} has no {key}")
+        node[key] = value
+    return node
+
+
 def tiny_cfg(
     arch: str = "RetinaNet",
     backbone: str = "resnet18",

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 import pathlib
-import types
 
 import numpy as np
 import pytest
 import torch
-from fvcore.common.config import CfgNode
 
 from kd2.losses import (
     FGFI,
@@ -35,6 +33,7 @@ from kd2.losses import (
     hinton_roi_loss,
 )
 from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
+from tests.helpers import method_node
 
 C_S, C_T, K, A, IMG, N = 4, 6, 3, 2, 128, 2
 TWO_STAGE_STRIDES = [4, 8, 16, 32, 64]
@@ -149,8 +148,8 @@ def make_pair(arch: str, gt=None, seed: int = 0) -> tuple[StepRecord, StepRecord
 
 
 def build(name: str, arch: str, **overrides):
-    """Build a registered method from a CfgNode holding only ``overrides``."""
-    node = CfgNode(overrides)
+    """Build a registered method from its schema node with ``overrides``."""
+    node = method_node(name, **overrides)
     strides = TWO_STAGE_STRIDES if arch == "two_stage" else ONE_STAGE_STRIDES
     return KD_METHOD_REGISTRY.get(name).from_config(
         node,
@@ -291,7 +290,7 @@ def test_hinton_method(arch):
 
 def test_hinton_config_and_no_gt():
     m = Hinton.from_config(
-        types.SimpleNamespace(HEAD="dense", TEMPERATURE=1.0),
+        method_node("Hinton", HEAD="dense", TEMPERATURE=1.0),
         student_channels={},
         teacher_channels={},
         num_classes=K,

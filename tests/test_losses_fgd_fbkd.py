@@ -344,7 +344,7 @@ def test_fgd_defaults_per_detector_and_weights():
     assert build("FGD", "two_stage", STRIDES=[8, 32]).strides == [8, 32]
     with pytest.raises(ValueError, match="STRIDES"):
         build("FGD", "two_stage", STRIDES=[2])
-    for node in (None, get_cfg().KD.FGD):
+    for node in (get_cfg().KD.FGD,):
         m = FGD.from_config(
             node, student_channels={8: 4}, teacher_channels={8: 4}, num_classes=3, arch="one_stage"
         )
@@ -513,7 +513,7 @@ def test_fbkd_method(arch):
 
 
 def test_fbkd_config():
-    for node in (None, get_cfg().KD.FBKD):
+    for node in (get_cfg().KD.FBKD,):
         m = FBKD.from_config(
             node, student_channels={8: 4}, teacher_channels={8: 4}, num_classes=3, arch="one_stage"
         )

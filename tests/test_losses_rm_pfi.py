@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from fvcore.common.config import CfgNode
 
 from kd2.config.defaults import _C
 from kd2.losses import KD_METHOD_REGISTRY, PFI, RM, pfi_loss, rank_mimicking_loss
 from kd2.structures import DenseOutputs, StepRecord
+from tests.helpers import method_node
 from tests.test_losses_baselines import C_S, C_T, ONE_STAGE_STRIDES, make_pair
 
 # KL([3/4, 1/4] ‖ [1/2, 1/2]) = 3/4 ln(3/2) + 1/4 ln(1/2)
@@ -270,7 +270,7 @@ def test_pfi_method_on_records_vs_numpy():
         s: torch.randn(f[:, :C_S].shape, generator=gen) for s, f in teacher.features.items()
     }
     del teacher.features[128]  # a stride missing from the teacher is skipped
-    node = CfgNode({"WEIGHT": 2.0})
+    node = method_node("PFI", WEIGHT=2.0)
     chans = {s: C_S for s in ONE_STAGE_STRIDES}
     method = PFI.from_config(
         node, student_channels=chans, teacher_channels=chans, num_classes=3, arch="one_stage"
@@ -300,14 +300,14 @@ def test_pfi_method_adapter_and_errors():
     chans_t = {s: C_T for s in ONE_STAGE_STRIDES}
     with pytest.raises(ValueError, match="ADAPTER_KERNEL"):
         PFI.from_config(
-            CfgNode({}),
+            method_node("PFI"),
             student_channels=chans_s,
             teacher_channels=chans_t,
             num_classes=3,
             arch="one_stage",
         )
     method = PFI.from_config(
-        CfgNode({"ADAPTER_KERNEL": 1, "DETACH_PREDICTION": False}),
+        method_node("PFI", ADAPTER_KERNEL=1, DETACH_PREDICTION=False),
         student_channels=chans_s,
         teacher_channels=chans_t,
         num_classes=3,

@@ -87,7 +87,9 @@ class KDMethod(nn.Module):
         """Build from ``cfg.KD.<NAME>``.
 
         Args:
-            node: the method's ``CfgNode``.
+            node: the method's ``CfgNode``, every key of the schema present
+                (``kd2/config/defaults.py`` is the one place a method's defaults are written;
+                the backends pass ``cfg.KD.<NAME>`` of a config built on it).
             student_channels / teacher_channels: FPN channels keyed by stride.
             num_classes: ``K``, identical for teacher and student.
             arch: ``"two_stage"`` or ``"one_stage"``.

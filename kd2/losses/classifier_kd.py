@@ -46,7 +46,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, compute_dtype, decode_boxes, object_ids, to_compute
+from .utils import compute_dtype, decode_boxes, object_ids, to_compute
 
 __all__ = [
     "ClassifierKD",
@@ -345,8 +345,7 @@ class ClassifierKD(KDMethod):
         num_classes: int,
         arch: str,
     ) -> ClassifierKD:
-        teacher = cfg_get(node, "TEACHER", None)
-        weights = cfg_get(teacher, "WEIGHTS", "")
+        weights = node.TEACHER.WEIGHTS
         if not weights:
             raise ValueError(
                 "ClassifierKD needs a classifier teacher: set KD.CLASSIFIERKD.TEACHER.WEIGHTS to a "
@@ -355,11 +354,11 @@ class ClassifierKD(KDMethod):
         return cls(
             num_classes=num_classes,
             teacher_weights=weights,
-            cls_weight=cfg_get(node, "CLS_WEIGHT", 0.4),
-            loc_weight=cfg_get(node, "LOC_WEIGHT", 0.15),
-            temperature=cfg_get(node, "TEMPERATURE", 2.0),
-            crop_size=cfg_get(node, "CROP_SIZE", 0),
-            loc_features=cfg_get(node, "LOC_FEATURES", True),
+            cls_weight=node.CLS_WEIGHT,
+            loc_weight=node.LOC_WEIGHT,
+            temperature=node.TEMPERATURE,
+            crop_size=node.CROP_SIZE,
+            loc_features=node.LOC_FEATURES,
         )
 
     def attach_classifier(self, classifier) -> None:

@@ -47,7 +47,6 @@ from .base import KD_METHOD_REGISTRY, KDMethod
 from .pkd import channel_standardize
 from .utils import (
     aligned_box_iou,
-    cfg_get,
     channel_mean_std,
     compute_dtype,
     decode_boxes,
@@ -189,12 +188,12 @@ class CrossKD(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            split=cfg_get(node, "SPLIT", -1),
-            cls_weight=cfg_get(node, "CLS_WEIGHT", -1.0),
-            reg_weight=cfg_get(node, "REG_WEIGHT", -1.0),
-            box_weight=cfg_get(node, "BOX_WEIGHT", -1.0),
-            beta=cfg_get(node, "BETA", 1.0),
-            reg_temperature=cfg_get(node, "REG_TEMPERATURE", 1.0),
+            split=node.SPLIT,
+            cls_weight=node.CLS_WEIGHT,
+            reg_weight=node.REG_WEIGHT,
+            box_weight=node.BOX_WEIGHT,
+            beta=node.BETA,
+            reg_temperature=node.REG_TEMPERATURE,
         )
 
     def bind_detector(self, family: str) -> None:

@@ -33,7 +33,6 @@ from kd2.structures import StepRecord
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
     adapt_features,
-    cfg_get,
     distill_strides,
     level_adapter,
     require_sigmoid_dense,
@@ -149,10 +148,10 @@ class CWD(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            recipe=cfg_get(node, "RECIPE", "auto"),
-            weight=cfg_get(node, "WEIGHT", -1.0),
-            tau=cfg_get(node, "TAU", 1.0),
-            strides=cfg_get(node, "STRIDES", []),
+            recipe=node.RECIPE,
+            weight=node.WEIGHT,
+            tau=node.TAU,
+            strides=node.STRIDES,
             arch=arch,
         )
 

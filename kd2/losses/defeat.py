@@ -35,7 +35,6 @@ from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
     adapt_features,
     assign_fpn_levels,
-    cfg_get,
     compute_dtype,
     masked_squared_error,
     shared_strides,
@@ -213,13 +212,13 @@ class DeFeat(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            neck_fg_weight=cfg_get(node, "NECK_FG_WEIGHT", 3.0),
-            neck_bg_weight=cfg_get(node, "NECK_BG_WEIGHT", 12.0),
-            head_pos_weight=cfg_get(node, "HEAD_POS_WEIGHT", 2.0),
-            head_neg_weight=cfg_get(node, "HEAD_NEG_WEIGHT", 2.0),
-            t_pos=cfg_get(node, "T_POS", 1.0),
-            t_neg=cfg_get(node, "T_NEG", 1.0),
-            adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 3),
+            neck_fg_weight=node.NECK_FG_WEIGHT,
+            neck_bg_weight=node.NECK_BG_WEIGHT,
+            head_pos_weight=node.HEAD_POS_WEIGHT,
+            head_neg_weight=node.HEAD_NEG_WEIGHT,
+            t_pos=node.T_POS,
+            t_neg=node.T_NEG,
+            adapter_kernel=node.ADAPTER_KERNEL,
             use_head=arch == "two_stage",
         )
 

@@ -63,7 +63,6 @@ from .base import KD_METHOD_REGISTRY, KDMethod
 from .fgd import spatial_attention
 from .utils import (
     adapt_features,
-    cfg_get,
     compute_dtype,
     distill_strides,
     shared_strides,
@@ -357,12 +356,12 @@ class FBKD(KDMethod):
             student_channels,
             teacher_channels,
             arch=arch,
-            mask_weight=cfg_get(node, "MASK_WEIGHT", 7e-5),
-            channel_weight=cfg_get(node, "CHANNEL_WEIGHT", 4e-3),
-            spatial_weight=cfg_get(node, "SPATIAL_WEIGHT", 4e-3),
-            nonlocal_weight=cfg_get(node, "NONLOCAL_WEIGHT", 7e-5),
-            temperature=cfg_get(node, "TEMPERATURE", 0.5),
-            strides=list(cfg_get(node, "STRIDES", []) or []),
+            mask_weight=node.MASK_WEIGHT,
+            channel_weight=node.CHANNEL_WEIGHT,
+            spatial_weight=node.SPATIAL_WEIGHT,
+            nonlocal_weight=node.NONLOCAL_WEIGHT,
+            temperature=node.TEMPERATURE,
+            strides=list(node.STRIDES or []),
         )
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:

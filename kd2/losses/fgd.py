@@ -50,7 +50,6 @@ from kd2.structures import StepRecord
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
     adapt_features,
-    cfg_get,
     compute_dtype,
     detector_family,
     level_adapter,
@@ -388,12 +387,12 @@ class FGD(KDMethod):
             student_channels,
             teacher_channels,
             arch=arch,
-            alpha=cfg_get(node, "ALPHA", -1.0),
-            beta=cfg_get(node, "BETA", -1.0),
-            gamma=cfg_get(node, "GAMMA", -1.0),
-            lambda_=cfg_get(node, "LAMBDA", -1.0),
-            temperature=cfg_get(node, "TEMPERATURE", -1.0),
-            strides=list(cfg_get(node, "STRIDES", []) or []),
+            alpha=node.ALPHA,
+            beta=node.BETA,
+            gamma=node.GAMMA,
+            lambda_=node.LAMBDA,
+            temperature=node.TEMPERATURE,
+            strides=list(node.STRIDES or []),
         )
 
     def bind_detector(self, family: str) -> None:

@@ -42,7 +42,6 @@ from .utils import (
     adapt_features,
     assign_fpn_levels,
     box_iou,
-    cfg_get,
     compute_dtype,
     masked_squared_error,
     shared_strides,
@@ -171,9 +170,9 @@ class FGFI(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            weight=cfg_get(node, "WEIGHT", 3.0),
-            psi=cfg_get(node, "PSI", 0.5),
-            adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 3),
+            weight=node.WEIGHT,
+            psi=node.PSI,
+            adapter_kernel=node.ADAPTER_KERNEL,
         )
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, compute_dtype, shared_strides
+from .utils import adapt_features, compute_dtype, shared_strides
 
 __all__ = ["FitNet", "fitnet_loss"]
 
@@ -79,8 +79,8 @@ class FitNet(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            weight=cfg_get(node, "WEIGHT", 1.0),
-            adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 3),
+            weight=node.WEIGHT,
+            adapter_kernel=node.ADAPTER_KERNEL,
         )
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:

@@ -59,7 +59,6 @@ from kd2.structures import DenseOutputs, StepRecord
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
     adapt_features,
-    cfg_get,
     compute_dtype,
     detector_family,
     require_sigmoid_dense,
@@ -243,11 +242,11 @@ class FRS(KDMethod):
             student_channels,
             teacher_channels,
             arch=arch,
-            weight_feat=cfg_get(node, "WEIGHT_FEAT", -1.0),
-            weight_cls=cfg_get(node, "WEIGHT_CLS", -1.0),
-            warmup_iters=cfg_get(node, "WARMUP_ITERS", 500),
-            adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 3),
-            bce_from_logits=cfg_get(node, "BCE_FROM_LOGITS", False),
+            weight_feat=node.WEIGHT_FEAT,
+            weight_cls=node.WEIGHT_CLS,
+            warmup_iters=node.WARMUP_ITERS,
+            adapter_kernel=node.ADAPTER_KERNEL,
+            bce_from_logits=node.BCE_FROM_LOGITS,
         )
 
     def before_step(self, iteration: int) -> None:

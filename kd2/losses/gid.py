@@ -44,7 +44,7 @@ from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .rkd import rkd_distance_loss
-from .utils import box_iou, cfg_get, compute_dtype, decode_boxes, to_compute, zero_like_loss
+from .utils import box_iou, compute_dtype, decode_boxes, to_compute, zero_like_loss
 
 __all__ = [
     "GID",
@@ -189,15 +189,15 @@ class GID(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            feature_weight=cfg_get(node, "FEATURE_WEIGHT", 0.005),
-            relation_weight=cfg_get(node, "RELATION_WEIGHT", 40.0),
-            cls_weight=cfg_get(node, "CLS_WEIGHT", 0.1),
-            reg_weight=cfg_get(node, "REG_WEIGHT", 0.1),
-            top_k=cfg_get(node, "TOP_K", 10),
-            pre_nms_topk=cfg_get(node, "PRE_NMS_TOPK", 3000),
-            nms_thresh=cfg_get(node, "NMS_THRESH", 0.3),
-            pool_size=cfg_get(node, "POOL_SIZE", 10),
-            match_iou=cfg_get(node, "MATCH_IOU", 0.5),
+            feature_weight=node.FEATURE_WEIGHT,
+            relation_weight=node.RELATION_WEIGHT,
+            cls_weight=node.CLS_WEIGHT,
+            reg_weight=node.REG_WEIGHT,
+            top_k=node.TOP_K,
+            pre_nms_topk=node.PRE_NMS_TOPK,
+            nms_thresh=node.NMS_THRESH,
+            pool_size=node.POOL_SIZE,
+            match_iou=node.MATCH_IOU,
         )
 
     def unsupported_reason(self, arch: str, dense_softmax: bool) -> str | None:

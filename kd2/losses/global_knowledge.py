@@ -73,7 +73,6 @@ from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
     adapt_features,
     assign_fpn_levels,
-    cfg_get,
     compute_dtype,
     masked_squared_error,
     require_sigmoid_dense,
@@ -423,15 +422,15 @@ class GlobalKD(KDMethod):
             teacher_channels,
             num_classes=num_classes,
             arch=arch,
-            num_prototypes=cfg_get(node, "NUM_PROTOTYPES", 10),
-            fg_weight=cfg_get(node, "FG_WEIGHT", 1.0),
-            bg_weight=cfg_get(node, "BG_WEIGHT", 4.0),
-            soft_weight=cfg_get(node, "SOFT_WEIGHT", 1.0),
-            temperature=cfg_get(node, "TEMPERATURE", 2.0),
-            attenuation=cfg_get(node, "ATTENUATION", True),
-            global_loss=cfg_get(node, "GLOBAL_LOSS", False),
-            global_weight=cfg_get(node, "GLOBAL_WEIGHT", 5.0),
-            adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 3),
+            num_prototypes=node.NUM_PROTOTYPES,
+            fg_weight=node.FG_WEIGHT,
+            bg_weight=node.BG_WEIGHT,
+            soft_weight=node.SOFT_WEIGHT,
+            temperature=node.TEMPERATURE,
+            attenuation=node.ATTENUATION,
+            global_loss=node.GLOBAL_LOSS,
+            global_weight=node.GLOBAL_WEIGHT,
+            adapter_kernel=node.ADAPTER_KERNEL,
         )
 
     # -- prototypes and schedule ------------------------------------------------------------

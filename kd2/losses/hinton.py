@@ -29,7 +29,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, compute_dtype, require_sigmoid_dense, softmax_kl_div, zero_like_loss
+from .utils import compute_dtype, require_sigmoid_dense, softmax_kl_div, zero_like_loss
 
 __all__ = [
     "Hinton",
@@ -177,16 +177,16 @@ class Hinton(KDMethod):
         num_classes: int,
         arch: str,
     ) -> Hinton:
-        head = str(cfg_get(node, "HEAD", "auto")).lower()
+        head = str(node.HEAD).lower()
         if head == "auto":
             if arch not in ("two_stage", "one_stage"):
                 raise ValueError(f"unknown arch {arch!r}; expected 'two_stage' or 'one_stage'")
             head = "roi" if arch == "two_stage" else "dense"
         return cls(
             head=head,
-            weight=cfg_get(node, "WEIGHT", 1.0),
-            temperature=cfg_get(node, "TEMPERATURE", 2.0),
-            class_mean=cfg_get(node, "CLASS_MEAN", False),
+            weight=node.WEIGHT,
+            temperature=node.TEMPERATURE,
+            class_mean=node.CLASS_MEAN,
         )
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:

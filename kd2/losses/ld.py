@@ -31,7 +31,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import atss_candidates, box_iou, cfg_get, compute_dtype, softmax_kl_div, to_compute
+from .utils import atss_candidates, box_iou, compute_dtype, softmax_kl_div, to_compute
 
 __all__ = [
     "LD",
@@ -164,12 +164,12 @@ class LD(KDMethod):
         arch: str,
     ) -> LD:
         return cls(
-            weight=cfg_get(node, "WEIGHT", 0.25),
-            temperature=cfg_get(node, "TEMPERATURE", 10.0),
-            vlr_weight=cfg_get(node, "VLR_WEIGHT", 0.25),
-            cls_weight=cfg_get(node, "CLS_WEIGHT", 10.0),
-            cls_temperature=cfg_get(node, "CLS_TEMPERATURE", 2.0),
-            atss_topk=cfg_get(node, "ATSS_TOPK", 9),
+            weight=node.WEIGHT,
+            temperature=node.TEMPERATURE,
+            vlr_weight=node.VLR_WEIGHT,
+            cls_weight=node.CLS_WEIGHT,
+            cls_temperature=node.CLS_TEMPERATURE,
+            atss_topk=node.ATSS_TOPK,
         )
 
     def unsupported_reason(self, arch: str, dense_softmax: bool) -> str | None:

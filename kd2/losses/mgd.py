@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import adapt_features, cfg_get, compute_dtype, level_adapter, shared_strides
+from .utils import adapt_features, compute_dtype, level_adapter, shared_strides
 
 __all__ = ["MGD", "MGD_DEFAULTS", "masked_generation_loss", "random_pixel_mask"]
 
@@ -136,9 +136,9 @@ class MGD(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            alpha=cfg_get(node, "ALPHA", -1.0),
-            mask_ratio=cfg_get(node, "MASK_RATIO", -1.0),
-            strides=cfg_get(node, "STRIDES", []),
+            alpha=node.ALPHA,
+            mask_ratio=node.MASK_RATIO,
+            strides=node.STRIDES,
             arch=arch,
         )
 

@@ -29,7 +29,7 @@ from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import cfg_get, compute_dtype, require_one_stage, require_sigmoid_dense
+from .utils import compute_dtype, require_one_stage, require_sigmoid_dense
 
 __all__ = ["PFI", "pfi_loss"]
 
@@ -141,9 +141,9 @@ class PFI(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            weight=cfg_get(node, "WEIGHT", 1.5),
-            detach_prediction=cfg_get(node, "DETACH_PREDICTION", True),
-            adapter_kernel=cfg_get(node, "ADAPTER_KERNEL", 0),
+            weight=node.WEIGHT,
+            detach_prediction=node.DETACH_PREDICTION,
+            adapter_kernel=node.ADAPTER_KERNEL,
         )
 
     def _adapt(self, stride: int, feat: Tensor) -> Tensor:

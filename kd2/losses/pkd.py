@@ -28,7 +28,6 @@ from kd2.structures import StepRecord
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
     adapt_features,
-    cfg_get,
     channel_mean_std,
     compute_dtype,
     level_adapter,
@@ -131,8 +130,8 @@ class PKD(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            weight=cfg_get(node, "WEIGHT", -1.0),
-            strides=cfg_get(node, "STRIDES", []),
+            weight=node.WEIGHT,
+            strides=node.STRIDES,
             arch=arch,
         )
 

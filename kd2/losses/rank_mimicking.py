@@ -35,7 +35,6 @@ from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
 from .utils import (
-    cfg_get,
     compute_dtype,
     object_ids,
     require_one_stage,
@@ -199,8 +198,8 @@ class RM(KDMethod):
     ) -> RM:
         require_one_stage("RM (rank mimicking)", arch)
         return cls(
-            weight=cfg_get(node, "WEIGHT", 4.0),
-            temperature=cfg_get(node, "TEMPERATURE", 1.0),
+            weight=node.WEIGHT,
+            temperature=node.TEMPERATURE,
         )
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:

@@ -33,7 +33,7 @@ from kd2.ops import box_mean_pool
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod
-from .utils import assign_fpn_levels, cfg_get, compute_dtype, to_compute, zero_like_loss
+from .utils import assign_fpn_levels, compute_dtype, to_compute, zero_like_loss
 
 __all__ = ["RKD", "pairwise_distances", "rkd_angle_loss", "rkd_distance_loss"]
 
@@ -144,8 +144,8 @@ class RKD(KDMethod):
         return cls(
             student_channels,
             teacher_channels,
-            distance_weight=cfg_get(node, "DISTANCE_WEIGHT", 5.0),
-            angle_weight=cfg_get(node, "ANGLE_WEIGHT", 10.0),
+            distance_weight=node.DISTANCE_WEIGHT,
+            angle_weight=node.ANGLE_WEIGHT,
         )
 
     def instance_embeddings(

@@ -22,7 +22,6 @@ __all__ = [
     "assign_fpn_levels",
     "compute_dtype",
     "box_iou",
-    "cfg_get",
     "decode_boxes",
     "detector_family",
     "distill_strides",
@@ -36,13 +35,6 @@ __all__ = [
     "to_compute",
     "zero_like_loss",
 ]
-
-
-def cfg_get(node: object, key: str, default):
-    """``node.<key>`` if present, else ``default``; works for a ``CfgNode`` or any object."""
-    if node is None:
-        return default
-    return getattr(node, key, default)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
