@@ -4,7 +4,7 @@
 #   1. build: when kd2._C is missing, or lacks its CUDA kernels on a machine with a GPU and a
 #      CUDA toolkit, it is rebuilt in place (FORCE_CUDA=1 python setup.py build_ext --inplace,
 #      no network; the log says so);
-#   2. tests: tests/test_ops.py (the CUDA tests run where a GPU is);
+#   2. tests: tests/ops/test_ops.py (the CUDA tests run where a GPU is);
 #   3. pgm: benchmarks/pgm.py                      (pgm_speedup_<dev>=, box_pool_speedup_<dev>=);
 #   4. step_demo: benchmarks/step_overhead.py, the demo pair (--config) and FGD under KD.BALANCE
 #      grad_share side by side, with the teacher options and the student / KD step under autocast
@@ -124,10 +124,10 @@ echo "device $DEVICE, kd2._C importable $EXT, with CUDA kernels $EXT_CUDA"
 
 if [[ $SIZE == small ]]; then
     ITERS=1; WARMUP=0; SIZES="64"; REPEATS=1; BOXES=50; SMALL=(--batch 2 --input 64)
-    TESTS=(tests/test_ops.py -k "cuda or matches_reference")
+    TESTS=(tests/ops/test_ops.py -k "cuda or matches_reference")
 else
     ITERS=15; WARMUP=3; SIZES="500 2000 4000"; REPEATS=3; BOXES=2000; SMALL=()
-    TESTS=(tests/test_ops.py)
+    TESTS=(tests/ops/test_ops.py)
 fi
 if [[ $DEVICE == cuda ]]; then
     OPTIONS=(bfloat16 float16 channels_last)

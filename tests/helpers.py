@@ -60,8 +60,8 @@ def tiny_cfg(
     cfg.INPUT.MIN_SIZE_TEST = 96
     cfg.INPUT.MAX_SIZE_TEST = 128
     # The tests' teachers are randomly initialised: their distillation losses can be huge by
-    # design, so the guard is off unless asked for. Its tests (tests/test_first_contact.py) and
-    # the controller's (tests/test_kd_control.py) turn it on.
+    # design, so the guard is off unless asked for. Its tests (tests/engine/test_first_contact.py)
+    # and the controller's (tests/engine/test_kd_control.py) turn it on.
     cfg.SOLVER.DIVERGENCE.ENABLED = guard
     cfg.KD.PREFLIGHT.ENABLED = False  # likewise the pre-flight check (it refuses such teachers)
     if arch == "FasterRCNN":

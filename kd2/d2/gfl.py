@@ -7,7 +7,7 @@ dicts and ``Instances``). Everything numeric comes from :mod:`kd2.modeling.gfl`,
 :mod:`kd2.tv.gfl` — ATSS assignment, the losses (QFL, DFL, GIoU with their weights and
 normalisers), the integral, the box coder and ``Scale`` — so with the same weights and input
 both backends give the same head outputs, anchors, labels, losses and detections
-(``tests/test_d2_gfl.py``).
+(``tests/d2/test_gfl.py``).
 
 Detectron2 specifics:
 

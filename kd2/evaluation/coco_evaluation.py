@@ -53,8 +53,8 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
 
 
 #: ``TEST.COCO_EVAL_BACKEND`` values: the reference implementation and a maintained drop-in with
-#: a C++ core (the same metrics; ``tests/test_evaluation.py`` checks them against each other;
-#: ``benchmarks/coco_eval_speed.py`` measures the speed-up). ``"auto"`` (the default) is
+#: a C++ core (the same metrics; ``tests/evaluation/test_coco_evaluation.py`` checks them against
+#: each other; ``benchmarks/coco_eval_speed.py`` measures the speed-up). ``"auto"`` (the default) is
 #: faster_coco_eval where it is installed, else pycocotools.
 COCO_EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
 
