@@ -29,7 +29,7 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from kd2.modeling.backends import backend_of, input_convention
+from kd2.modeling.backends import input_convention
 from kd2.modeling.distiller import DistillerMixin, model_family, teachers_needed
 from kd2.modeling.gfl import integral
 from kd2.modeling.head_split import TowerHead, flat_layers, run_with_head_split
@@ -278,7 +278,7 @@ class _Distill(DistillerMixin):
         student's batch itself (``preprocess_image``), so its input format must be the
         student's; a torchvision teacher reads the student's tensor in its own convention."""
         t = self._teacher
-        foreign = backend_of(t).name != self.kd_backend
+        foreign = self.kd_is_foreign(t)
         classes = (
             True,
             f"classes: teacher {self.kd_teacher_infos[''].num_classes}, student "
@@ -326,7 +326,7 @@ class _Distill(DistillerMixin):
         image's own padded size, as the released PGM). Returns ``{stride: (sum G_i, C)}``.
         """
         net = self._teacher if teacher else self
-        if backend_of(net).name != self.kd_backend:
+        if self.kd_is_foreign(net):
             raise ValueError(
                 "GlobalKD's prototypes pool the teacher's features of whole images, which kd2 "
                 "does for a teacher of the student's framework only; use a Detectron2 teacher"
@@ -394,7 +394,6 @@ class DistillGeneralizedRCNN(_Distill, GeneralizedRCNN):
             teacher,
             num_classes=self.roi_heads.num_classes,
             student_channels=_channels(self),
-            input_normalization=model_input_convention(self),
             extra_teachers=extra_teachers,
         )
 
@@ -448,7 +447,6 @@ class _DistillDense(_Distill):
             teacher,
             num_classes=self.num_classes,
             student_channels=_channels(self),
-            input_normalization=model_input_convention(self),
             extra_teachers=extra_teachers,
         )
 

@@ -10,7 +10,6 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from kd2.engine.predictor import Predictor, class_names_of
 from kd2.utils.errors import MissingFileError
 
-from .config import add_kd_config
+from .config import load_config
 from .data import register_config_datasets
 from .engine import student_checkpointer
 from .student import student_config
@@ -53,11 +52,8 @@ def detections(model: nn.Module, inputs: List[dict]) -> List[Dict[str, Tensor]]:
 
 def load_predictor(config_file: str, opts: list) -> Predictor:
     """The student of a Detectron2 (KD or plain) config with its ``MODEL.WEIGHTS``."""
-    cfg = get_cfg()
-    add_kd_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg = student_config(cfg)  # the student alone: no teacher is built or loaded
+    # the student alone: no teacher is built or loaded
+    cfg = student_config(load_config(config_file, opts, freeze=False))
     register_config_datasets(cfg)
     if not cfg.MODEL.WEIGHTS:
         raise MissingFileError("no weights: MODEL.WEIGHTS is empty", "give MODEL.WEIGHTS")

@@ -247,8 +247,9 @@ def dataset_report(
     report = _summary(m, cfg, arch, class_names)
     warnings: List[str] = report["warnings"]
     n, num_boxes, threshold = m["n"], m["num_boxes"], report["small_box_threshold"]
+    n_small = report["small_boxes"]["count"]
     # (1) boxes too small for the anchors
-    if threshold is not None and num_boxes and m["n_small"] / num_boxes > SMALL_BOX_MAX_FRACTION:
+    if threshold is not None and num_boxes and n_small / num_boxes > SMALL_BOX_MAX_FRACTION:
         warnings.append(
             _small_box_warning(
                 report,
@@ -268,7 +269,10 @@ def dataset_report(
     ):
         warnings.append(_downscale_warning(records, m, arch))
     # (3) classes with (almost) no boxes
-    rare = _rare_class_warning(m["class_counts"], num_boxes, m["name_of"], arch)
+    classes = report["class_counts"]
+    rare = _rare_class_warning(
+        [c["count"] for c in classes], num_boxes, lambda i: classes[i]["name"], arch
+    )
     if rare:
         warnings.append(rare)
     # (4) more objects per image than the detector may output / propose
@@ -312,8 +316,7 @@ def _measure(records: Sequence[Mapping[str, Any]], cfg, arch: str) -> Dict[str, 
 
 
 def _summary(m: Dict[str, Any], cfg, arch: str, class_names) -> Dict[str, Any]:
-    """The report's figures (everything but the warnings) from the measured arrays ``m``;
-    adds ``class_counts``, ``name_of`` and ``n_small`` to ``m``."""
+    """The report's figures (everything but the warnings) from the measured arrays ``m``."""
     n, counts, scale, num_boxes = m["n"], m["counts"], m["scale"], m["num_boxes"]
     short, long_, labels, size_input = m["short"], m["long"], m["labels"], m["size_input"]
     anchors, anchor_source = anchor_sizes_of(cfg)
@@ -335,7 +338,6 @@ def _summary(m: Dict[str, Any], cfg, arch: str, class_names) -> Dict[str, Any]:
             return str(class_names[i])
         return f"class {i}"
 
-    m.update(class_counts=class_counts, name_of=name_of, n_small=n_small)
     hist, _ = np.histogram(np.clip(size_input, _HIST_EDGES[0], _HIST_EDGES[-1]), _HIST_EDGES)
 
     limits: Dict[str, int] = {"TEST.DETECTIONS_PER_IMAGE": int(cfg.TEST.DETECTIONS_PER_IMAGE)}

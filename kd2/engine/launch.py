@@ -128,8 +128,21 @@ def launch(
             raise ValueError("dist_url='auto' only works on one machine; give tcp://HOST:PORT")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
     with worker_user_errors():
-        _start_workers(
-            main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout
+        mp.start_processes(
+            _worker,
+            nprocs=num_gpus_per_machine,
+            args=(
+                main_func,
+                world_size,
+                num_gpus_per_machine,
+                machine_rank,
+                dist_url,
+                args,
+                timeout,
+                os.getpid(),
+            ),
+            daemon=False,
+            start_method="spawn",
         )
 
 
@@ -168,25 +181,6 @@ def _user_error_of(worker_traceback: str) -> str | None:
     """The ``kd2: error: ...`` message a worker stopped on, or ``None`` for any other failure."""
     parts = worker_traceback.split(_USER_ERROR_MARK)
     return parts[1] if len(parts) >= 3 else None
-
-
-def _start_workers(main_func, world_size, gpus, machine_rank, dist_url, args, timeout) -> None:
-    mp.start_processes(
-        _worker,
-        nprocs=gpus,
-        args=(
-            main_func,
-            world_size,
-            gpus,
-            machine_rank,
-            dist_url,
-            args,
-            timeout,
-            os.getpid(),
-        ),
-        daemon=False,
-        start_method="spawn",
-    )
 
 
 def _worker(

@@ -16,7 +16,7 @@ detector's input normalisation and held outside the module tree like the detecto
 from __future__ import annotations
 
 import logging
-from typing import Dict, FrozenSet, List, Mapping, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Tuple
 
 from torch import Tensor, nn
 
@@ -120,8 +120,9 @@ def _applicable_methods(
                 num_classes=num_classes,
                 arch=arch,
             )
-        except (ValueError, KeyError, TypeError, AttributeError):  # needs settings of its own
+        except (ValueError, KeyError):  # it needs settings of its own (ClassifierKD's teacher)
             continue
+        method.bind_detector(student.family)
         if not method.teacher_parts or method.unsupported_reason(arch, dense_softmax):
             continue
         if _teacher_mismatch(method, info, student) is None:
@@ -171,7 +172,6 @@ class DistillerMixin:
         student_channels: Mapping[int, int],
         teacher_num_classes: int | None = None,
         teacher_channels: Mapping[int, int] | None = None,
-        input_normalization: Tuple[Sequence[float], Sequence[float], str, float] | None = None,
         extra_teachers: Mapping[str, nn.Module] | None = None,
     ) -> None:
         """Attach the teachers (frozen, eval, unregistered) and build ``kd_cfg.METHODS``.
@@ -180,9 +180,9 @@ class DistillerMixin:
         :func:`teachers_needed`), ``extra_teachers`` the used ones of ``KD.TEACHERS`` by name.
         ``student_channels`` maps FPN stride -> channels; the teachers' geometry comes from
         :meth:`_kd_model_info` (``teacher_num_classes`` / ``teacher_channels`` are not needed).
-        ``input_normalization`` = ``(pixel_mean, pixel_std, channels, scale)`` of the student's
-        input (see :class:`kd2.modeling.classifier_teacher.ClassifierTeacher`), needed by
-        methods with a classifier teacher. The backend provides :meth:`_kd_own_model_info`.
+        A classifier teacher (:class:`kd2.modeling.classifier_teacher.ClassifierTeacher`) reads
+        the student's input in its backend's input convention. The backend provides
+        :meth:`_kd_own_model_info`.
 
         Each method learns from the teacher its ``KD.<METHOD>.TEACHER`` names; its FPN levels
         are paired with that teacher's by :func:`kd2.modeling.level_map.pair_levels` (logged as
@@ -210,9 +210,7 @@ class DistillerMixin:
             )
         for method in methods.values():
             if getattr(method, "needs_classifier_teacher", False):
-                method.attach_classifier(
-                    self._build_classifier_teacher(method, input_normalization)
-                )
+                method.attach_classifier(self._build_classifier_teacher(method))
         self.kd_methods = nn.ModuleDict(methods)
         self._kd_split_head(kd_cfg, methods)
         #: per teacher name, the record parts its methods read (each teacher runs only those)
@@ -407,12 +405,10 @@ class DistillerMixin:
         the key of the methods' per-detector defaults (:func:`model_family`)."""
         return model_family(self)
 
-    def _build_classifier_teacher(self, method, input_normalization) -> nn.Module:
+    def _build_classifier_teacher(self, method) -> nn.Module:
         from kd2.modeling.classifier_teacher import build_classifier_teacher
 
-        if input_normalization is None:
-            raise ConfigError("this backend gives no input normalisation for a classifier teacher")
-        mean, std, channels, scale = input_normalization
+        mean, std, channels, scale = input_convention(self)
         clf = build_classifier_teacher(
             method.teacher_weights, pixel_mean=mean, pixel_std=std, channels=channels, scale=scale
         )
@@ -472,6 +468,10 @@ class DistillerMixin:
     def extra_teachers(self) -> Dict[str, nn.Module]:
         """The teachers of ``KD.TEACHERS`` that some method learns from, by name."""
         return dict(self.__dict__.get("_extra_teachers", {}))
+
+    def kd_is_foreign(self, model: nn.Module) -> bool:
+        """``model`` is a detector of another framework than the student's."""
+        return backend_of(model).name != self.kd_backend
 
     def _kd_model_info(self, model: nn.Module) -> TeacherInfo:
         """A detector's description (channels, classes, parts, family): the student's backend

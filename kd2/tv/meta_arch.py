@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
-from kd2.modeling.backends import backend_of, input_convention
+from kd2.modeling.backends import input_convention
 from kd2.modeling.cross_framework import to_teacher_input
 from kd2.modeling.distiller import DistillerMixin, model_family
 from kd2.modeling.level_map import TeacherInfo, detector_parts
@@ -53,7 +53,6 @@ class _KDMixin(DistillerMixin):
             teacher,
             num_classes=_num_classes(self),
             student_channels=dict(zip(self.kd_strides, s_channels)),
-            input_normalization=(self.transform.image_mean, self.transform.image_std, "RGB", 1.0),
             extra_teachers=extra_teachers,
         )
         default = self.kd_teacher_infos.get("")
@@ -149,7 +148,7 @@ class _KDMixin(DistillerMixin):
             ``{stride: (sum G_i, C)}`` in image-then-box order.
         """
         net = self._teacher if teacher else self
-        if backend_of(net).name != self.kd_backend:
+        if self.kd_is_foreign(net):
             raise ValueError(
                 "GlobalKD's prototypes pool the teacher's features of whole images, which kd2 "
                 "does for a teacher of the student's framework only; use a torchvision teacher"
