@@ -161,9 +161,11 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
         record["weights_sha256"] = _sha256(_weights(out_dir))
     if kind == "distilled":
         record["teacher"] = teacher_of(opts)
-        record["balance_calibrate"] = (
-            bool(cfg.KD.BALANCE.CALIBRATE) if cfg.KD.BALANCE.MODE != "none" else None
-        )
+        balanced = cfg.KD.BALANCE.MODE != "none"
+        record["balance_calibrate"] = bool(cfg.KD.BALANCE.CALIBRATE) if balanced else None
+        # the share the controller holds: of the KD terms' sum (since December 2026; before,
+        # the sum of the terms' own norms — the same for a one-term method)
+        record["balance_share"] = "kd_sum" if balanced else None
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -10,11 +10,14 @@ R18-FPN teacher, the demo's KD method) it times, interleaved per batch and after
 * ``KD step``        — the KD meta-architecture: student forward, teacher forward, KD losses
   (adapters included), backward, SGD step, at an iteration without diagnostics;
 * ``KD step + diagnostics`` — the same step at an iteration where it also measures every term's
-  gradient at the trunk (``KD.DIAG``: every ``KD.DIAG.PERIOD`` steps, and every
-  ``KD.BALANCE.PERIOD`` steps under ``KD.BALANCE.MODE grad_share``, whose controller then
-  updates; its state is restored after each timed step). Reported as the extra cost averaged
-  over the config's own schedule (``diag_every``: steps per diagnostics step, counted with the
-  model's ``kd_diagnostics_due`` over 1000 iterations), per KD step (``diag_overhead``);
+  gradient at the trunk (``KD.DIAG.PERIOD``; under ``KD.BALANCE.MODE grad_share`` the
+  controller's updates that fall on a ``KD.DIAG.PERIOD`` step), and ``KD step + controller
+  diagnostics`` — at one of the controller's other updates, which measure the detection losses'
+  and the KD terms' sum only (two trunk backward passes); the controller's state is restored
+  after each timed step. Reported as the extra cost averaged over the config's own schedule
+  (``diagnostics_every`` / ``controller_diagnostics_every``: steps per such step, counted with
+  the model's ``kd_diagnostics_due`` and ``kd_diagnostics_per_term`` over 1000 iterations), per
+  KD step (``diag_overhead``);
 
 prints the median of each and, per config, ``KD step / student step`` and
 ``kd_overhead_ratio=<KD step / (student step + teacher forward)>``; then the first config's
@@ -118,19 +121,28 @@ def _to(images, targets, device):
     ]
 
 
-def diag_schedule(model, start: int = 1000, horizon: int = 1000) -> tuple[int, int, float]:
-    """``(an iteration with diagnostics, one without, diagnostics steps per step)`` of a KD
-    model, read from its own ``kd_diagnostics_due`` over ``[start, start + horizon)`` (past every
-    warm-up). The first is -1 where it never measures them."""
+#: The two kinds of diagnostics steps (:meth:`kd2.modeling.distiller.DistillerMixin.
+#: kd_diagnostics_per_term`): every term's trunk gradient, or the detection losses' and the KD
+#: terms' sum only (the ``KD.BALANCE`` controller's steps in between).
+DIAG_KINDS = ("diagnostics", "controller diagnostics")
+
+
+def diag_schedule(model, start: int = 1000, horizon: int = 1000) -> tuple[int, dict]:
+    """``(an iteration without diagnostics, {kind: (an iteration of that kind, its steps per
+    step)})`` of a KD model, read from its own ``kd_diagnostics_due`` and
+    ``kd_diagnostics_per_term`` over ``[start, start + horizon)`` (past every warm-up); a kind
+    the schedule never runs is left out."""
     saved = model.kd_iteration
-    due = []
+    kinds: dict[str, list[int]] = {kind: [] for kind in DIAG_KINDS}
+    without = -1
     for it in range(start, start + horizon):
         model.kd_iteration = it
-        due.append(bool(model.kd_diagnostics_due()))
+        if not model.kd_diagnostics_due():
+            without = it if without < 0 else without
+        else:
+            kinds[DIAG_KINDS[0] if model.kd_diagnostics_per_term() else DIAG_KINDS[1]].append(it)
     model.kd_iteration = saved
-    with_diag = start + due.index(True) if any(due) else -1
-    without = start + due.index(False)
-    return with_diag, without, sum(due) / horizon
+    return without, {k: (its[0], len(its) / horizon) for k, its in kinds.items() if its}
 
 
 class Stepper:
@@ -284,13 +296,14 @@ def main(argv=None) -> dict:
     for name in kd_models:
         times[f"{name}: teacher forward"] = []
         times[f"{name}: KD step"] = []
-        if not args.no_diag and schedule[name][0] >= 0:
-            times[f"{name}: KD step + diagnostics"] = []
+        if not args.no_diag:
+            for kind in schedule[name][1]:
+                times[f"{name}: KD step + {kind}"] = []
     # a first step of each autocast kind outside the timers: an error there means unsupported
     images, targets = batches[0]
     for amp, (stepper, s_copy, s_opt, kd_copy, kd_opt) in list(amp_models.items()):
         try:
-            kd_copy.kd_iteration = schedule[first_name][1]
+            kd_copy.kd_iteration = schedule[first_name][0]
             stepper(s_copy, s_opt, images, targets)
             stepper(kd_copy, kd_opt, images, targets)
         except (RuntimeError, NotImplementedError, TypeError) as e:
@@ -305,12 +318,12 @@ def main(argv=None) -> dict:
         sample = {"student step": timed(step, student, optimizers["student"], images, targets)}
         for amp, (stepper, s_copy, s_opt, kd_copy, kd_opt) in amp_models.items():
             sample[f"student step, autocast {amp}"] = timed(stepper, s_copy, s_opt, images, targets)
-            kd_copy.kd_iteration = schedule[first_name][1]
+            kd_copy.kd_iteration = schedule[first_name][0]
             sample[f"{first_name}: KD step, autocast {amp}"] = timed(
                 stepper, kd_copy, kd_opt, images, targets
             )
         for name, (_, model) in kd_models.items():
-            with_diag, without, _ = schedule[name]
+            without, kinds = schedule[name]
             with torch.no_grad():
                 rec, _ = model.student_step(images, copy.deepcopy(targets))
                 sample[f"{name}: teacher forward"] = timed(model.teacher_step, rec)
@@ -319,12 +332,14 @@ def main(argv=None) -> dict:
                         sample[f"teacher forward, {option}"] = timed(variant.teacher_step, rec)
             model.kd_iteration = without
             sample[f"{name}: KD step"] = timed(step, model, optimizers[name], images, targets)
-            if f"{name}: KD step + diagnostics" in times:
-                # the same step at an iteration that measures the per-term trunk gradients (and
-                # updates the KD.BALANCE controller, whose state is put back afterwards)
+            for kind, (with_diag, _) in kinds.items():
+                if f"{name}: KD step + {kind}" not in times:
+                    continue
+                # the same step at an iteration that measures the trunk gradients (and updates
+                # the KD.BALANCE controller, whose state is put back afterwards)
                 balance = copy.deepcopy(model.kd_balance.__dict__) if model.kd_balance else None
                 model.kd_iteration = with_diag
-                sample[f"{name}: KD step + diagnostics"] = timed(
+                sample[f"{name}: KD step + {kind}"] = timed(
                     step, model, optimizers[name], images, targets
                 )
                 if balance is not None:
@@ -345,7 +360,6 @@ def main(argv=None) -> dict:
     rows = {}
     for name, (kcfg, model) in kd_models.items():
         kd, tf = med[f"{name}: KD step"], med[f"{name}: teacher forward"]
-        rate = schedule[name][2]
         rows[name] = {
             "methods": list(kcfg.KD.METHODS),
             "balance": str(kcfg.KD.BALANCE.MODE),
@@ -357,20 +371,23 @@ def main(argv=None) -> dict:
             "kd_overhead_ratio": round(kd / (med["student step"] + tf), 3),
         }
         line = ""
-        if f"{name}: KD step + diagnostics" in med:
-            diag = med[f"{name}: KD step + diagnostics"]
-            rows[name].update(
-                {
-                    "diag_step_ms": round(diag * 1000, 1),
-                    "diag_every": round(1 / rate, 2),
-                    # the diagnostics' extra cost averaged over the schedule, per KD step
-                    "diag_overhead": round((diag - kd) * rate / kd, 4),
-                }
-            )
-            line = (
-                f", diagnostics every {1 / rate:.3g} steps cost "
-                f"{100 * rows[name]['diag_overhead']:.2f} % of a KD step"
-            )
+        timed_kinds = {
+            kind: rate
+            for kind, (_, rate) in schedule[name][1].items()
+            if f"{name}: KD step + {kind}" in med
+        }
+        if timed_kinds:
+            overhead = 0.0
+            for kind, rate in timed_kinds.items():
+                diag = med[f"{name}: KD step + {kind}"]
+                key = kind.replace(" ", "_")
+                rows[name][f"{key}_step_ms"] = round(diag * 1000, 1)
+                rows[name][f"{key}_every"] = round(1 / rate, 2)
+                overhead += (diag - kd) * rate / kd
+            # the diagnostics' extra cost averaged over the schedule, per KD step
+            rows[name]["diag_overhead"] = round(overhead, 4)
+            every = ", ".join(f"{k} every {1 / r:.3g} steps" for k, r in timed_kinds.items())
+            line = f", {every} cost {100 * overhead:.2f} % of a KD step"
         print(
             f"{name}: teacher parts {rows[name]['teacher_parts']}, KD step / student step "
             f"{rows[name]['kd_over_student']:.3f}, kd_overhead_ratio="

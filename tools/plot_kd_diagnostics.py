@@ -8,7 +8,8 @@ JSON object per line with ``iteration``) and draws, over the iterations:
 
 1. the loss terms — the detection losses summed, and every ``loss_kd_*`` term;
 2. each term's share of the gradient at the student's trunk (``grad_share/<term>``, measured
-   every ``KD.DIAG.PERIOD`` iterations), with the ``KD.BALANCE`` band when the run used one;
+   every ``KD.DIAG.PERIOD`` iterations) and the KD terms' sum's (``grad_share/kd``, also at every
+   ``KD.BALANCE`` update: the share the controller holds), with the band when the run used one;
 3. each KD term's cosine with the detection gradient (``grad_cos/<term>``; > 0: it pulls the
    trunk the way the detection losses do), and the detection gradient's cosine with the KD terms'
    sum (``grad_cos/detection``);
@@ -109,14 +110,15 @@ def plot(output_dir: str, out: str) -> str:
     axes[0].set_yscale("log")
     axes[0].set_title("loss terms")
     for k, v in sorted(shares.items()):
-        axes[1].plot(*zip(*v), marker=".", label=k.split("/", 1)[1])
+        label = "kd (the terms' sum)" if k == "grad_share/kd" else k.split("/", 1)[1]
+        axes[1].plot(*zip(*v), marker=".", label=label)
     band = band_from_config(output_dir)
     if band:
         axes[1].axhspan(*band, color="#2a7", alpha=0.15, label="KD.BALANCE band")
     axes[1].set_ylim(0, 1)
     axes[1].set_title("share of the trunk gradient")
     for k, v in sorted(series.items()):
-        if k.startswith("grad_cos/"):
+        if k.startswith("grad_cos/") and k != "grad_cos/kd":  # kd's is detection's
             axes[2].plot(*zip(*v), marker=".", label=k.split("/", 1)[1])
     axes[2].axhline(0.0, color="k", lw=0.8)
     axes[2].set_ylim(-1, 1)

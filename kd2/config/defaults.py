@@ -197,9 +197,11 @@ _C.KD.TEACHER.COMPILE = False
 # with KD.<METHOD>.TEACHER "<NAME>" ("" = KD.TEACHER). Each teacher runs only the parts its
 # methods read. Example: KD.TEACHERS.FCOS.CONFIG "configs/synthetic/fcos_R18_teacher.yaml".
 _C.KD.TEACHERS = CN(new_allowed=True)
-# Diagnostics: every PERIOD iterations each loss_kd_* term's and the detection losses' gradient
-# at the student's trunk (backbone + FPN): norm, share of the summed norms, cosine with the
-# detection gradient -> metrics.json / TensorBoard (grad_norm/, grad_share/, grad_cos/).
+# Diagnostics: every PERIOD iterations each loss_kd_* term's, the detection losses' and the KD
+# terms' sum's ("kd") gradient at the student's trunk (backbone + FPN): norm, share, cosine with
+# the detection gradient -> metrics.json / TensorBoard (grad_norm/, grad_share/, grad_cos/).
+# Under KD.BALANCE grad_share they run at the controller's updates instead: per term at those on
+# a multiple of PERIOD, the KD sum only at the others (two trunk backward passes).
 # tools/plot_kd_diagnostics.py OUTPUT_DIR draws them. 0 = off.
 _C.KD.DIAG = CN()
 _C.KD.DIAG.PERIOD = 50
@@ -215,7 +217,8 @@ _C.KD.PREFLIGHT.MIN_TEACHER_AP = 1.0
 # Automatic gradient-share control (kd2/modeling/balance.py): "none" keeps the methods' own
 # weights; "grad_share" multiplies all loss_kd_* terms by one factor, adapted every PERIOD
 # iterations (from WARMUP on) to keep the distillation's share of the trunk gradient,
-# sum_kd ||g_term|| / (sum_kd ||g_term|| + ||g_detection||), inside [LOW, HIGH]. The multiplier is
+# ||g_kd|| / (||g_kd|| + ||g_detection||) with g_kd the gradient of the loss_kd_* terms' sum
+# (grad_share/kd), inside [LOW, HIGH]. The multiplier is
 # logged (kd_multiplier/<term>) and checkpointed. The band is where the bundled pairs' helpful
 # methods sit (CWD 0.92, PKD 0.76 on Faster R-CNN) and the unhelpful ones do not (MGD 0.06,
 # diverging DeFeat > 0.9): docs/balance_and_diagnostics.md.

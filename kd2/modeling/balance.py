@@ -3,9 +3,14 @@
 A paper's loss weights are tuned for one detector, one dataset and one schedule. With
 ``KD.BALANCE.MODE "grad_share"`` the ``loss_kd_*`` terms get a multiplier, adapted every
 ``PERIOD`` iterations (from ``WARMUP`` on) so that the distillation's share of the student's
-trunk gradient, ``S = Σ_kd ‖g_term‖ / (Σ_kd ‖g_term‖ + ‖g_detection‖)``
-(:mod:`kd2.modeling.kd_diagnostics`: the sum of the KD terms' ``grad_share/``), stays inside
-``[LOW, HIGH]`` — the idea of RT-DETRv4's controller for its single distillation term. Every KD
+trunk gradient, ``S = ‖g_kd‖ / (‖g_kd‖ + ‖g_detection‖)`` with ``g_kd`` the gradient of the sum
+of the ``loss_kd_*`` terms (:mod:`kd2.modeling.kd_diagnostics`: ``grad_share/kd``), stays inside
+``[LOW, HIGH]`` — the idea of RT-DETRv4's controller for its single distillation term, whose
+share is that of its one loss. Measuring the sum costs two trunk backward passes whatever the
+number of terms; before December 2026 ``S`` summed the terms' own norms,
+``Σ_kd ‖g_term‖``, one backward per term (the same for a method with one term; larger where
+terms pull apart), which made the controller's steps cost 7.5–8.6 % of training for the
+four-term methods (``benchmarks/results/diag_overhead_period20_idle.json``). Every KD
 term is multiplied by the same factor, so the ratios between a method's terms stay the paper's
 (and, with several methods, the user's); for a method with one term ``S`` is that term's share.
 A first version held each term's share against the detection gradient separately: on DeFeat's
@@ -169,7 +174,7 @@ class GradShareBalancer(nn.Module):
         returns the multiplier. The smoothed share starts at the share this multiplier gives.
         ``S₁ = 0`` (no KD gradient at the trunk) leaves everything as it is.
 
-        ``odds``: ``S₁``'s odds, ``Σ_kd ‖g_term‖ / ‖g_detection‖``, when the norms are at hand:
+        ``odds``: ``S₁``'s odds, ``‖g_kd‖ / ‖g_detection‖``, when the norms are at hand:
         exact where ``S₁`` itself rounds to 1 (a term 1e12 times the detection gradient)."""
         self.calibrated = True
         self.updates += 1

@@ -551,37 +551,54 @@ class DistillerMixin:
         )
 
     def kd_diagnostics_due(self) -> bool:
-        """Whether this training step measures the gradient diagnostics (``KD.DIAG.PERIOD``, or
-        an update of the ``KD.BALANCE`` controller)."""
+        """Whether this training step measures the gradient diagnostics: every
+        ``KD.DIAG.PERIOD`` iterations, or, under ``KD.BALANCE`` from its ``WARMUP`` on, at the
+        controller's updates (every ``KD.BALANCE.PERIOD``) and only then."""
         it = self.kd_iteration
-        if self.kd_balance is not None and self.kd_balance.due(it):
-            return True
+        balance = self.kd_balance
+        if balance is not None and it >= balance.warmup:
+            return balance.due(it)
         return self.kd_diag_period > 0 and it % self.kd_diag_period == 0
+
+    def kd_diagnostics_per_term(self) -> bool:
+        """Whether a diagnostics step measures every ``loss_kd_*`` term (one trunk backward per
+        term) or only the detection losses and the KD terms' sum (two, what the controller
+        reads). Per term at every ``KD.DIAG.PERIOD`` step; under ``KD.BALANCE`` at the updates
+        that fall on a ``KD.DIAG.PERIOD`` step (every ``lcm`` of the two periods: 100 iterations
+        at the defaults 50 and 20), so that the diagnostics stay a few per cent of the training
+        time whatever the number of terms
+        (``benchmarks/results/diag_overhead_period20_two_probes.json``)."""
+        balance = self.kd_balance
+        if balance is None or self.kd_iteration < balance.warmup:
+            return True
+        return self.kd_diag_period > 0 and self.kd_iteration % self.kd_diag_period == 0
 
     def finalize_kd_losses(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """The end of every training forward (both backends): on the first step of a fresh
-        ``KD.BALANCE`` run, :meth:`kd_calibrate`; otherwise, when due, measure each term's
-        gradient at the trunk (:mod:`kd2.modeling.kd_diagnostics`) into :attr:`kd_diag_last`
-        and let the controller update its multipliers (used from the next step). ``losses`` is
-        returned unchanged, except for the calibrated step's ``loss_kd_*`` terms, which carry
-        the new multiplier — the loss the optimizer (and the divergence guard) sees."""
+        ``KD.BALANCE`` run, :meth:`kd_calibrate`; otherwise, when due, measure the gradients at
+        the trunk (:mod:`kd2.modeling.kd_diagnostics`; per term, or the detection losses and the
+        KD terms' sum: :meth:`kd_diagnostics_per_term`) into :attr:`kd_diag_last` and let the
+        controller update its multipliers from the KD total's share (used from the next step).
+        ``losses`` is returned unchanged, except for the calibrated step's ``loss_kd_*`` terms,
+        which carry the new multiplier — the loss the optimizer (and the divergence guard)
+        sees."""
         if self.kd_calibration_due():
             losses, stats = self.kd_calibrate(losses)
         elif not self.training or not self.kd_diagnostics_due():
             return losses
         else:
             from kd2.modeling.kd_diagnostics import (
+                KD_TOTAL,
                 gradient_statistics,
                 term_gradients,
                 trunk_parameters,
             )
 
             params = trunk_parameters(self)
-            stats = gradient_statistics(term_gradients(losses, params))
-            stats = _mean_over_processes(stats)
+            grads = term_gradients(losses, params, per_term=self.kd_diagnostics_per_term())
+            stats = _mean_over_processes(gradient_statistics(grads))
             if self.kd_balance is not None and self.kd_balance.due(self.kd_iteration):
-                kd_share = sum(v for k, v in stats.items() if k.startswith("grad_share/loss_kd_"))
-                self.kd_balance.update(kd_share)
+                self.kd_balance.update(stats.get(f"grad_share/{KD_TOTAL}", 0.0))
         if self.kd_balance is not None:
             for name in losses:
                 if name.startswith("loss_kd_"):
@@ -594,18 +611,19 @@ class DistillerMixin:
         """Calibrate the ``KD.BALANCE`` controller on this step's batch, before its optimizer
         step (:meth:`kd2.modeling.balance.GradShareBalancer.calibrate`).
 
-        The trunk gradients of the detection losses and of the KD terms at the methods' own
-        weights (kept by :meth:`distill_losses` on this step only; the KD warm-up factor is left
-        out, so the multiplier fits the full-weight terms the warm-up leads to) give the share
-        ``S₁``; the controller sets the multiplier that puts the share on its target. The
-        gradients are measured once: each KD term's gradient is its own-weight gradient times
-        ``warm-up factor × multiplier``, so the logged statistics (``grad_*``, plus
-        ``kd_calibration/share``: ``S₁``) are those of the loss the optimizer receives. Nothing
-        is drawn from a random generator and no batch is read: a run without ``KD.BALANCE`` never
-        gets here. Returns the loss dict with the rescaled ``loss_kd_*`` terms, and the stats.
+        The trunk gradients of the detection losses and of the KD terms at the methods' own weights
+        (kept by :meth:`distill_losses` on this step only; the KD warm-up factor is left out, so the
+        multiplier fits the full-weight terms the warm-up leads to) give the share ``S₁`` (of the KD
+        terms' sum, ``grad_share/kd``); the controller sets the multiplier that puts the share on
+        its target. The gradients are measured once: each KD term's gradient is its own-weight
+        gradient times ``warm-up factor × multiplier``, so the logged statistics (``grad_*``, plus
+        ``kd_calibration/share``: ``S₁``) are those of the loss the optimizer receives. Nothing is
+        drawn from a random generator and no batch is read: a run without ``KD.BALANCE`` never gets
+        here. Returns the loss dict with the rescaled ``loss_kd_*`` terms, and the stats.
         """
         from kd2.modeling.kd_diagnostics import (
             DETECTION,
+            KD_TOTAL,
             gradient_statistics,
             term_gradients,
             trunk_parameters,
@@ -617,8 +635,8 @@ class DistillerMixin:
         params = trunk_parameters(self)
         grads = term_gradients({**detection, **own}, params)
         measured = _mean_over_processes(gradient_statistics(grads))
-        share = sum(v for k, v in measured.items() if k.startswith("grad_share/loss_kd_"))
-        kd_norm = sum(v for k, v in measured.items() if k.startswith("grad_norm/loss_kd_"))
+        share = measured.get(f"grad_share/{KD_TOTAL}", 0.0)
+        kd_norm = measured.get(f"grad_norm/{KD_TOTAL}", 0.0)
         det_norm = measured.get(f"grad_norm/{DETECTION}", 0.0)
         self.kd_balance.calibrate(share, kd_norm / det_norm if det_norm > 0 else None)
         factor = self.kd_warmup_factor()
@@ -637,7 +655,7 @@ class DistillerMixin:
             share,
             kd_norm / det_norm if det_norm > 0 else float("inf"),
             self.kd_balance.multiplier("loss_kd_"),
-            sum(v for k, v in stats.items() if k.startswith("grad_share/loss_kd_")),
+            stats.get(f"grad_share/{KD_TOTAL}", 0.0),
             self.kd_balance.low,
             self.kd_balance.high,
         )

@@ -12,6 +12,18 @@ is accumulated into ``.grad`` and the step's own backward is untouched:
   the detection gradient and the sum of the KD terms' gradients.
 
 A term that does not reach the trunk (e.g. a head-only KD loss) has norm 0, share 0, cosine 0.
+
+Every measurement also gives the distillation's total, ``kd`` — the gradient of the sum of the
+``loss_kd_*`` terms, the pull the optimizer actually receives (terms that cancel count as
+cancelled):
+
+* ``grad_norm/kd`` — ``‖Σ_kd g_term‖``;
+* ``grad_share/kd`` — ``‖Σ_kd g‖ / (‖Σ_kd g‖ + ‖g_detection‖)``: the quantity the
+  ``KD.BALANCE`` controller (:mod:`kd2.modeling.balance`) holds in its band.
+
+It costs one trunk backward per group; ``per_term=False`` measures only the two groups
+``detection`` and ``kd`` (two backward passes, whatever the number of terms), which is what the
+controller's steps between two per-term measurements do.
 """
 
 from __future__ import annotations
@@ -22,10 +34,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DETECTION", "gradient_statistics", "term_gradients", "trunk_parameters"]
+__all__ = ["DETECTION", "KD_TOTAL", "gradient_statistics", "term_gradients", "trunk_parameters"]
 
 #: The name of the detection losses' group.
 DETECTION = "detection"
+#: The name of the distillation's total: the sum of the ``loss_kd_*`` terms.
+KD_TOTAL = "kd"
 #: Parameter-name prefixes of the trunk: torchvision ``backbone.body`` / ``backbone.fpn``,
 #: Detectron2 ``backbone.bottom_up`` / ``backbone.fpn_*`` — both are under ``backbone.``.
 TRUNK_PREFIX = "backbone."
@@ -38,8 +52,12 @@ def trunk_parameters(model: nn.Module) -> list[Tensor]:
     ]
 
 
+def _total(values: list[Tensor]) -> Tensor:
+    return torch.stack([v.float() for v in values]).sum()
+
+
 def term_gradients(
-    losses: Mapping[str, Tensor], params: Sequence[Tensor]
+    losses: Mapping[str, Tensor], params: Sequence[Tensor], per_term: bool = True
 ) -> dict[str, list[Tensor | None]]:
     """Each group's gradient with respect to ``params``.
 
@@ -47,18 +65,24 @@ def term_gradients(
         losses: the step's loss dict (``loss_kd_*`` terms and detection losses), scalars with
             their graphs.
         params: the trunk parameters.
+        per_term: one group per ``loss_kd_*`` term; ``False``: one group ``"kd"`` for their sum.
 
     Returns:
-        ``{"detection": grads, "loss_kd_x": grads, ...}``, one entry per parameter (``None``
-        where the group does not reach it). The graph is retained for the step's backward.
+        ``{"detection": grads, "loss_kd_x": grads, ...}`` (or ``{"detection": grads, "kd":
+        grads}``), one entry per parameter (``None`` where the group does not reach it). The
+        graph is retained for the step's backward.
     """
     groups: dict[str, Tensor] = {}
     detection = [v for k, v in losses.items() if not k.startswith("loss_kd_")]
     if detection:
-        groups[DETECTION] = torch.stack([v.float() for v in detection]).sum()
-    for k, v in losses.items():
-        if k.startswith("loss_kd_"):
-            groups[k] = v.float()
+        groups[DETECTION] = _total(detection)
+    kd = {k: v for k, v in losses.items() if k.startswith("loss_kd_")}
+    if per_term:
+        groups.update({k: v.float() for k, v in kd.items()})
+    elif len(kd) == 1:
+        groups[KD_TOTAL] = next(iter(kd.values())).float()
+    elif kd:
+        groups[KD_TOTAL] = _total(list(kd.values()))
     out = {}
     for name, value in groups.items():
         if not value.requires_grad:
@@ -128,7 +152,8 @@ def gradient_statistics(grads: Mapping[str, list[Tensor | None]]) -> dict[str, f
 
     Every statistic comes from the groups' Gram matrix of trunk gradients (float64): the norms
     are its diagonal, the cosines its off-diagonal entries, the sum of the KD terms' gradients
-    enters through sums of its entries.
+    (the ``kd`` statistics) enters through sums of its entries — so a per-term measurement and
+    a ``per_term=False`` one give the same ``grad_*/kd``.
 
     Args:
         grads: :func:`term_gradients`' output.
@@ -148,11 +173,16 @@ def gradient_statistics(grads: Mapping[str, list[Tensor | None]]) -> dict[str, f
     for n in kd_names:
         denom = norms[n] * norms.get(DETECTION, 0.0)
         stats[f"grad_cos/{n}"] = gram[index[n]][d] / denom if has_det and denom > 0 else 0.0
-    if has_det and kd_names:
+    if kd_names:
         kd = [index[n] for n in kd_names]
         # ‖Σ_kd g‖² = Σ_ab ⟨g_a, g_b⟩ and ⟨g_det, Σ_kd g⟩ = Σ_a ⟨g_det, g_a⟩
         kd_norm = math.sqrt(max(sum(gram[a][b] for a in kd for b in kd), 0.0))
-        denom = kd_norm * norms[DETECTION]
-        dot = sum(gram[d][a] for a in kd)
-        stats[f"grad_cos/{DETECTION}"] = dot / denom if denom > 0 else 0.0
+        det_norm = norms.get(DETECTION, 0.0)
+        stats[f"grad_norm/{KD_TOTAL}"] = kd_norm
+        stats[f"grad_share/{KD_TOTAL}"] = kd_norm / (kd_norm + det_norm) if kd_norm > 0 else 0.0
+        if has_det:
+            denom = kd_norm * det_norm
+            dot = sum(gram[d][a] for a in kd)
+            stats[f"grad_cos/{DETECTION}"] = dot / denom if denom > 0 else 0.0
+            stats[f"grad_cos/{KD_TOTAL}"] = stats[f"grad_cos/{DETECTION}"]
     return stats

@@ -798,8 +798,11 @@ def test_diagnostics_and_balance_on_detectron2(tmp_path):
         assert f"grad_share/{name}" in scalars and f"grad_cos/{name}" in scalars
     assert "kd_multiplier/loss_kd_fitnet" in scalars
     assert model.kd_diag_last["iteration"] == 0 and model.kd_balance.updates == 1
-    shares = [model.kd_diag_last[k] for k in model.kd_diag_last if k.startswith("grad_share/")]
-    assert sum(shares) == pytest.approx(1.0)
+    diag = model.kd_diag_last
+    shares = [diag[k] for k in diag if k.startswith("grad_share/") and k != "grad_share/kd"]
+    assert sum(shares) == pytest.approx(1.0)  # the groups' shares
+    kd, det = diag["grad_norm/kd"], diag["grad_norm/detection"]
+    assert diag["grad_share/kd"] == pytest.approx(kd / (kd + det))  # what the controller reads
     sum(losses.values()).backward()
     model.kd_balance.multipliers["loss_kd_fitnet"] = 0.125  # as if adapted
     student_checkpointer(model, str(tmp_path)).save("ckpt")

@@ -48,6 +48,91 @@ def test_gradient_statistics_hand_computed():
     assert w.grad is None  # nothing accumulated
 
 
+def test_kd_total_is_the_same_measured_per_term_or_summed():
+    """``grad_*/kd`` is the gradient of the KD terms' sum: from the per-term Gram matrix or from
+    the two-probe measurement alike — below the sum of the terms' norms where they pull apart."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.backbone = nn.Linear(3, 2)
+    params = trunk_parameters(net)
+    x = torch.randn(4, 3)
+
+    def losses():
+        y = net.backbone(x)
+        return {
+            "loss_cls": (y**2).mean(),
+            "loss_kd_a": (y[:, 0] - 1).abs().mean(),
+            "loss_kd_b": -(y[:, 0]).mean() + y[:, 1].pow(2).mean(),
+            "loss_kd_c": 0.3 * y.sum(),
+        }
+
+    per_term = gradient_statistics(term_gradients(losses(), params))
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        calls.append(1)
+        return real_grad(*args, **kwargs)
+
+    torch.autograd.grad = counting_grad
+    try:
+        summed = gradient_statistics(term_gradients(losses(), params, per_term=False))
+    finally:
+        torch.autograd.grad = real_grad
+    assert len(calls) == 2  # detection + the KD sum, whatever the number of terms
+    assert set(summed) == {
+        f"grad_{k}/{g}" for k in ("norm", "share") for g in ("detection", "kd")
+    } | {
+        "grad_cos/kd",
+        "grad_cos/detection",
+    }
+    for key in ("grad_norm/kd", "grad_share/kd", "grad_cos/detection"):
+        assert summed[key] == pytest.approx(per_term[key], rel=1e-6), key  # float32
+    terms_norm = sum(per_term[f"grad_norm/loss_kd_{t}"] for t in "abc")
+    assert per_term["grad_norm/kd"] < 0.99 * terms_norm  # the terms partly cancel
+    det = per_term["grad_norm/detection"]
+    assert per_term["grad_share/kd"] == pytest.approx(
+        per_term["grad_norm/kd"] / (per_term["grad_norm/kd"] + det)
+    )
+
+
+def test_controller_steps_measure_two_groups_between_per_term_steps():
+    """Under KD.BALANCE (PERIOD 20, WARMUP 20, DIAG.PERIOD 50) a four-term method's trunk
+    backward passes: per term at the updates on a DIAG.PERIOD step (every 100 iterations),
+    detection + KD sum at the others, no separate DIAG.PERIOD steps — less than half of one
+    backward per term at every update and every 50th iteration (300 per 1000 iterations)."""
+    from types import SimpleNamespace
+
+    from kd2.modeling.distiller import DistillerMixin
+
+    model = SimpleNamespace(
+        kd_balance=GradShareBalancer(0.5, 0.9, period=20, warmup=20), kd_diag_period=50
+    )
+    due, per_term = [], []
+    for it in range(1000):
+        model.kd_iteration = it
+        if DistillerMixin.kd_diagnostics_due(model):
+            due.append(it)
+            if DistillerMixin.kd_diagnostics_per_term(model):
+                per_term.append(it)
+    assert due == [0] + list(range(20, 1000, 20))
+    assert per_term == list(range(0, 1000, 100))
+    backward_passes = 5 * len(per_term) + 2 * (len(due) - len(per_term))
+    assert backward_passes == 130
+    model.kd_balance = None  # without the controller: every DIAG.PERIOD, per term
+    due = [it for it in range(200) if _due(model, it)]
+    assert due == [0, 50, 100, 150]
+
+
+def _due(model, it):
+    from kd2.modeling.distiller import DistillerMixin
+
+    model.kd_iteration = it
+    return DistillerMixin.kd_diagnostics_due(model) and DistillerMixin.kd_diagnostics_per_term(
+        model
+    )
+
+
 def test_balancer_steps_are_smoothed_clipped_and_stateful():
     b = GradShareBalancer(0.1, 0.3, period=5, warmup=10)
     assert not b.due(5) and b.due(10) and not b.due(12) and b.due(15)
@@ -222,8 +307,10 @@ def test_controller_brings_a_dominating_term_into_the_band(tiny_data, tmp_path):
     cfg.SOLVER.CHECKPOINT_PERIOD = 0
     trainer = Trainer(cfg)
     trainer.train()
-    diag = [d for d in read_metrics(out) if "grad_share/loss_kd_fitnet" in d]
-    shares = [d["grad_share/loss_kd_fitnet"] for d in diag]
+    # DIAG.PERIOD 0: only the controller's measurements, of the KD total (here one term)
+    diag = [d for d in read_metrics(out) if "grad_share/kd" in d]
+    assert not any("grad_share/loss_kd_fitnet" in d for d in diag)
+    shares = [d["grad_share/kd"] for d in diag]
     mults = [d["kd_multiplier/loss_kd_fitnet"] for d in diag]
     assert [d["iteration"] for d in diag] == list(range(0, 40, 2))
     assert shares[0] > 0.9  # the dominating term
@@ -311,8 +398,8 @@ def test_shipped_pipeline_check_configs_accept_a_near_zero_teacher():
 
 
 def test_controller_moves_all_kd_terms_together_by_their_total_share(tmp_path):
-    """Several terms: one step from the KD terms' total share, the same factor for each, so the
-    ratios between a method's terms stay the paper's."""
+    """Several terms: one step from the share of the KD terms' sum, the same factor for each, so
+    the ratios between a method's terms stay the paper's."""
     from kd2.tv.build import build_detector
     from tests.helpers import batch, kd_cfg
 
@@ -328,15 +415,17 @@ def test_controller_moves_all_kd_terms_together_by_their_total_share(tmp_path):
     diag = model.kd_diag_last
     s1 = diag["kd_calibration/share"]
     m1 = 1.0 if 0.5 <= s1 <= 0.9 else (0.7 / 0.3) / (s1 / (1 - s1))
-    assert sum(diag[f"grad_share/{t}"] for t in terms) == pytest.approx(
-        0.7 if m1 != 1.0 else s1, rel=1e-6
-    )
+    assert diag["grad_share/kd"] == pytest.approx(0.7 if m1 != 1.0 else s1, rel=1e-6)
+    # measured per term on the calibration step: the sum's norm is at most the terms' norms
+    assert all(f"grad_norm/{t}" in diag for t in terms)
+    assert diag["grad_norm/kd"] <= sum(diag[f"grad_norm/{t}"] for t in terms) * (1 + 1e-9)
     for term in terms:
         assert model.kd_balance.multiplier(term) == pytest.approx(m1, rel=1e-9), term
-    model.kd_before_step(1)  # then the feedback rule: one step from the total share
+    model.kd_before_step(1)  # then the feedback rule: one step from the KD total's share
     model(images, targets)
     diag = model.kd_diag_last
-    s = sum(diag[f"grad_share/{t}"] for t in terms)
+    assert not any(f"grad_norm/{t}" in diag for t in terms)  # two probes, not one per term
+    s = diag["grad_share/kd"]
     assert s == pytest.approx(1.0 - diag["grad_share/detection"])
     smoothed = 0.5 * (0.7 if m1 != 1.0 else s1) + 0.5 * s
     step = math.sqrt((0.7 / 0.3) / (smoothed / (1 - smoothed)))
