@@ -230,14 +230,6 @@ def _has(cfg, key: str) -> bool:
     return True
 
 
-def _replace(page: str, text: str) -> str | None:
-    if BEGIN not in page or END not in page:
-        return None
-    head, rest = page.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{text}{END}{tail}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--write", action="store_true", help="replace the reference in the page")
@@ -247,24 +239,15 @@ def main(argv=None) -> int:
     if not (args.write or args.check):
         print(text, end="")
         return 0
-    with open(PAGE, encoding="utf-8") as f:
-        page = f.read()
-    new = _replace(page, text)
-    if new is None:
-        print(f"docs/configuration.md has no {BEGIN} ... {END} markers", file=sys.stderr)
-        return 1
-    if args.check:
-        if new != page:
-            print(
-                "docs/configuration.md differs from kd2/config/defaults.py "
-                "(python docs/gen_config_reference.py --write)",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
-    with open(PAGE, "w", encoding="utf-8") as f:
-        f.write(new)
-    return 0
+    sys.path.insert(0, ROOT)
+    from kd2.utils.generated import sync_generated
+
+    return sync_generated(
+        [(PAGE, ((BEGIN, END, text),))],
+        check=args.check,
+        root=ROOT,
+        remedy="python docs/gen_config_reference.py --write",
+    )
 
 
 if __name__ == "__main__":

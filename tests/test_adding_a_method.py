@@ -4,6 +4,7 @@ function gives the hand-computed value. The toy is unregistered afterwards."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import types
 
@@ -61,3 +62,21 @@ def test_the_toy_method_trains_a_step_as_the_page_says(tmp_path, toy_method, arc
     sum(losses.values()).backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert any(p.grad is not None for p in model.kd_methods["L1Hint"].parameters())
+
+
+def test_the_toy_card_holds_and_gives_its_table_row(toy_method, monkeypatch):
+    from kd2.config import get_cfg
+    from kd2.losses import FAMILIES
+    from kd2.modeling import distiller
+    from tests.losses.test_method_cards import family_mismatch
+
+    # the schema node of step 2, as if written into kd2/config/defaults.py
+    monkeypatch.setattr(distiller, "get_cfg", lambda: _with_schema_node(get_cfg()))
+
+    for family in FAMILIES:
+        assert family_mismatch(family) == ([], []), family
+    spec = importlib.util.spec_from_file_location("gen_methods", REPO / "docs/gen_methods_table.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    rows = [r for r in generator.readme_table().splitlines() if "`L1Hint`" in r]
+    assert rows and "[Baselines](projects/Baselines/README.md)" in rows[0]

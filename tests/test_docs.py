@@ -160,3 +160,10 @@ def test_configuration_reference_is_generated_from_the_schema():
     page = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     missing = [k for k in leaves(get_cfg()) if f"| `{k}` |" not in page]
     assert not missing, missing
+
+
+def test_methods_tables_are_generated_from_the_method_cards():
+    generator = _load("docs/gen_methods_table.py", "kd2_gen_methods_table")
+    assert generator.main(["--check"]) == 0, (
+        "a methods table is stale: run python docs/gen_methods_table.py --write"
+    )

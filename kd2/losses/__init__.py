@@ -5,7 +5,7 @@ Each module holds plain functions on tensors (shapes in their docstrings) plus o
 torchvision. Importing this package registers every method in :data:`KD_METHOD_REGISTRY`.
 """
 
-from .base import KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod
+from .base import FAMILIES, KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod, MethodCard
 from .classifier_kd import ClassifierKD, classifier_kd_cls_loss, classifier_kd_loc_loss, crop_boxes
 from .crosskd import CrossKD, quality_focal_kd_loss, recolor_features
 from .cwd import CWD, channel_wise_distillation_loss
@@ -43,6 +43,8 @@ from .rkd import RKD, rkd_angle_loss, rkd_distance_loss
 from .utils import assign_fpn_levels, box_iou, masked_squared_error, softmax_kl_div
 
 __all__ = [
+    "FAMILIES",
+    "MethodCard",
     "FBKD",
     "FGD",
     "GlobalContextBlock",

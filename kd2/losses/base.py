@@ -9,6 +9,7 @@ framework object: only the record.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, Mapping
 
 from fvcore.common.registry import Registry
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from kd2.structures import StepRecord
 
-__all__ = ["KD_METHOD_REGISTRY", "KDMethod", "TEACHER_PARTS"]
+__all__ = ["FAMILIES", "KD_METHOD_REGISTRY", "KDMethod", "MethodCard", "TEACHER_PARTS"]
 
 KD_METHOD_REGISTRY = Registry("KD_METHOD")
 KD_METHOD_REGISTRY.__doc__ = (
@@ -29,6 +30,52 @@ KD_METHOD_REGISTRY.__doc__ = (
 TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi"})
 
 
+#: The detector families a method may apply to, and their names in tables.
+FAMILIES = {
+    "faster_rcnn": "Faster R-CNN",
+    "retinanet": "RetinaNet",
+    "fcos": "FCOS",
+    "gfl": "GFL",
+    "ssd": "SSD",
+}
+
+
+@dataclass(frozen=True)
+class MethodCard:
+    """What a method declares once, beside its code: the README's and the docs' methods tables
+    are generated from it (``docs/gen_methods_table.py``), and the tests hold it to the code —
+    its families to the build-time checks, its terms to what ``forward`` returns. Its config
+    node and defaults are declared once too, in ``kd2/config/defaults.py``.
+
+    Attributes:
+        title: the method's short name (the README's table).
+        summary: one line on what it distils (the docs' table).
+        paper: authors, title and venue.
+        code: the repository kd2's implementation was checked against, ``owner/name``, marked
+            ``(port)`` where it is not the authors' own.
+        project: the folder under ``projects/`` with its README, configs and results.
+        terms: every ``loss_kd_*`` name its ``forward`` may return.
+        families: the student detector families it applies to (keys of :data:`FAMILIES`),
+            with a teacher of the same family.
+    """
+
+    title: str
+    summary: str
+    paper: str
+    code: str
+    project: str
+    terms: tuple[str, ...]
+    families: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.families) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown detector families {unknown}; known: {sorted(FAMILIES)}")
+        bad = [t for t in self.terms if not t.startswith("loss_kd_")]
+        if bad:
+            raise ValueError(f"loss terms must be named loss_kd_*, got {bad}")
+
+
 class KDMethod(nn.Module):
     """Base class of a distillation method.
 
@@ -36,6 +83,9 @@ class KDMethod(nn.Module):
     :meth:`forward`, and build themselves in :meth:`from_config` from their own config node
     (``cfg.KD.<NAME>``) plus the geometry of the two detectors.
     """
+
+    #: The method's declaration (:class:`MethodCard`); every registered method has one.
+    card: MethodCard | None = None
 
     #: Teacher parts this method reads; the teacher runs only the union over methods.
     teacher_parts: FrozenSet[str] = frozenset({"features"})

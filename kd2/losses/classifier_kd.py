@@ -45,7 +45,7 @@ from torch import Tensor
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import compute_dtype, decode_boxes, object_ids, to_compute
 
 __all__ = [
@@ -301,6 +301,16 @@ class ClassifierKD(KDMethod):
     frozen classifier with :meth:`attach_classifier`; it is kept outside the module tree (never
     in ``state_dict()``, the optimizer or DDP).
     """
+
+    card = MethodCard(
+        title="classifier-to-detector",
+        summary="an image-classifier teacher: KD-cls and KD-loc on object crops",
+        paper="Guo et al., Distilling Image Classifiers in Object Detectors (NeurIPS 2021)",
+        code="NVlabs/DICOD",
+        project="ClassifierKD",
+        terms=("loss_kd_classifier_cls", "loss_kd_classifier_loc"),
+        families=("ssd", "faster_rcnn", "retinanet", "fcos"),
+    )
 
     teacher_parts = frozenset()
     #: The distiller builds ``KD.CLASSIFIERKD.TEACHER`` and attaches it.

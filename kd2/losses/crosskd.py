@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from kd2.structures import DenseOutputs, StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .pkd import channel_standardize
 from .utils import (
     aligned_box_iou,
@@ -143,6 +143,16 @@ class CrossKD(KDMethod):
     Losses: ``loss_kd_crosskd_cls``, ``loss_kd_crosskd_reg`` and, on GFL,
     ``loss_kd_crosskd_box``.
     """
+
+    card = MethodCard(
+        title="CrossKD",
+        summary="the student's head features through the frozen teacher head",
+        paper="Wang et al., CrossKD: Cross-Head Knowledge Distillation (CVPR 2024)",
+        code="jbwang1997/CrossKD",
+        project="HeadDistillation",
+        terms=("loss_kd_crosskd_cls", "loss_kd_crosskd_reg", "loss_kd_crosskd_box"),
+        families=("retinanet", "fcos", "gfl"),
+    )
 
     teacher_parts = frozenset({"dense"})
 

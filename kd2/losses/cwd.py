@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     adapt_features,
     distill_strides,
@@ -82,6 +82,16 @@ class CWD(KDMethod):
 
     Loss: ``loss_kd_cwd`` = weight × Σ over levels.
     """
+
+    card = MethodCard(
+        title="CWD",
+        summary="channel-wise distributions of the FPN maps or the dense-head logits",
+        paper="Shu et al., Channel-wise Knowledge Distillation (ICCV 2021)",
+        code="open-mmlab/mmrazor",
+        project="FeatureDistillation",
+        terms=("loss_kd_cwd",),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     dense_across_families = True  # the logits recipe compares class maps only
 

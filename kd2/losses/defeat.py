@@ -31,7 +31,7 @@ from torch import Tensor
 from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     adapt_features,
     assign_fpn_levels,
@@ -169,6 +169,21 @@ class DeFeat(KDMethod):
     ``loss_kd_defeat_head_pos``, ``loss_kd_defeat_head_neg``. The head part (and the teacher's
     ROI head) is skipped for one-stage detectors and when both head weights are 0.
     """
+
+    card = MethodCard(
+        title="DeFeat",
+        summary="decoupled features: FG/BG neck imitation, pos/neg ROI KL",
+        paper="Guo et al., Decoupled Features (CVPR 2021)",
+        code="ggjy/DeFeat.pytorch",
+        project="Baselines",
+        terms=(
+            "loss_kd_defeat_fg",
+            "loss_kd_defeat_bg",
+            "loss_kd_defeat_head_pos",
+            "loss_kd_defeat_head_neg",
+        ),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     def __init__(
         self,

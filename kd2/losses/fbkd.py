@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .fgd import spatial_attention
 from .utils import (
     adapt_features,
@@ -291,6 +291,21 @@ class FBKD(KDMethod):
     Losses (each summed over the levels, times its weight): ``loss_kd_fbkd_mask``,
     ``loss_kd_fbkd_channel``, ``loss_kd_fbkd_spatial``, ``loss_kd_fbkd_nonlocal``.
     """
+
+    card = MethodCard(
+        title='FBKD ("FKD")',
+        summary="attention-guided and non-local distillation",
+        paper="Zhang & Ma, Improve Object Detection with Feature-based KD (ICLR 2021)",
+        code="open-mmlab/mmrazor (port)",
+        project="FeatureDistillation",
+        terms=(
+            "loss_kd_fbkd_mask",
+            "loss_kd_fbkd_channel",
+            "loss_kd_fbkd_spatial",
+            "loss_kd_fbkd_nonlocal",
+        ),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     teacher_parts = frozenset({"features"})
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     adapt_features,
     compute_dtype,
@@ -329,6 +329,16 @@ class FGD(KDMethod):
     (α · L_fg), ``loss_kd_fgd_bg`` (β · L_bg), ``loss_kd_fgd_attention`` (γ · L_at),
     ``loss_kd_fgd_global`` (λ · L_global).
     """
+
+    card = MethodCard(
+        title="FGD",
+        summary="focal (FG/BG, attention) and global (GcBlock) distillation",
+        paper="Yang et al., Focal and Global Knowledge Distillation (CVPR 2022)",
+        code="yzd-v/FGD",
+        project="FeatureDistillation",
+        terms=("loss_kd_fgd_fg", "loss_kd_fgd_bg", "loss_kd_fgd_attention", "loss_kd_fgd_global"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     teacher_parts = frozenset({"features"})
 

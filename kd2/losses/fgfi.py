@@ -37,7 +37,7 @@ from torch import Tensor
 from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     adapt_features,
     assign_fpn_levels,
@@ -138,6 +138,16 @@ class FGFI(KDMethod):
     (``record.anchor_head``: dense head for one-stage, RPN for two-stage; every level of it takes
     part in the 56-px assignment) and GT boxes.
     """
+
+    card = MethodCard(
+        title="FGFI",
+        summary="feature imitation near the objects (DeFeat's FPN port: one level per object)",
+        paper="Wang et al., Fine-grained Feature Imitation (CVPR 2019)",
+        code="twangnh/Distilling-Object-Detectors",
+        project="Baselines",
+        terms=("loss_kd_fgfi",),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     teacher_parts = frozenset({"features"})
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import adapt_features, compute_dtype, shared_strides
 
 __all__ = ["FitNet", "fitnet_loss"]
@@ -51,6 +51,16 @@ class FitNet(KDMethod):
 
     Loss: ``loss_kd_fitnet``.
     """
+
+    card = MethodCard(
+        title="FitNets",
+        summary="full-map imitation of the FPN features",
+        paper="Romero et al., FitNets (ICLR 2015)",
+        code="open-mmlab/mmrazor (port)",
+        project="Baselines",
+        terms=("loss_kd_fitnet",),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     teacher_parts = frozenset({"features"})
 

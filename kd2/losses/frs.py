@@ -56,7 +56,7 @@ from torch import Tensor
 from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import DenseOutputs, StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     adapt_features,
     compute_dtype,
@@ -198,6 +198,16 @@ class FRS(KDMethod):
     term use the one-stage head (``dense``) for ``arch == "one_stage"`` and the RPN objectness
     (``rpn``) for ``arch == "two_stage"``.
     """
+
+    card = MethodCard(
+        title="FRS",
+        summary="feature richness: FPN and head imitation under the teacher-score mask",
+        paper="Du et al., Feature Richness (NeurIPS 2021)",
+        code="duzhixing/FRS",
+        project="FRS",
+        terms=("loss_kd_frs_feat", "loss_kd_frs_cls"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl"),
+    )
 
     dense_across_families = True  # reads the teacher's class logits only
 

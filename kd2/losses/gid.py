@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from kd2.ops import roi_align
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .rkd import rkd_distance_loss
 from .utils import box_iou, compute_dtype, decode_boxes, to_compute, zero_like_loss
 
@@ -136,6 +136,16 @@ class GID(KDMethod):
     Losses: ``loss_kd_gid_feature``, ``loss_kd_gid_relation``, ``loss_kd_gid_cls``,
     ``loss_kd_gid_reg``. Trainable: the shared 3×3 adapter.
     """
+
+    card = MethodCard(
+        title="GID",
+        summary="feature, relation and response terms on the selected general instances",
+        paper="Dai et al., General Instance Distillation (CVPR 2021)",
+        code="daixinghome/Distill_GID_detectron2 (port)",
+        project="HeadDistillation",
+        terms=("loss_kd_gid_feature", "loss_kd_gid_relation", "loss_kd_gid_cls", "loss_kd_gid_reg"),
+        families=("retinanet", "fcos", "gfl"),
+    )
 
     teacher_parts = frozenset({"features", "dense"})
 

@@ -69,7 +69,7 @@ from kd2.losses.adapters import FeatureAdapter
 from kd2.ops import box_mean_pool
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     adapt_features,
     assign_fpn_levels,
@@ -355,6 +355,16 @@ class GlobalKD(KDMethod):
     ``protos_teacher.p<stride>`` ``(K, P, C_t)``, ``valid.<stride>`` ``(K,)``) set by
     :meth:`set_prototypes`; they are saved with the method's state (checkpoints, resume).
     """
+
+    card = MethodCard(
+        title="Global Knowledge",
+        summary="PGM prototypes and robust distilling (kd2._C kernels)",
+        paper="Tang et al., Distilling Object Detectors with Global Knowledge (ECCV 2022)",
+        code="hikvision-research/DAVAR-Lab-ML",
+        project="GlobalKD",
+        terms=("loss_kd_gk_fg", "loss_kd_gk_bg", "loss_kd_gk_soft", "loss_kd_gk_global"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl"),
+    )
 
     needs_prototypes = True
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import compute_dtype, require_sigmoid_dense, softmax_kl_div, zero_like_loss
 
 __all__ = [
@@ -145,6 +145,16 @@ class Hinton(KDMethod):
 
     Losses: ``loss_kd_hinton_roi`` or ``loss_kd_hinton_dense``.
     """
+
+    card = MethodCard(
+        title="Hinton soft-label KD",
+        summary="soft class scores of the ROI head or the dense head",
+        paper="Hinton et al., Distilling the Knowledge in a Neural Network (2015)",
+        code="open-mmlab/mmrazor (port)",
+        project="Baselines",
+        terms=("loss_kd_hinton_roi", "loss_kd_hinton_dense"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl"),
+    )
 
     dense_across_families = True  # reads the teacher's class logits only
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import atss_candidates, box_iou, compute_dtype, softmax_kl_div, to_compute
 
 __all__ = [
@@ -133,6 +133,16 @@ class LD(KDMethod):
     Losses: ``loss_kd_ld``, ``loss_kd_ld_vlr`` and ``loss_kd_ld_cls`` (the last two only when
     their weight is > 0). No trainable parameters.
     """
+
+    card = MethodCard(
+        title="LD",
+        summary="box-side distributions (main region and VLR) and class KD",
+        paper="Zheng et al., Localization Distillation (CVPR 2022)",
+        code="HikariTJU/LD",
+        project="HeadDistillation",
+        terms=("loss_kd_ld", "loss_kd_ld_vlr", "loss_kd_ld_cls"),
+        families=("gfl",),
+    )
 
     teacher_parts = frozenset({"dense"})
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import adapt_features, compute_dtype, level_adapter, shared_strides
 
 __all__ = ["MGD", "MGD_DEFAULTS", "masked_generation_loss", "random_pixel_mask"]
@@ -96,6 +96,16 @@ class MGD(KDMethod):
     Loss: ``loss_kd_mgd``. Trainable: the align convs (where channels differ) and one generator
     per level, on the student side only.
     """
+
+    card = MethodCard(
+        title="MGD",
+        summary="masked generative distillation of the FPN maps",
+        paper="Yang et al., Masked Generative Distillation (ECCV 2022)",
+        code="yzd-v/MGD",
+        project="FeatureDistillation",
+        terms=("loss_kd_mgd",),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     teacher_parts = frozenset({"features"})
 

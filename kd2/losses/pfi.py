@@ -28,7 +28,7 @@ from torch import Tensor
 from kd2.losses.adapters import FeatureAdapter
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import compute_dtype, require_one_stage, require_sigmoid_dense
 
 __all__ = ["PFI", "pfi_loss"]
@@ -92,6 +92,16 @@ class PFI(KDMethod):
     :class:`~kd2.losses.adapters.FeatureAdapter` conv). Loss: ``loss_kd_pfi``, the mean of
     :func:`pfi_loss` over the dense head's strides present in both records' features.
     """
+
+    card = MethodCard(
+        title="Prediction-guided Feature Imitation",
+        summary="feature imitation weighted by the prediction gap",
+        paper="Li et al., Rank Mimicking and Prediction-guided Feature Imitation (AAAI 2022)",
+        code="open-mmlab/mmrazor (unmerged commits, port)",
+        project="RankMimicking",
+        terms=("loss_kd_pfi",),
+        families=("retinanet", "fcos", "gfl"),
+    )
 
     dense_across_families = True  # reads the teacher's class logits only
 

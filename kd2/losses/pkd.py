@@ -25,7 +25,7 @@ from torch import Tensor
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     adapt_features,
     channel_mean_std,
@@ -98,6 +98,16 @@ class PKD(KDMethod):
 
     Loss: ``loss_kd_pkd`` = weight × Σ over levels.
     """
+
+    card = MethodCard(
+        title="PKD",
+        summary="Pearson correlation of the normalised FPN maps",
+        paper="Cao et al., PKD: Pearson Correlation Coefficient (NeurIPS 2022)",
+        code="open-mmlab/mmrazor",
+        project="FeatureDistillation",
+        terms=("loss_kd_pkd",),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     teacher_parts = frozenset({"features"})
 

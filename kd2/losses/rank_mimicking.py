@@ -33,7 +33,7 @@ from torch import Tensor
 
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import (
     compute_dtype,
     object_ids,
@@ -174,6 +174,16 @@ class RM(KDMethod):
     Reads the teacher's dense head run on the student's anchors; the assignment (positives and
     matched GT boxes) comes from the student record. See the module docstring for the choices.
     """
+
+    card = MethodCard(
+        title="Rank Mimicking",
+        summary="the teacher's ranking of each object's candidate boxes",
+        paper="Li et al., Rank Mimicking and Prediction-guided Feature Imitation (AAAI 2022)",
+        code="open-mmlab/mmrazor (unmerged commits, port)",
+        project="RankMimicking",
+        terms=("loss_kd_rm",),
+        families=("retinanet", "fcos", "gfl"),
+    )
 
     dense_across_families = True  # reads the teacher's class logits only
 

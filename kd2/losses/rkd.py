@@ -32,7 +32,7 @@ from torch import Tensor
 from kd2.ops import box_mean_pool
 from kd2.structures import StepRecord
 
-from .base import KD_METHOD_REGISTRY, KDMethod
+from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .utils import assign_fpn_levels, compute_dtype, to_compute, zero_like_loss
 
 __all__ = ["RKD", "pairwise_distances", "rkd_angle_loss", "rkd_distance_loss"]
@@ -113,6 +113,16 @@ class RKD(KDMethod):
 
     Losses: ``loss_kd_rkd_distance``, ``loss_kd_rkd_angle``. No trainable parameters.
     """
+
+    card = MethodCard(
+        title="RKD",
+        summary="distance and angle relations of the GT instances' pooled FPN features",
+        paper="Park et al., Relational Knowledge Distillation (CVPR 2019)",
+        code="open-mmlab/mmrazor (port)",
+        project="HeadDistillation",
+        terms=("loss_kd_rkd_distance", "loss_kd_rkd_angle"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+    )
 
     teacher_parts = frozenset({"features"})
 

@@ -713,6 +713,8 @@ def test_method_gradcheck_in_float64(name, variant):
         k: v.dtype for k, v in losses.items()
     }
     assert all(torch.isfinite(v) for v in losses.values()), losses
+    undeclared = set(losses) - set(type(case.method).card.terms)
+    assert not undeclared, f"{name} returns terms its MethodCard does not name: {undeclared}"
     if name == "GID":  # enough instances for the relation term
         assert sum(len(b) for b in case.method.general_instances(*case.records(*inputs))) >= 3
     for indices, keys in case.groups or [(tuple(range(len(inputs))), None)]:

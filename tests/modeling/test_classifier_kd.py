@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kd2.data.synthetic import generate_synthetic_dataset
-from kd2.losses.classifier_kd import record_positives
+from kd2.losses.classifier_kd import ClassifierKD, record_positives
 from kd2.modeling.classifier_teacher import (
     ClassifierTeacher,
     CropClassifier,
@@ -21,6 +21,8 @@ from kd2.modeling.classifier_teacher import (
 from kd2.tv import Trainer, build_detector
 from tests.helpers import NUM_CLASSES, batch, engine_cfg, save_teacher, tiny_cfg
 
+#: the torchvision meta-architecture of each detector family
+ARCH = {"faster_rcnn": "FasterRCNN", "retinanet": "RetinaNet", "fcos": "FCOS", "ssd": "SSD"}
 # (classification-branch module, box-regression module) of each torchvision student
 BRANCHES = {
     "FasterRCNN": ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"),
@@ -122,7 +124,7 @@ def _grad_norm(model, name):
     return sum(float(g.abs().sum()) for g in grads)
 
 
-@pytest.mark.parametrize("arch", ["FasterRCNN", "RetinaNet", "FCOS", "SSD"])
+@pytest.mark.parametrize("arch", [ARCH[f] for f in ClassifierKD.card.families])
 def test_kd_terms_reach_only_their_branch(tmp_path, arch):
     """KD-loc trains the box regression and never the classification branch; KD-cls the
     reverse. Softmax heads (Faster R-CNN's ROI head, SSD) and sigmoid heads (RetinaNet, FCOS)."""
