@@ -103,7 +103,10 @@ setup(
             "onnxscript",
             "mkdocs-material",
             "import-linter",
-        ]
+        ],
+        # the transformers backend (kd2.hf): DETR-family detectors; scipy for their Hungarian
+        # matcher. The lower bound is the version tested.
+        "hf": ["transformers>=5.25", "scipy"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

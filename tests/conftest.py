@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules, and CI's rule that Detectron2 tests never skip."""
+"""Fixtures shared by the test modules, and CI's rule that Detectron2 (and transformers) tests
+never skip."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ import pytest
 
 from kd2.data import generate_synthetic_dataset
 
-# A skip whose reason names Detectron2 means "Detectron2 is missing". Under CI (CI=true) that is
-# a broken install, not a choice: such a skip is reported as a failure, so the core's tests can
-# never turn into silent skips. A user without Detectron2 still gets skips.
+# A skip whose reason names Detectron2 means "Detectron2 is missing" (likewise transformers, the
+# hf extra). Under CI (CI=true) that is a broken install, not a choice: such a skip is reported as
+# a failure, so the core's tests can never turn into silent skips. A user without them still gets
+# skips.
 DETECTRON2_SKIP_WORD = "detectron2"
+#: the word in a skip's reason -> how `make install` provides the package
+REQUIRED_IN_CI = {
+    DETECTRON2_SKIP_WORD: ("Detectron2", "`make install` builds it from ../shared/third_party"),
+    "transformers": ("transformers", '`make install` installs the hf extra (pip install ".[hf]")'),
+}
 
 
 def running_in_ci() -> bool:
@@ -28,12 +35,13 @@ def _skip_reason(report) -> str:
 def _fail_detectron2_skip(report) -> None:
     if report.skipped and running_in_ci():
         reason = _skip_reason(report)
-        if DETECTRON2_SKIP_WORD in reason.lower():
-            report.outcome = "failed"
-            report.longrepr = (
-                f"CI=true and a Detectron2 test skipped ({reason}): Detectron2 must be installed "
-                "in CI — `make install` builds it from ../shared/third_party"
-            )
+        for word, (name, how) in REQUIRED_IN_CI.items():
+            if word in reason.lower():
+                report.outcome = "failed"
+                report.longrepr = (
+                    f"CI=true and a test skipped ({reason}): {name} must be installed in CI — {how}"
+                )
+                return
 
 
 @pytest.hookimpl(hookwrapper=True)

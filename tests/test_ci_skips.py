@@ -1,4 +1,5 @@
-"""Under CI=true a test that skips because Detectron2 is missing fails (tests/conftest.py)."""
+"""Under CI=true a test that skips because Detectron2 (or transformers) is missing fails
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import pytest
 
 def test_skips_inside_for_detectron2():
     pytest.skip("detectron2 is not installed (see README)")
+
+
+def test_skips_inside_for_transformers():
+    pytest.importorskip("transformers_that_does_not_exist", reason="transformers is not installed")
 
 
 def test_skips_for_another_reason():
@@ -57,8 +62,9 @@ def _run(tmp_path, ci: str | None, *files: str):
 def test_detectron2_skips_fail_under_ci(tmp_path):
     r = _run(tmp_path, "true", "test_cases.py")
     assert r.returncode == 1, r.stdout
-    assert "1 failed, 1 passed, 1 skipped" in r.stdout, r.stdout
+    assert "2 failed, 1 passed, 1 skipped" in r.stdout, r.stdout
     assert "Detectron2 must be installed in CI" in r.stdout, r.stdout
+    assert "transformers must be installed in CI" in r.stdout, r.stdout
     assert "needs CUDA" in r.stdout  # other skips stay skips
     # a module that skips at import (pytest.importorskip) is a collection error: the run stops
     r = _run(tmp_path, "true", "test_module_skip.py")
@@ -69,4 +75,4 @@ def test_detectron2_skips_fail_under_ci(tmp_path):
 def test_detectron2_skips_stay_skips_for_users(tmp_path):
     r = _run(tmp_path, None, "test_cases.py", "test_module_skip.py")
     assert r.returncode == 0, r.stdout
-    assert "1 passed, 3 skipped" in r.stdout, r.stdout
+    assert "1 passed, 4 skipped" in r.stdout, r.stdout
