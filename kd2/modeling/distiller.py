@@ -554,11 +554,10 @@ class DistillerMixin:
         """Whether this training step measures the gradient diagnostics: every
         ``KD.DIAG.PERIOD`` iterations, or, under ``KD.BALANCE`` from its ``WARMUP`` on, at the
         controller's updates (every ``KD.BALANCE.PERIOD``) and only then."""
-        it = self.kd_iteration
         balance = self.kd_balance
-        if balance is not None and it >= balance.warmup:
-            return balance.due(it)
-        return self.kd_diag_period > 0 and it % self.kd_diag_period == 0
+        if balance is not None and self.kd_iteration >= balance.warmup:
+            return balance.due(self.kd_iteration)
+        return _on_period(self.kd_iteration, self.kd_diag_period)
 
     def kd_diagnostics_per_term(self) -> bool:
         """Whether a diagnostics step measures every ``loss_kd_*`` term (one trunk backward per
@@ -571,7 +570,7 @@ class DistillerMixin:
         balance = self.kd_balance
         if balance is None or self.kd_iteration < balance.warmup:
             return True
-        return self.kd_diag_period > 0 and self.kd_iteration % self.kd_diag_period == 0
+        return _on_period(self.kd_iteration, self.kd_diag_period)
 
     def finalize_kd_losses(self, losses: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """The end of every training forward (both backends): on the first step of a fresh
@@ -660,6 +659,11 @@ class DistillerMixin:
             self.kd_balance.high,
         )
         return out, stats
+
+
+def _on_period(iteration: int, period: int) -> bool:
+    """Whether ``iteration`` is a step of a ``period`` (``0``: never)."""
+    return period > 0 and iteration % period == 0
 
 
 def _mean_over_processes(stats: Dict[str, float]) -> Dict[str, float]:

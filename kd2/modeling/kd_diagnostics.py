@@ -79,8 +79,6 @@ def term_gradients(
     kd = {k: v for k, v in losses.items() if k.startswith("loss_kd_")}
     if per_term:
         groups.update({k: v.float() for k, v in kd.items()})
-    elif len(kd) == 1:
-        groups[KD_TOTAL] = next(iter(kd.values())).float()
     elif kd:
         groups[KD_TOTAL] = _total(list(kd.values()))
     out = {}
@@ -166,11 +164,14 @@ def gradient_statistics(grads: Mapping[str, list[Tensor | None]]) -> dict[str, f
     total = sum(norms.values())
     stats: dict[str, float] = {}
     has_det = DETECTION in grads
-    for n in names:
+    groups = [n for n in names if n != KD_TOTAL]  # the KD total's statistics: below
+    for n in groups:
         stats[f"grad_norm/{n}"] = norms[n]
         stats[f"grad_share/{n}"] = norms[n] / total if total > 0 else 0.0
     d = index.get(DETECTION)
-    for n in kd_names:
+    for n in groups:
+        if n == DETECTION:
+            continue
         denom = norms[n] * norms.get(DETECTION, 0.0)
         stats[f"grad_cos/{n}"] = gram[index[n]][d] / denom if has_det and denom > 0 else 0.0
     if kd_names:
