@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Distillation gains on the bundled pairs, one small JSON file per finished run.
 
-Pairs: ``faster_rcnn`` and ``fcos`` on the synthetic "ambiguous shapes" data, and
+Pairs: ``faster_rcnn``, ``fcos``, ``gfl`` and ``dfine`` (D-FINE, transformers backend) on the
+synthetic "ambiguous shapes" data, and
 ``faster_rcnn_crowded`` and ``fcos_crowded`` on the second benchmark's "crowded" profile (many
 4-30 px objects on 256-512 px images, ``configs/synthetic_crowded``).
 
@@ -61,6 +62,11 @@ PAIRS = {
     "faster_rcnn_to_fcos": (
         "configs/synthetic/faster_rcnn_R18_teacher.yaml",
         "configs/synthetic/fcos_MNv3_student.yaml",
+    ),
+    # the DETR pair (transformers backend): D-FINE tiny teacher, D-FINE pico student
+    "dfine": (
+        "configs/synthetic/dfine_tiny_teacher.yaml",
+        "configs/synthetic/dfine_pico_student.yaml",
     ),
     # the second benchmark: many small objects on 256-512 px images (synthetic_crowded_*)
     "faster_rcnn_crowded": (

@@ -50,6 +50,7 @@ PROJECTS = {
     "ClassifierKD": ("ClassifierKD",),
     "FeatureDistillation": ("CWD", "PKD", "MGD", "FGD", "FBKD"),
     "HeadDistillation": ("CrossKD", "GID", "RKD", "LD"),
+    "DETRDistillation": ("DFineLD",),
 }
 
 #: KD.BALANCE variants side by side: (config-name suffix, column title)
@@ -64,6 +65,7 @@ PAIR_TITLES = {
     "faster_rcnn": "Faster R-CNN",
     "fcos": "FCOS",
     "gfl": "GFL",
+    "dfine": "D-FINE (DETR)",
     "fcos_to_faster_rcnn": "FCOS teacher → Faster R-CNN student",
     "faster_rcnn_to_fcos": "Faster R-CNN teacher → FCOS student",
     "faster_rcnn_crowded": "Faster R-CNN, crowded",

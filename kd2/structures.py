@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOutputs", "HeadSplit", "RoiOutputs", "StepRecord"]
+__all__ = ["DenseOutputs", "HeadSplit", "QueryOutputs", "RoiOutputs", "StepRecord"]
 
 
 @dataclass
@@ -168,6 +168,44 @@ class RoiOutputs:
 
 
 @dataclass
+class QueryOutputs:
+    """A DETR-family decoder's predictions on its **matching** queries (the training-time
+    contrastive-denoising queries are split off: they answer the ground truth, not the image,
+    and have no counterpart in another network).
+
+    Attributes:
+        logits: ``(L, N, Q, K)`` sigmoid class logits of each decoder layer, the last layer
+            last (a teacher in eval mode records its last layer only: ``L = 1``).
+        boxes: ``(L, N, Q, 4)`` boxes of each layer, normalised ``cx, cy, w, h`` of the network
+            input (multiply by its size for pixels).
+        hidden: ``(N, Q, D)`` the last decoder layer's query embeddings.
+        corners: ``(L, N, Q, 4 * (B + 1))`` per-edge distribution logits of a fine-grained
+            distribution refinement head (D-FINE, DEIM: the edges ``l, t, r, b`` in order,
+            ``B + 1`` bins each), else ``None``.
+        reference_points: ``(L, N, Q, 4)`` the normalised ``cxcywh`` boxes ``corners`` refine,
+            else ``None``.
+        distribution: ``(B, reg_scale, up)``, the bins and the weighting function ``corners``
+            are read with (two distributions compare only under the same settings), else
+            ``None``.
+        matched: per image ``(query_index, gt_index)`` int64 pairs: the last layer's Hungarian
+            assignment to the ground truth (the model's own matcher), or ``None`` (a teacher's
+            record).
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    hidden: Tensor
+    corners: Tensor | None = None
+    reference_points: Tensor | None = None
+    distribution: Tuple[int, float, float] | None = None
+    matched: List[Tuple[Tensor, Tensor]] | None = None
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.logits.shape[2])
+
+
+@dataclass
 class StepRecord:
     """Everything a distillation loss may read about one forward of one detector.
 
@@ -181,6 +219,8 @@ class StepRecord:
         dense: one-stage head outputs (RetinaNet, FCOS).
         rpn: RPN outputs of a two-stage detector (``num_classes == 1``).
         roi: ROI-head outputs of a two-stage detector.
+        queries: a DETR-family decoder's outputs (:class:`QueryOutputs`); ``features`` are
+            then its encoder's multi-scale maps.
     """
 
     images: Tensor
@@ -192,6 +232,7 @@ class StepRecord:
     dense: DenseOutputs | None = None
     rpn: DenseOutputs | None = None
     roi: RoiOutputs | None = None
+    queries: QueryOutputs | None = None
     extras: Dict[str, object] = field(default_factory=dict)
 
     @property

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from kd2.data import DatasetCatalog  # noqa: E402
 from kd2.engine import setup_cfg, setup_logger  # noqa: E402
-from kd2.tv import Trainer  # noqa: E402
+from kd2.modeling.backends import get_backend  # noqa: E402
 from kd2.utils.errors import run_main  # noqa: E402
 
 logger = logging.getLogger("kd2.demo")
@@ -149,7 +149,7 @@ def run(name: str, config_file: str, opts: list, output_dir: str, fresh: bool) -
     with open(os.path.join(output_dir, "config.yaml"), "w") as f:
         f.write(cfg.dump())
     t0 = time.time()
-    results = Trainer(cfg).train()
+    results = get_backend(cfg.MODEL.BACKEND).trainer(cfg).train()
     bbox = next(iter(results.values()))["bbox"]
     done = {"name": name, "config_sha": digest, "bbox": bbox, "train_seconds": time.time() - t0}
     with open(done_file, "w") as f:

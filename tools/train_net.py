@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Train or evaluate a detector with kd2: teachers, baseline students and distilled students.
 
-One command for both backends: a config whose ``MODEL.BACKEND`` (in the file or its ``_BASE_``
-chain) is ``torchvision`` runs on kd2's torchvision backend; any other config — every Detectron2
-yaml — runs on Detectron2 with :class:`kd2.d2.KDTrainer` (detectron2 must be installed).
+One command for the three backends: a config whose ``MODEL.BACKEND`` (in the file or its
+``_BASE_`` chain) is ``torchvision`` or ``transformers`` runs on kd2's own trainer with that
+backend's detectors (:class:`kd2.tv.Trainer`, :class:`kd2.hf.Trainer`); any other config — every
+Detectron2 yaml — runs on Detectron2 with :class:`kd2.d2.KDTrainer` (detectron2 must be
+installed).
 
 Examples::
 
@@ -27,9 +29,8 @@ from kd2.config import BACKENDS, config_backend  # noqa: F401 (config_backend: r
 from kd2.engine import default_argument_parser, default_setup, launch, setup_cfg
 from kd2.engine.launch import call_reporting_user_errors, die_with_parent, worker_user_errors
 from kd2.engine.run_dir import lock_output_dir
-from kd2.tv import Trainer, evaluate
-from kd2.tv.build import build_plain_detector, load_checkpoint_state
-from kd2.utils.checkpoint import find_resume_checkpoint
+from kd2.modeling.backends import get_backend
+from kd2.utils.checkpoint import find_resume_checkpoint, load_checkpoint_state
 from kd2.utils.env import check_device
 from kd2.utils.errors import ConfigError, MissingFileError, run_main
 
@@ -164,15 +165,16 @@ def eval_weights(cfg, resume: bool) -> dict:
 def main(args):
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    trainer_cls = get_backend(cfg.MODEL.BACKEND).trainer
     if args.eval_only:
         # The student alone: a KD checkpoint's "model" entry is a plain detector's state dict,
         # so evaluating a distilled student needs neither the teacher nor its weights.
-        model = build_plain_detector(cfg)
+        model = trainer_cls.build_plain_model(cfg)
         model.load_state_dict(eval_weights(cfg, args.resume))
-        results = evaluate(cfg, model, output_dir=cfg.OUTPUT_DIR)
+        results = trainer_cls.evaluate(cfg, model, output_dir=cfg.OUTPUT_DIR)
         print(json.dumps(results, indent=2))
         return results
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -181,7 +183,7 @@ def cli() -> None:
     args = default_argument_parser().parse_args()
     check_config_file(args.config_file)
     backend = config_backend(args.config_file, args.opts)
-    if backend != "torchvision":
+    if backend == "detectron2":
         try:
             from detectron2.engine import launch as d2_launch
         except ImportError:

@@ -6,6 +6,7 @@ from .config import (
     config_backend,
     get_cfg,
     method_node_name,
+    num_classes_of,
     validate_values,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "config_backend",
     "get_cfg",
     "method_node_name",
+    "num_classes_of",
     "validate_values",
 ]

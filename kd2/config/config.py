@@ -283,6 +283,26 @@ def _check(cfg, key: str, rule: str, hint: str = "") -> None:
         )
 
 
+def _check_architecture(cfg) -> None:
+    """``MODEL.BACKEND transformers`` builds ``DETR`` and only it (kd2's own schema)."""
+    model = cfg.get("MODEL") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict) or "HF" not in model:  # a Detectron2 config
+        return
+    backend, arch = model.get("BACKEND"), model.get("META_ARCHITECTURE")
+    if backend == "transformers" and arch != "DETR":
+        raise ConfigError(
+            f"MODEL.BACKEND transformers builds DETR-family detectors, but "
+            f"MODEL.META_ARCHITECTURE is {arch!r}",
+            "set MODEL.META_ARCHITECTURE DETR and name the model in MODEL.HF.MODEL_TYPE",
+        )
+    if backend == "torchvision" and arch == "DETR":
+        raise ConfigError(
+            "MODEL.META_ARCHITECTURE DETR is a transformers model, but MODEL.BACKEND is "
+            "torchvision",
+            "set MODEL.BACKEND transformers",
+        )
+
+
 def validate_values(cfg) -> None:
     """Refuse values that cannot train: each error names the key and its valid range.
 
@@ -295,6 +315,7 @@ def validate_values(cfg) -> None:
     detector) but must be finite; every temperature (``TEMPERATURE``, ``TAU``, DeFeat's ``T_POS``
     / ``T_NEG``) finite and > 0. Keys the config does not have are skipped (Detectron2 configs).
     """
+    _check_architecture(cfg)
     for key in ("SOLVER.MAX_ITER", "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.GAMMA"):
         _check(cfg, key, "> 0")
     for key in (
@@ -328,7 +349,7 @@ def validate_values(cfg) -> None:
 
 
 #: ``MODEL.BACKEND`` values.
-BACKENDS = ("torchvision", "detectron2")
+BACKENDS = ("torchvision", "detectron2", "transformers")
 
 #: The key holding ``K`` (the number of classes) for each ``MODEL.META_ARCHITECTURE`` of kd2's
 #: own (torchvision-backend) schema.
@@ -338,7 +359,23 @@ NUM_CLASSES_KEYS = {
     "FCOS": "MODEL.FCOS.NUM_CLASSES",
     "SSD": "MODEL.SSD.NUM_CLASSES",
     "GFL": "MODEL.GFL.NUM_CLASSES",
+    "DETR": "MODEL.HF.NUM_CLASSES",
 }
+
+
+def num_classes_of(cfg) -> int:
+    """``K``, the number of foreground classes of the configured ``MODEL.META_ARCHITECTURE``
+    (read from its :data:`NUM_CLASSES_KEYS` key)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in NUM_CLASSES_KEYS:
+        raise ConfigError(
+            f"MODEL.META_ARCHITECTURE={arch!r} is not an architecture of kd2's own schema",
+            f"use one of {', '.join(NUM_CLASSES_KEYS)}",
+        )
+    node = cfg
+    for part in NUM_CLASSES_KEYS[arch].split("."):
+        node = node[part]
+    return int(node)
 
 
 def config_backend(config_file: str, opts=()) -> str:

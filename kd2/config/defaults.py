@@ -93,6 +93,23 @@ _C.MODEL.SSD.SCORE_THRESH_TEST = 0.01
 _C.MODEL.SSD.NMS_THRESH_TEST = 0.45
 _C.MODEL.SSD.TOPK_CANDIDATES_TEST = 400
 
+# DETR-family detectors of Hugging Face transformers (MODEL.BACKEND "transformers",
+# MODEL.META_ARCHITECTURE "DETR"; kd2.hf). Built from kd2's size preset, or loaded from a local
+# directory the user downloaded (config.json + *.safetensors; kd2 downloads nothing, runs no
+# remote code and refuses pickled weights). Images are resized to a square IMAGE_SIZE and read
+# in [0, 1] RGB (MODEL.PIXEL_MEAN / PIXEL_STD apply: RT-DETR's and D-FINE's processors do not
+# normalise, so their configs set them to 0 / 1).
+_C.MODEL.HF = CN()
+_C.MODEL.HF.MODEL_TYPE = "d_fine"  # "rt_detr" | "rt_detr_v2" | "d_fine" | "deimv2"
+_C.MODEL.HF.PRESET = "tiny"  # "pico" | "tiny" (kd2.hf.models.PRESETS)
+_C.MODEL.HF.PRETRAINED_DIR = ""  # a local directory instead of MODEL_TYPE / PRESET
+_C.MODEL.HF.NUM_CLASSES = 80
+_C.MODEL.HF.IMAGE_SIZE = 640  # square input side, a multiple of 32
+_C.MODEL.HF.NUM_QUERIES = 0  # 0 = the preset's
+_C.MODEL.HF.NUM_DENOISING = -1  # contrastive-denoising queries in training; -1 = the preset's
+_C.MODEL.HF.SCORE_THRESH_TEST = 0.0
+_C.MODEL.HF.DETECTIONS_PER_IMAGE = 100  # top (query, class) pairs kept per image
+
 _C.INPUT = CN()
 _C.INPUT.MIN_SIZE_TRAIN = (800,)
 _C.INPUT.MAX_SIZE_TRAIN = 1333
@@ -121,7 +138,10 @@ _C.DATALOADER.CORRUPT_IMAGES = "error"  # "error" | "skip"
 _C.SOLVER = CN()
 _C.SOLVER.MAX_ITER = 40000
 _C.SOLVER.BASE_LR = 0.02
-_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.MOMENTUM = 0.9  # SGD only
+_C.SOLVER.OPTIMIZER = "SGD"  # "SGD" | "AdamW" (the DETR family's)
+# the backbone's learning rate is BASE_LR x this (RT-DETR / D-FINE train it at 0.1-1x); 1 = one rate
+_C.SOLVER.BACKBONE_LR_FACTOR = 1.0
 _C.SOLVER.WEIGHT_DECAY = 1e-4
 _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.STEPS = (30000,)
@@ -354,6 +374,15 @@ _C.KD.MGD = CN()
 _C.KD.MGD.ALPHA = -1.0
 _C.KD.MGD.MASK_RATIO = -1.0
 _C.KD.MGD.STRIDES = []
+
+# D-FINE localization KD (kd2/losses/dfine_ld.py): D-FINE's decoupled distillation focal loss
+# with a teacher D-FINE / DEIM as the source: its final per-edge distributions teach the paired
+# student queries' (Hungarian pairing of the two decoders' last-layer predictions). Needs the same
+# max_num_bins / reg_scale / up in both models. WEIGHT 1.5 = D-FINE's and RT-DETRv4's DDF weight.
+_C.KD.DFINELD = CN()
+_C.KD.DFINELD.WEIGHT = 1.5
+_C.KD.DFINELD.TEMPERATURE = 5.0
+_C.KD.DFINELD.LAYERS = "all"  # "all" student decoder layers (as GO-LSD) | "last"
 
 # FGD (focal and global distillation, CVPR 2022): foreground / background feature imitation
 # weighted by the teacher's attention, attention imitation and a GcBlock relation loss.

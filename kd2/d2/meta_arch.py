@@ -250,28 +250,22 @@ class _Distill(DistillerMixin):
 
     def teacher_step(self, batched_inputs, student: StepRecord) -> StepRecord:
         """KD.TEACHER's record of this step (only the parts its methods read)."""
-        return self._teacher_record(batched_inputs, student, "")
+        return self.teacher_records(batched_inputs, student, [""])[""]
 
-    def teacher_records(self, batched_inputs, student: StepRecord) -> Dict[str, StepRecord]:
-        """Every teacher's record of this step, by name (``""`` = KD.TEACHER)."""
-        return {
-            name: self._teacher_record(batched_inputs, student, name)
-            for name in ["", *self.extra_teachers]
-        }
+    def teacher_records(
+        self, batched_inputs, student: StepRecord, names=None
+    ) -> Dict[str, StepRecord]:
+        """Every teacher's record of this step, by name (``""`` = KD.TEACHER): a Detectron2
+        teacher normalises the batch itself (``preprocess_image``; Detectron2 resizes in the
+        data mapper, so it sees the student's geometry), a torchvision teacher reads the
+        student's tensor in its own convention; the ROI head runs on the student's sampled
+        proposals."""
 
-    def _teacher_record(self, batched_inputs, student: StepRecord, name: str) -> StepRecord:
-        """Run the parts teacher ``name``'s methods read: a Detectron2 teacher normalises the
-        batch itself (``preprocess_image``; Detectron2 resizes in the data mapper, so it sees
-        the student's geometry), a torchvision teacher reads the student's tensor in its own
-        convention; the ROI head runs on the student's sampled proposals."""
-        t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
-        if t is None or not parts:
-            return student.teacher_view()
-        foreign = self._kd_foreign_teacher_record(t, student, name)
-        if foreign is not None:
-            return foreign
-        images = t.preprocess_image(batched_inputs).tensor
-        return teacher_record(t, images, student, parts, self.kd_head_split)
+        def own_record(t, student, parts, strides):
+            images = t.preprocess_image(batched_inputs).tensor
+            return teacher_record(t, images, student, parts, self.kd_head_split)
+
+        return self.kd_teacher_records(student, own_record, names)
 
     def kd_input_checks(self) -> list:
         """``(ok, line)`` pairs for the pre-flight check: a Detectron2 teacher normalises the

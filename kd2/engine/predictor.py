@@ -11,17 +11,22 @@ the image's pixels, labels contiguous ``0..K-1`` whatever the framework's conven
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd2.config import config_backend
+from kd2.config import config_backend, num_classes_of
+from kd2.data.catalog import MetadataCatalog
 from kd2.modeling.backends import get_backend
-from kd2.utils.errors import ConfigError
+from kd2.utils.checkpoint import load_weights_strict
+from kd2.utils.errors import ConfigError, MissingFileError
 
-__all__ = ["Predictor", "class_names_of", "load_predictor"]
+from .defaults import setup_cfg
+
+__all__ = ["Predictor", "class_names_of", "load_own_loop_predictor", "load_predictor"]
 
 
 @dataclass
@@ -100,3 +105,57 @@ def load_predictor(config_file: str, opts: Sequence[str] = (), weights: str = ""
             e.fix,
         ) from None
     return loader(config_file, opts)
+
+
+def model_inputs(images: Sequence[np.ndarray]) -> List[Tensor]:
+    """RGB ``uint8`` ``(H, W, 3)`` images -> ``(3, H, W)`` floats in ``[0, 1]``."""
+    return [
+        torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div(255.0)
+        for im in images
+    ]
+
+
+def detections(model: nn.Module, inputs: List[Tensor], offset: int) -> List[Dict[str, Tensor]]:
+    """Run ``model`` on ``inputs``; its labels shifted back by ``offset`` (the background)."""
+    device = next(model.parameters()).device
+    outputs = model([x.to(device) for x in inputs])
+    return [
+        {
+            "boxes": o["boxes"].cpu(),
+            "scores": o["scores"].cpu(),
+            "labels": o["labels"].cpu() - offset,
+        }
+        for o in outputs
+    ]
+
+
+def load_own_loop_predictor(
+    config_file: str,
+    opts: list,
+    backend: str,
+    build_plain: Callable[[object], nn.Module],
+    label_offset: Callable[[nn.Module], int] = lambda model: 0,
+) -> Predictor:
+    """The plain detector of a kd2 config of a backend that trains on kd2's own loop
+    (torchvision, transformers) with its ``MODEL.WEIGHTS``, loaded strictly: ``build_plain``
+    builds it, ``label_offset`` says which label its class ``c`` has."""
+    cfg = setup_cfg(config_file, opts)
+    if not cfg.MODEL.WEIGHTS:
+        raise MissingFileError(
+            "no weights: MODEL.WEIGHTS is empty",
+            "give MODEL.WEIGHTS (e.g. OUTPUT_DIR/model_final.pth of the run)",
+        )
+    model = build_plain(cfg)
+    load_weights_strict(model, cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", config_file)
+    model.eval()
+    offset = label_offset(model)
+    datasets = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    return Predictor(
+        model=model,
+        backend=backend,
+        cfg=cfg,
+        inputs_fn=model_inputs,
+        detections_fn=partial(detections, offset=offset),
+        class_names=class_names_of(datasets, num_classes_of(cfg), MetadataCatalog),
+        label_offset=offset,
+    )

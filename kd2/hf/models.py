@@ -36,6 +36,7 @@ __all__ = [
     "build_hf_config",
     "build_hf_detector",
     "load_hf_detector",
+    "trunk_parameters",
 ]
 
 #: kd2's name -> (transformers config class, detector class, backbone kind)
@@ -174,6 +175,21 @@ def build_hf_detector(model_type: str, preset: str, num_classes: int, **override
 
 #: where each type keeps its backbone (DEIMv2 wraps it with its input projections)
 BACKBONE_PREFIXES = ("model.backbone.model.", "model.conv_encoder.model.")
+#: the backbone, the encoder's input projections and the hybrid encoder: what both the detection
+#: losses and a distillation on the encoder's maps reach
+TRUNK_PREFIXES = (
+    "model.backbone.",
+    "model.conv_encoder.",
+    "model.encoder_input_proj.",
+    "model.encoder.",
+)
+
+
+def trunk_parameters(model: nn.Module) -> list:
+    """The trainable parameters of the detector's backbone and hybrid encoder."""
+    return [
+        p for n, p in model.named_parameters() if n.startswith(TRUNK_PREFIXES) and p.requires_grad
+    ]
 
 
 def backbone_parameters(model: nn.Module) -> list:

@@ -1,8 +1,9 @@
 """Distillation losses, written once against :mod:`kd2.structures`.
 
 Each module holds plain functions on tensors (shapes in their docstrings) plus one registered
-:class:`KDMethod` that reads the student and teacher records. Nothing here imports Detectron2 or
-torchvision. Importing this package registers every method in :data:`KD_METHOD_REGISTRY`.
+:class:`KDMethod` that reads the student and teacher records. Nothing here imports Detectron2,
+torchvision or transformers. Importing this package registers every method in
+:data:`KD_METHOD_REGISTRY`.
 """
 
 from .base import FAMILIES, KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod, MethodCard
@@ -10,6 +11,7 @@ from .classifier_kd import ClassifierKD, classifier_kd_cls_loss, classifier_kd_l
 from .crosskd import CrossKD, quality_focal_kd_loss, recolor_features
 from .cwd import CWD, channel_wise_distillation_loss
 from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
+from .dfine_ld import DFineLD, decoupled_distillation_loss
 from .fbkd import (
     FBKD,
     NonLocalBlock,
@@ -38,11 +40,15 @@ from .ld import LD, localization_distillation_loss
 from .mgd import MGD, masked_generation_loss, random_pixel_mask
 from .pfi import PFI, pfi_loss
 from .pkd import PKD, pearson_distillation_loss
+from .query_matching import match_queries
 from .rank_mimicking import RM, rank_mimicking_loss
 from .rkd import RKD, rkd_angle_loss, rkd_distance_loss
 from .utils import assign_fpn_levels, box_iou, masked_squared_error, softmax_kl_div
 
 __all__ = [
+    "DFineLD",
+    "decoupled_distillation_loss",
+    "match_queries",
     "FAMILIES",
     "MethodCard",
     "FBKD",

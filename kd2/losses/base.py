@@ -26,8 +26,8 @@ KD_METHOD_REGISTRY.__doc__ = (
 
 #: The parts of the teacher a method may ask for. ``features`` = FPN maps, ``dense`` = the
 #: one-stage head, ``rpn`` = the RPN head, ``roi`` = the ROI head run on the student's sampled
-#: proposals.
-TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi"})
+#: proposals, ``queries`` = a DETR-family decoder's predictions on its matching queries.
+TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi", "queries"})
 
 
 #: The detector families a method may apply to, and their names in tables.
@@ -37,6 +37,7 @@ FAMILIES = {
     "fcos": "FCOS",
     "gfl": "GFL",
     "ssd": "SSD",
+    "detr": "DETR",
 }
 
 

@@ -90,7 +90,7 @@ class CWD(KDMethod):
         code="open-mmlab/mmrazor",
         project="FeatureDistillation",
         terms=("loss_kd_cwd",),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     dense_across_families = True  # the logits recipe compares class maps only

@@ -182,7 +182,7 @@ class DeFeat(KDMethod):
             "loss_kd_defeat_head_pos",
             "loss_kd_defeat_head_neg",
         ),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     def __init__(

@@ -304,7 +304,7 @@ class FBKD(KDMethod):
             "loss_kd_fbkd_spatial",
             "loss_kd_fbkd_nonlocal",
         ),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     teacher_parts = frozenset({"features"})

@@ -70,11 +70,13 @@ __all__ = [
 ]
 
 #: ``(α, β, γ, λ, T)`` of the released FGD configs per detector family (see
-#: :func:`kd2.losses.utils.detector_family`). GFL uses the RetinaNet values; SSD, which FGD never
-#: published, gets the one-stage (RetinaNet) values.
+#: :func:`kd2.losses.utils.detector_family`). GFL uses the RetinaNet values; SSD and the DETR
+#: family (on the hybrid encoder's maps), which FGD never published, get the one-stage
+#: (RetinaNet) values.
 FGD_DEFAULTS: dict[str, tuple[float, float, float, float, float]] = {
     "retinanet": (1e-3, 5e-4, 5e-4, 5e-6, 0.5),
     "gfl": (1e-3, 5e-4, 5e-4, 5e-6, 0.5),
+    "detr": (1e-3, 5e-4, 5e-4, 5e-6, 0.5),
     "faster_rcnn": (5e-5, 2.5e-5, 5e-5, 5e-7, 0.5),
     "fcos": (1.6e-3, 8e-4, 8e-4, 8e-6, 0.8),
     "ssd": (1e-3, 5e-4, 5e-4, 5e-6, 0.5),
@@ -337,7 +339,7 @@ class FGD(KDMethod):
         code="yzd-v/FGD",
         project="FeatureDistillation",
         terms=("loss_kd_fgd_fg", "loss_kd_fgd_bg", "loss_kd_fgd_attention", "loss_kd_fgd_global"),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     teacher_parts = frozenset({"features"})

@@ -151,6 +151,15 @@ class FGFI(KDMethod):
 
     teacher_parts = frozenset({"features"})
 
+    def unsupported_reason(self, arch: str, dense_softmax: bool) -> str | None:
+        if self.family == "detr":
+            return (
+                "it imitates the locations whose anchors overlap an object, and a DETR-family "
+                "detector has no anchors. Use DeFeat or FGD (ground-truth masks) on its encoder's "
+                "maps"
+            )
+        return super().unsupported_reason(arch, dense_softmax)
+
     def __init__(
         self,
         student_channels: Mapping[int, int],

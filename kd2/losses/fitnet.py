@@ -59,7 +59,7 @@ class FitNet(KDMethod):
         code="open-mmlab/mmrazor (port)",
         project="Baselines",
         terms=("loss_kd_fitnet",),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     teacher_parts = frozenset({"features"})

@@ -104,7 +104,7 @@ class MGD(KDMethod):
         code="yzd-v/MGD",
         project="FeatureDistillation",
         terms=("loss_kd_mgd",),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     teacher_parts = frozenset({"features"})

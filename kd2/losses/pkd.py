@@ -106,7 +106,7 @@ class PKD(KDMethod):
         code="open-mmlab/mmrazor",
         project="FeatureDistillation",
         terms=("loss_kd_pkd",),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     teacher_parts = frozenset({"features"})

@@ -121,7 +121,7 @@ class RKD(KDMethod):
         code="open-mmlab/mmrazor (port)",
         project="HeadDistillation",
         terms=("loss_kd_rkd_distance", "loss_kd_rkd_angle"),
-        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd"),
+        families=("faster_rcnn", "retinanet", "fcos", "gfl", "ssd", "detr"),
     )
 
     teacher_parts = frozenset({"features"})

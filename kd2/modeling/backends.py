@@ -1,7 +1,8 @@
 """The backend seam: what kd2's core needs from a detection framework, in one place.
 
 A backend is a package that turns one framework's detectors into kd2 students and teachers:
-:mod:`kd2.tv` (torchvision) and :mod:`kd2.d2` (Detectron2). Each registers one
+:mod:`kd2.tv` (torchvision), :mod:`kd2.d2` (Detectron2) and :mod:`kd2.hf` (Hugging Face
+transformers). Each registers one
 :class:`Backend` (its ``backend.py``) with the handful of functions the framework-independent
 core calls — the distiller (:mod:`kd2.modeling.distiller`), the cross-framework teachers
 (:mod:`kd2.modeling.cross_framework`) and the predictor (:mod:`kd2.engine.predictor`). The core
@@ -44,12 +45,14 @@ InputConvention = Tuple[Sequence[float], Sequence[float], str, float]
 BACKEND_MODULES: Dict[str, str] = {
     "torchvision": "kd2.tv.backend",
     "detectron2": "kd2.d2.backend",
+    "transformers": "kd2.hf.backend",
 }
 
 #: what to do when a backend's framework is missing
 _INSTALL_HINT = {
     "detectron2": "install Detectron2 (`make install` builds it offline) or use MODEL.BACKEND / "
     "KD.TEACHER.BACKEND torchvision",
+    "transformers": 'install kd2 with its extra: pip install -e ".[hf]" (make install does)',
 }
 
 
@@ -73,6 +76,9 @@ class Backend:
             teacher's convention, ``strides`` the teacher levels the distiller pairs.
         load_predictor: ``load_predictor(config_file, opts)``: the plain trained detector of a
             config as a :class:`kd2.engine.predictor.Predictor`.
+        trainer: the :class:`kd2.engine.trainer.Trainer` subclass that trains this backend's
+            configs on kd2's own loop; ``None`` for a framework that trains on its own
+            (Detectron2: :class:`kd2.d2.KDTrainer`).
     """
 
     name: str
@@ -83,6 +89,7 @@ class Backend:
     build_teacher: Callable[[Any, str, str], nn.Module]
     teacher_record: Callable[[nn.Module, Tensor, StepRecord, FrozenSet[str], List[int]], StepRecord]
     load_predictor: Callable[[str, list], Any]
+    trainer: Any = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -18,16 +18,20 @@ frameworks lay their anchors out differently.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import os
+from typing import Any, Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd2.utils.errors import ConfigError
+from kd2.config import get_cfg
+from kd2.utils.checkpoint import load_weights_strict
+from kd2.utils.errors import ConfigError, MissingFileError
 
 from .backends import InputConvention, get_backend
 from .teacher_runtime import configure_teacher
+from .weights_check import check_teacher_weights
 
 __all__ = [
     "InputConvention",
@@ -106,3 +110,36 @@ def build_teacher_of_config(cfg, name: str, own_backend: str) -> nn.Module:
     backend = str(node.get("BACKEND", "") or own_backend).lower()
     build = get_backend(backend, f"{key}.BACKEND").build_teacher
     return configure_teacher(build(node, key, cfg.MODEL.DEVICE), node, key, cfg.MODEL.DEVICE)
+
+
+def build_teacher_of_node(
+    node, key: str, device: str, build_plain: Callable[[Any], nn.Module]
+) -> nn.Module:
+    """A frozen teacher of a backend that trains on kd2's own loop (torchvision, transformers):
+    ``node.CONFIG`` is the kd2 yaml it was trained with (no ``KD.METHODS``), ``build_plain`` its
+    backend's plain-detector builder, ``node.WEIGHTS`` the local checkpoint, loaded strictly and
+    checked for absurd values; ``key`` names the config node in messages."""
+    tpath = node.CONFIG
+    if not tpath:
+        raise ConfigError(
+            f"KD.METHODS is set but {key}.CONFIG is empty", "give the teacher's own config file"
+        )
+    if not os.path.isfile(tpath):
+        raise MissingFileError(
+            f"{key}.CONFIG: teacher config {tpath!r} does not exist",
+            "give the config file the teacher was trained with",
+        )
+    tcfg = get_cfg()
+    tcfg.merge_from_file(tpath)
+    if tcfg.KD.METHODS:
+        raise ConfigError(
+            f"the teacher config {tpath!r} has KD.METHODS set",
+            "a teacher has no KD: give the config the teacher was trained with",
+        )
+    tcfg.MODEL.DEVICE = device
+    teacher = build_plain(tcfg)
+    load_weights_strict(teacher, node.WEIGHTS, f"{key}.WEIGHTS", tpath)
+    check_teacher_weights(teacher, node.WEIGHTS)
+    teacher.eval().requires_grad_(False)
+    teacher.kd2_cfg = tcfg
+    return teacher

@@ -16,7 +16,7 @@ detector's input normalisation and held outside the module tree like the detecto
 from __future__ import annotations
 
 import logging
-from typing import Dict, FrozenSet, List, Mapping, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, Tuple
 
 from torch import Tensor, nn
 
@@ -66,8 +66,8 @@ def teachers_needed(kd_cfg) -> set:
 
 
 def model_family(model: nn.Module) -> str:
-    """``faster_rcnn``, ``ssd``, ``gfl``, ``fcos`` or ``retinanet``: a detector's family from its
-    classes (either framework)."""
+    """``faster_rcnn``, ``ssd``, ``gfl``, ``fcos``, ``retinanet`` or ``detr``: a detector's family
+    from its classes (any framework)."""
     names = [c.__name__ for c in type(model).__mro__]
     for family, keys in (
         ("faster_rcnn", ("GeneralizedRCNN", "FasterRCNN")),
@@ -75,6 +75,7 @@ def model_family(model: nn.Module) -> str:
         ("gfl", ("GFL",)),
         ("fcos", ("FCOS",)),
         ("retinanet", ("RetinaNet",)),
+        ("detr", ("HFDetector",)),
     ):
         if any(k in names for k in keys):
             return family
@@ -482,6 +483,28 @@ class DistillerMixin:
             return foreign_teacher_info(backend.model_info(model))
         return self._kd_own_model_info(model)
 
+    #: how the student's batch is made (the pre-flight check's line on the teacher's input)
+    kd_batch_words: str = "resized, padded batch"
+
+    def kd_input_checks(self) -> list:
+        """``(ok, line)`` pairs for the pre-flight check: the classes, and how the teacher's input
+        is made from the student's batch."""
+        s_conv, t_conv = input_convention(self), input_convention(self._teacher)
+        how = (
+            "the same normalised tensor"
+            if s_conv == t_conv
+            else f"the student's tensor converted from (mean, std, channels, scale) {s_conv} to "
+            f"{t_conv}"
+        )
+        return [
+            (
+                True,
+                f"classes: teacher {self.kd_teacher_infos[''].num_classes}, student "
+                f"{self.num_classes_kd}",
+            ),
+            (True, f"the teacher reads the student's {self.kd_batch_words} as {how}"),
+        ]
+
     def kd_publish_scalars(self, stats: Dict[str, float]) -> None:
         """Hand the diagnostics of a step to the backend's trainer (Detectron2's event storage);
         kd2's own trainer reads :attr:`kd_diag_last` instead."""
@@ -509,6 +532,49 @@ class DistillerMixin:
         parts = self.kd_teacher_parts.get(name, frozenset())
         strides = sorted(self.kd_teacher_infos[name].channels)
         return backend.teacher_record(teacher, images, student, parts, strides)
+
+    def teacher_step(self, student: StepRecord) -> StepRecord:
+        """KD.TEACHER's record of this step (only the parts its methods read)."""
+        return self.teacher_records(student, [""])[""]
+
+    def teacher_records(
+        self, student: StepRecord, names: List[str] | None = None
+    ) -> Dict[str, StepRecord]:
+        """Every teacher's record of this step, by name (``""`` = KD.TEACHER), each teacher of the
+        student's framework run by :meth:`_kd_own_teacher_record`."""
+        return self.kd_teacher_records(student, self._kd_own_teacher_record, names)
+
+    def _kd_own_teacher_record(
+        self, teacher: nn.Module, student: StepRecord, parts: FrozenSet[str], strides: List[int]
+    ) -> StepRecord:
+        """The record of a teacher of the student's framework: the ``parts`` its methods read
+        on the student's batch (the backend's code)."""
+        raise NotImplementedError
+
+    def kd_teacher_records(
+        self,
+        student: StepRecord,
+        own_record: Callable[[nn.Module, StepRecord, FrozenSet[str], List[int]], StepRecord],
+        names: List[str] | None = None,
+    ) -> Dict[str, StepRecord]:
+        """The record of every teacher (``names``: all of them, ``""`` = KD.TEACHER), each
+        running only the parts its methods read: a teacher without such parts records nothing
+        (:meth:`~kd2.structures.StepRecord.teacher_view`), one of another framework is run by
+        its backend (:meth:`_kd_foreign_teacher_record`), one of the student's by
+        ``own_record(teacher, student, parts, strides)``, the backend's code."""
+        out = {}
+        for name in ["", *self.extra_teachers] if names is None else names:
+            t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
+            if t is None or not parts:
+                out[name] = student.teacher_view()
+                continue
+            foreign = self._kd_foreign_teacher_record(t, student, name)
+            if foreign is not None:
+                out[name] = foreign
+                continue
+            strides = sorted(self.kd_teacher_infos[name].channels)
+            out[name] = own_record(t, student, parts, strides)
+        return out
 
     def distill_losses(
         self, student: StepRecord, teacher: StepRecord | Dict[str, StepRecord]

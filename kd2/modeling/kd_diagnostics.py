@@ -46,7 +46,11 @@ TRUNK_PREFIX = "backbone."
 
 
 def trunk_parameters(model: nn.Module) -> list[Tensor]:
-    """The trainable parameters of ``model``'s backbone and FPN (names under ``backbone.``)."""
+    """The trainable parameters of ``model``'s backbone and FPN (names under ``backbone.``), or
+    those the model names its trunk (``kd_trunk_parameters()``: a DETR's backbone and hybrid
+    encoder)."""
+    if hasattr(model, "kd_trunk_parameters"):
+        return list(model.kd_trunk_parameters())
     return [
         p for n, p in model.named_parameters() if n.startswith(TRUNK_PREFIX) and p.requires_grad
     ]

@@ -52,9 +52,12 @@ class TeacherInfo:
 
 def detector_parts(family: str) -> frozenset:
     """The record parts a detector of ``family`` fills: two-stage ones an RPN and an ROI head,
-    the others a dense head; all their FPN ``features``."""
+    DETR-family ones their decoder's ``queries`` (and their encoder's maps as ``features``), the
+    others a dense head; all their FPN ``features``."""
     if family == "faster_rcnn":
         return frozenset({"features", "rpn", "roi"})
+    if family == "detr":
+        return frozenset({"features", "queries"})
     return frozenset({"features", "dense"})
 
 

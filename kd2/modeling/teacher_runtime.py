@@ -25,6 +25,8 @@ from typing import Dict
 import torch
 from torch import nn
 
+from kd2.utils.errors import ConfigError
+
 __all__ = ["TEACHER_DTYPES", "configure_teacher"]
 
 #: ``KD.TEACHER.DTYPE`` values.
@@ -47,8 +49,18 @@ def configure_teacher(teacher: nn.Module, node, key: str, device: str) -> nn.Mod
             f"{key}.DTYPE float16 needs a CUDA device (MODEL.DEVICE is {device!r}); on a CPU use "
             "bfloat16 or float32"
         )
-    backbone = teacher.backbone
     channels_last = bool(node.get("CHANNELS_LAST", False))
+    compile_ = bool(node.get("COMPILE", False))
+    backbone = getattr(teacher, "backbone", None)
+    if backbone is None:  # a transformers DETR: its backbone is inside the model's own forward
+        if dtype != torch.float32 or channels_last or compile_:
+            raise ConfigError(
+                f"{key}.DTYPE / CHANNELS_LAST / COMPILE apply to a torchvision or Detectron2 "
+                f"teacher's backbone; the teacher {type(teacher).__name__} has none kd2 reaches",
+                f"leave {key}.DTYPE float32, CHANNELS_LAST and COMPILE False",
+            )
+        teacher.kd2_teacher_dtype = dtype
+        return teacher
     if dtype != torch.float32:
         backbone.to(dtype)
     if channels_last:
@@ -57,7 +69,7 @@ def configure_teacher(teacher: nn.Module, node, key: str, device: str) -> nn.Mod
         backbone.register_forward_pre_hook(_input_hook(dtype, channels_last))
     if dtype != torch.float32:
         backbone.register_forward_hook(_float32_output)
-    if bool(node.get("COMPILE", False)):
+    if compile_:
         backbone.forward = torch.compile(backbone.forward)  # state-dict keys unchanged
     teacher.kd2_teacher_dtype = dtype
     return teacher

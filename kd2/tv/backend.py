@@ -9,6 +9,7 @@ from kd2.structures import StepRecord
 
 from . import record
 from .build import build_torchvision_teacher
+from .engine import Trainer
 from .meta_arch import model_info
 from .predictor import load_predictor
 
@@ -45,5 +46,6 @@ TORCHVISION = register_backend(
         build_teacher=build_torchvision_teacher,
         teacher_record=teacher_record,
         load_predictor=load_predictor,
+        trainer=Trainer,
     )
 )

@@ -16,10 +16,8 @@ are built with ``K`` classes.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, List
 
-import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet
 from torchvision.models.detection import (
@@ -39,11 +37,10 @@ from torchvision.ops.feature_pyramid_network import (
     LastLevelP6P7,
 )
 
-from kd2.config import NUM_CLASSES_KEYS, get_cfg
-from kd2.modeling.cross_framework import build_teacher_of_config
+from kd2.config import NUM_CLASSES_KEYS
+from kd2.modeling.cross_framework import build_teacher_of_config, build_teacher_of_node
 from kd2.modeling.distiller import teachers_needed
-from kd2.modeling.weights_check import check_teacher_weights
-from kd2.utils.errors import ConfigError, MissingFileError, WeightsError
+from kd2.utils.checkpoint import load_checkpoint_state
 
 from .gfl import GFL
 
@@ -328,60 +325,6 @@ def _plain_class(arch: str):
     }[arch]
 
 
-def load_checkpoint_state(path: str, what: str) -> Dict[str, torch.Tensor]:
-    """Read a model state dict from a kd2 checkpoint (``{"model": ...}``) or a bare state dict."""
-    if not path:
-        raise MissingFileError(f"{what}: no weights file given", f"set {what} to a checkpoint")
-    if not os.path.isfile(path):
-        raise MissingFileError(
-            f"{what}: weights file {path!r} does not exist",
-            "kd2 never downloads weights; pass the path of a local checkpoint (e.g. "
-            "OUTPUT_DIR/model_final.pth of the run that trained it)",
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(
-            f"{what}: cannot read weights file {path!r} ({type(e).__name__}: {e})",
-            "give a checkpoint written by torch.save (kd2's model_final.pth, or a state dict)",
-        ) from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(
-            f"{what}: {path!r} is not a model checkpoint (no tensor state dict)",
-            "give a file holding {'model': state_dict} or a state dict",
-        )
-    return state
-
-
-def load_weights_strict(model: nn.Module, path: str, what: str, config_file: str = "") -> None:
-    """Load ``path`` into ``model``; any missing/unexpected/mis-shaped key is a clear error."""
-    state = load_checkpoint_state(path, what)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches, e.g. {mismatched[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
-        src = f" built from {config_file!r}" if config_file else ""
-        raise WeightsError(
-            f"{what}: checkpoint {path!r} does not match the model{src}: " + "; ".join(parts),
-            "check that the config describes the network the checkpoint was trained with "
-            "(backbone, FPN channels, number of classes, anchors)",
-        )
-    model.load_state_dict(state)
-
-
 def build_plain_detector(cfg) -> nn.Module:
     """The plain torchvision detector described by ``cfg`` (no KD), on ``MODEL.DEVICE``."""
     arch = cfg.MODEL.META_ARCHITECTURE
@@ -400,30 +343,7 @@ def build_teacher(cfg, name: str = "") -> nn.Module:
 def build_torchvision_teacher(node, key: str, device: str) -> nn.Module:
     """A frozen teacher from ``node.CONFIG`` (a kd2 torchvision yaml) and ``node.WEIGHTS`` (a local
     checkpoint, loaded strictly); ``key`` names the config node in messages."""
-    tpath = node.CONFIG
-    if not tpath:
-        raise ConfigError(
-            f"KD.METHODS is set but {key}.CONFIG is empty", "give the teacher's own config file"
-        )
-    if not os.path.isfile(tpath):
-        raise MissingFileError(
-            f"{key}.CONFIG: teacher config {tpath!r} does not exist",
-            "give the config file the teacher was trained with",
-        )
-    tcfg = get_cfg()
-    tcfg.merge_from_file(tpath)
-    if tcfg.KD.METHODS:
-        raise ConfigError(
-            f"the teacher config {tpath!r} has KD.METHODS set",
-            "a teacher has no KD: give the config the teacher was trained with",
-        )
-    tcfg.MODEL.DEVICE = device
-    teacher = build_plain_detector(tcfg)
-    load_weights_strict(teacher, node.WEIGHTS, f"{key}.WEIGHTS", tpath)
-    check_teacher_weights(teacher, node.WEIGHTS)
-    teacher.eval().requires_grad_(False)
-    teacher.kd2_cfg = tcfg
-    return teacher
+    return build_teacher_of_node(node, key, device, build_plain_detector)
 
 
 def build_detector(cfg) -> nn.Module:

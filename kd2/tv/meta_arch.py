@@ -79,45 +79,11 @@ class _KDMixin(DistillerMixin):
                 raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in target {t}")
         return self.transform(images, targets)
 
-    def kd_input_checks(self) -> list:
-        """``(ok, line)`` pairs for the pre-flight check: how the teacher's input is made."""
-        t = self._teacher
-        s_conv, t_conv = input_convention(self), input_convention(t)
-        how = (
-            "the same normalised tensor"
-            if s_conv == t_conv
-            else f"the student's tensor converted from (mean, std, channels, scale) {s_conv} to "
-            f"{t_conv}"
-        )
-        return [
-            (
-                True,
-                f"classes: teacher {self.kd_teacher_infos[''].num_classes}, student "
-                f"{_num_classes(self)}",
-            ),
-            (True, f"the teacher reads the student's resized, padded batch as {how}"),
-        ]
-
-    def teacher_step(self, student: StepRecord) -> StepRecord:
-        """KD.TEACHER's record of this step (only the parts its methods read)."""
-        return self._teacher_record(student, "")
-
-    def teacher_records(self, student: StepRecord) -> Dict[str, StepRecord]:
-        """Every teacher's record of this step, by name (``""`` = KD.TEACHER)."""
-        return {name: self._teacher_record(student, name) for name in ["", *self.extra_teachers]}
-
-    def _teacher_record(self, student: StepRecord, name: str) -> StepRecord:
-        """Run the parts teacher ``name``'s methods read on the student's batch (its resized,
-        padded tensor in the teacher's input convention; the student's proposals for the ROI
-        head). A Detectron2 teacher fills its record with Detectron2's code."""
-        t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
-        if t is None or not parts:
-            return student.teacher_view()
-        foreign = self._kd_foreign_teacher_record(t, student, name)
-        if foreign is not None:
-            return foreign
+    def _kd_own_teacher_record(self, t, student: StepRecord, parts, strides) -> StepRecord:
+        """A torchvision teacher's record: the parts its methods read, run on the student's
+        resized, padded batch in the teacher's input convention (the student's proposals for
+        the ROI head)."""
         images = to_teacher_input(student.images, input_convention(self), input_convention(t))
-        strides = sorted(self.kd_teacher_infos[name].channels)
         return R.teacher_record(t, images, student, parts, strides, self.kd_head_split)
 
     def _base_record(self, images, targets, features, label_shift: int) -> StepRecord:

@@ -21,6 +21,9 @@ import tempfile
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
+from torch import nn
+
+from .errors import MissingFileError, WeightsError
 
 __all__ = [
     "atomic_save",
@@ -29,6 +32,8 @@ __all__ = [
     "save_checkpoint",
     "find_resume_checkpoint",
     "CheckpointWriteError",
+    "load_checkpoint_state",
+    "load_weights_strict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,3 +172,57 @@ def find_resume_checkpoint(output_dir: str) -> Tuple[str, Dict[str, Any]] | None
             "a checkpoint"
         )
     return None
+
+
+def load_checkpoint_state(path: str, what: str) -> Dict[str, torch.Tensor]:
+    """Read a model state dict from a kd2 checkpoint (``{"model": ...}``) or a bare state dict."""
+    if not path:
+        raise MissingFileError(f"{what}: no weights file given", f"set {what} to a checkpoint")
+    if not os.path.isfile(path):
+        raise MissingFileError(
+            f"{what}: weights file {path!r} does not exist",
+            "kd2 never downloads weights; pass the path of a local checkpoint (e.g. "
+            "OUTPUT_DIR/model_final.pth of the run that trained it)",
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(
+            f"{what}: cannot read weights file {path!r} ({type(e).__name__}: {e})",
+            "give a checkpoint written by torch.save (kd2's model_final.pth, or a state dict)",
+        ) from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(
+            f"{what}: {path!r} is not a model checkpoint (no tensor state dict)",
+            "give a file holding {'model': state_dict} or a state dict",
+        )
+    return state
+
+
+def load_weights_strict(model: nn.Module, path: str, what: str, config_file: str = "") -> None:
+    """Load ``path`` into ``model``; any missing/unexpected/mis-shaped key is a clear error."""
+    state = load_checkpoint_state(path, what)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches, e.g. {mismatched[:3]}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+        src = f" built from {config_file!r}" if config_file else ""
+        raise WeightsError(
+            f"{what}: checkpoint {path!r} does not match the model{src}: " + "; ".join(parts),
+            "check that the config describes the network the checkpoint was trained with "
+            "(backbone, FPN channels, number of classes, anchors)",
+        )
+    model.load_state_dict(state)

@@ -127,7 +127,10 @@ def test_cli_misspelled_backend_names_the_valid_ones(tmp_path, no_detectron2):
     assert r.returncode != 0
     assert "No module named 'detectron2'" not in r.stderr
     assert f"unknown MODEL.BACKEND 'torchvison' (in {yaml})" in r.stderr, r.stderr
-    assert "valid backends: torchvision, detectron2; did you mean 'torchvision'?" in r.stderr
+    assert (
+        "valid backends: torchvision, detectron2, transformers; did you mean 'torchvision'?"
+        in r.stderr
+    )
     good = os.path.join(REPO, "configs", "synthetic", "retinanet_R34_teacher.yaml")
     r = _run_cli(["--config-file", good, "MODEL.BACKEND", "tochvision"], no_detectron2)
     assert r.returncode != 0

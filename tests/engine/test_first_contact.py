@@ -182,7 +182,7 @@ def test_losses_are_logged_from_iteration_1_without_a_progress_bar(
     monkeypatch.setenv("KD2_NO_PROGRESS", "1")
     cfg = engine_cfg(tiny_data, tmp_path / "out", max_iter=8)
     cfg.SOLVER.LOG_PERIOD = 4
-    with captured("kd2.tv.engine") as logs:
+    with captured("kd2.engine.trainer") as logs:
         Trainer(cfg).train()
     lines = [m for m in logs if m.startswith("iter ")]
     assert [m.split()[1] for m in lines] == ["1/8", "2/8", "3/8", "4/8", "5/8", "8/8"]

@@ -218,7 +218,7 @@ def test_a_new_base_lr_applies_on_resume(tiny_data, tmp_path):
     Trainer(cfg).train()
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR, cfg.SOLVER.MOMENTUM = 4, 0.001, 0.8
     trainer = Trainer(cfg)
-    with captured("kd2.tv.engine") as logs:
+    with captured("kd2.engine.trainer") as logs:
         trainer.resume_or_load(resume=True)
     group = trainer.optimizer.param_groups[0]
     assert group["lr"] == pytest.approx(0.001) and group["momentum"] == 0.8
