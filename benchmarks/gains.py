@@ -68,6 +68,15 @@ PAIRS = {
         "configs/synthetic/dfine_tiny_teacher.yaml",
         "configs/synthetic/dfine_pico_student.yaml",
     ),
+    # across backends and families: a CNN teacher for the DETR student, a DETR teacher for FCOS
+    "faster_rcnn_to_dfine": (
+        "configs/synthetic/faster_rcnn_R18_teacher.yaml",
+        "configs/synthetic/dfine_pico_student.yaml",
+    ),
+    "dfine_to_fcos": (
+        "configs/synthetic/dfine_tiny_teacher.yaml",
+        "configs/synthetic/fcos_MNv3_student.yaml",
+    ),
     # the second benchmark: many small objects on 256-512 px images (synthetic_crowded_*)
     "faster_rcnn_crowded": (
         "configs/synthetic_crowded/faster_rcnn_R18_teacher.yaml",

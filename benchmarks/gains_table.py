@@ -50,7 +50,7 @@ PROJECTS = {
     "ClassifierKD": ("ClassifierKD",),
     "FeatureDistillation": ("CWD", "PKD", "MGD", "FGD", "FBKD"),
     "HeadDistillation": ("CrossKD", "GID", "RKD", "LD"),
-    "DETRDistillation": ("DFineLD",),
+    "DETRDistillation": ("DFineLD", "TeachDETR"),
 }
 
 #: KD.BALANCE variants side by side: (config-name suffix, column title)
@@ -68,6 +68,8 @@ PAIR_TITLES = {
     "dfine": "D-FINE (DETR)",
     "fcos_to_faster_rcnn": "FCOS teacher → Faster R-CNN student",
     "faster_rcnn_to_fcos": "Faster R-CNN teacher → FCOS student",
+    "faster_rcnn_to_dfine": "Faster R-CNN teacher (torchvision) → D-FINE student (transformers)",
+    "dfine_to_fcos": "D-FINE teacher (transformers) → FCOS student (torchvision)",
     "faster_rcnn_crowded": "Faster R-CNN, crowded",
     "fcos_crowded": "FCOS, crowded",
 }
@@ -78,6 +80,8 @@ PAIR_TITLES = {
 PAIR_SOURCES = {
     "fcos_to_faster_rcnn": ("fcos", "faster_rcnn"),
     "faster_rcnn_to_fcos": ("faster_rcnn", "fcos"),
+    "faster_rcnn_to_dfine": ("faster_rcnn", "dfine"),
+    "dfine_to_fcos": ("dfine", "fcos"),
 }
 
 #: The papers' / official repositories' COCO numbers (baseline -> distilled), theirs, not kd2's.

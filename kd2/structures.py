@@ -221,6 +221,9 @@ class StepRecord:
         roi: ROI-head outputs of a two-stage detector.
         queries: a DETR-family decoder's outputs (:class:`QueryOutputs`); ``features`` are
             then its encoder's multi-scale maps.
+        detections: a teacher's inference on the student's input (any detector): per image
+            ``boxes`` ``(D, 4)`` XYXY in input pixels, ``scores`` ``(D,)``, ``labels`` ``(D,)``
+            in ``0..K-1``; ``None`` unless a method reads them.
     """
 
     images: Tensor
@@ -233,6 +236,7 @@ class StepRecord:
     rpn: DenseOutputs | None = None
     roi: RoiOutputs | None = None
     queries: QueryOutputs | None = None
+    detections: List[Dict[str, Tensor]] | None = None
     extras: Dict[str, object] = field(default_factory=dict)
 
     @property

@@ -116,6 +116,11 @@ def config_digest(cfg) -> str:
     for arch in ("SSD", "GFL"):  # the architectures' nodes, added in kd2 0.3 and later
         if cfg.MODEL.META_ARCHITECTURE != arch:
             cfg.MODEL.pop(arch, None)
+    if cfg.MODEL.META_ARCHITECTURE != "DETR":  # the transformers backend's keys (kd2 0.5)
+        cfg.MODEL.pop("HF", None)
+        for key, default in (("OPTIMIZER", "SGD"), ("BACKBONE_LR_FACTOR", 1.0)):
+            if cfg.SOLVER.get(key, default) == default:
+                cfg.SOLVER.pop(key, None)
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 

@@ -384,6 +384,21 @@ _C.KD.DFINELD.WEIGHT = 1.5
 _C.KD.DFINELD.TEMPERATURE = 5.0
 _C.KD.DFINELD.LAYERS = "all"  # "all" student decoder layers (as GO-LSD) | "last"
 
+# Teach-DETR (kd2/losses/teach_detr.py): the teacher's detections (any detector, any backend)
+# scoring >= SCORE_THRESH as a second set of one-to-one targets of a DETR student, through the
+# Hungarian criterion, each matched term weighted by the box's score (official SetCriterion,
+# is_ensemble). WEIGHT = lambda_ensemble; CLS / BBOX / GIOU = H-Deformable-DETR's 2 / 5 / 2.
+_C.KD.TEACHDETR = CN()
+_C.KD.TEACHDETR.WEIGHT = 1.0
+_C.KD.TEACHDETR.CLS_WEIGHT = 2.0
+_C.KD.TEACHDETR.BBOX_WEIGHT = 5.0
+_C.KD.TEACHDETR.GIOU_WEIGHT = 2.0
+_C.KD.TEACHDETR.SCORE_THRESH = 0.3  # kd2's choice: the official boxes are computed offline
+_C.KD.TEACHDETR.ALPHA = 0.25
+_C.KD.TEACHDETR.GAMMA = 2.0
+# "code": 1 - GIoU * score (the official criterion); "paper": (1 - GIoU) * score
+_C.KD.TEACHDETR.GIOU_WEIGHTING = "code"
+
 # FGD (focal and global distillation, CVPR 2022): foreground / background feature imitation
 # weighted by the teacher's attention, attention imitation and a GcBlock relation loss.
 # Defaults per detector (ALPHA, BETA, GAMMA, LAMBDA, TEMPERATURE): RetinaNet 1e-3, 5e-4, 5e-4,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Dict, List
+
 from torch import Tensor, nn
 
 from kd2.modeling.backends import Backend, InputConvention, register_backend
@@ -26,6 +28,11 @@ def input_convention(model: nn.Module) -> InputConvention:
     return (model.pixel_mean.tolist(), model.pixel_std.tolist(), "RGB", 1.0)
 
 
+def detect(teacher: nn.Module, images: List[Tensor]) -> List[Dict[str, Tensor]]:
+    """The teacher's inference on RGB ``[0, 1]`` images: boxes in their pixels, scores, labels."""
+    return teacher(images)
+
+
 def size_divisibility(model: nn.Module) -> int:
     return 32
 
@@ -47,5 +54,6 @@ TRANSFORMERS = register_backend(
         teacher_record=teacher_record,
         load_predictor=load_predictor,
         trainer=Trainer,
+        detect=detect,
     )
 )

@@ -43,9 +43,12 @@ from .pkd import PKD, pearson_distillation_loss
 from .query_matching import match_queries
 from .rank_mimicking import RM, rank_mimicking_loss
 from .rkd import RKD, rkd_angle_loss, rkd_distance_loss
+from .teach_detr import TeachDETR, teach_detr_losses
 from .utils import assign_fpn_levels, box_iou, masked_squared_error, softmax_kl_div
 
 __all__ = [
+    "TeachDETR",
+    "teach_detr_losses",
     "DFineLD",
     "decoupled_distillation_loss",
     "match_queries",

@@ -26,8 +26,9 @@ KD_METHOD_REGISTRY.__doc__ = (
 
 #: The parts of the teacher a method may ask for. ``features`` = FPN maps, ``dense`` = the
 #: one-stage head, ``rpn`` = the RPN head, ``roi`` = the ROI head run on the student's sampled
-#: proposals, ``queries`` = a DETR-family decoder's predictions on its matching queries.
-TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi", "queries"})
+#: proposals, ``queries`` = a DETR-family decoder's predictions on its matching queries,
+#: ``detections`` = the teacher's inference (boxes, scores, labels) on the student's input.
+TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi", "queries", "detections"})
 
 
 #: The detector families a method may apply to, and their names in tables.

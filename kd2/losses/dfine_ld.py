@@ -38,7 +38,7 @@ from kd2.utils.errors import ConfigError
 
 from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .query_matching import cxcywh_to_xyxy, match_queries
-from .utils import aligned_box_iou, softmax_kl_div, zero_like_loss
+from .utils import aligned_box_iou, compute_dtype, softmax_kl_div, zero_like_loss
 
 __all__ = ["DFineLD", "decoupled_distillation_loss"]
 
@@ -151,7 +151,7 @@ class DFineLD(KDMethod):
         s_idx = torch.cat([p[0] for p in pairs])
         t_idx = torch.cat([p[1] for p in pairs])
         t_corners = t.corners[-1][image, t_idx]
-        weights = t.logits[-1][image, t_idx].sigmoid().amax(-1).float()
+        weights = t.logits[-1][image, t_idx].sigmoid().amax(-1).to(compute_dtype(s.corners))
         positive = torch.zeros_like(s_idx, dtype=torch.bool)
         layers = range(s.corners.shape[0]) if self.layers == "all" else [s.corners.shape[0] - 1]
         total = zero_like_loss(s.corners)

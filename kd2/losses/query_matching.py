@@ -1,4 +1,5 @@
-"""Pairing a DETR student's queries with its teacher's: one-to-one, by the Hungarian algorithm.
+"""One-to-one assignments of a DETR student's queries, by the Hungarian algorithm: to its
+teacher's queries (:func:`match_queries`) or to a set of target boxes (:func:`match_to_boxes`).
 
 Two DETR-family detectors answer different query sets (each selects its own from its encoder), so
 a prediction-level distillation first decides which student query answers which teacher query.
@@ -8,6 +9,10 @@ matcher's costs (class 2, L1 5, GIoU 2 on normalised ``cxcywh`` boxes) and, beca
 target is a class *distribution* rather than a label, the class cost is the L1 distance of the two
 sigmoid probability vectors (mean over classes). ``scipy.optimize.linear_sum_assignment`` solves
 each image's assignment (``min(Q_s, Q_t)`` pairs).
+
+:func:`match_to_boxes` is Deformable DETR's matcher (the one Teach-DETR's criterion and
+transformers' ``RTDetrHungarianMatcher`` use): the focal class cost ``α (1 − p)^γ (−log p) −
+(1 − α) p^γ (−log(1 − p))`` at each target's class, L1 and −GIoU, weights 2 / 5 / 2.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from torch import Tensor
 
 from .utils import aligned_box_iou
 
-__all__ = ["QUERY_MATCH_COSTS", "cxcywh_to_xyxy", "match_queries", "pairwise_giou"]
+__all__ = [
+    "QUERY_MATCH_COSTS",
+    "cxcywh_to_xyxy",
+    "focal_class_cost",
+    "match_queries",
+    "match_to_boxes",
+    "pairwise_giou",
+]
 
 #: ``(class, L1, GIoU)`` costs: the RT-DETR / D-FINE matcher's defaults
 QUERY_MATCH_COSTS = (2.0, 5.0, 2.0)
@@ -41,6 +53,62 @@ def pairwise_giou(a: Tensor, b: Tensor) -> Tensor:
     return flat.reshape(p, g)
 
 
+def _solve(cost: Tensor, device) -> tuple[Tensor, Tensor]:
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return (
+        torch.as_tensor(rows, dtype=torch.int64, device=device),
+        torch.as_tensor(cols, dtype=torch.int64, device=device),
+    )
+
+
+def _box_cost(boxes: Tensor, targets: Tensor, w_l1: float, w_giou: float) -> Tensor:
+    """``(Q, G)`` ``w_l1 · L1 − w_giou · GIoU`` of normalised ``cxcywh`` boxes."""
+    giou = pairwise_giou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(targets))
+    return w_l1 * torch.cdist(boxes, targets, p=1) - w_giou * giou
+
+
+def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0):
+    """``(Q, G)`` Deformable DETR's focal class cost of ``logits`` ``(Q, K)`` for targets of
+    classes ``labels`` ``(G,)``."""
+    p = logits.sigmoid()
+    neg = (1 - alpha) * p**gamma * (-(1 - p + 1e-8).log())
+    pos = alpha * (1 - p) ** gamma * (-(p + 1e-8).log())
+    return (pos - neg)[:, labels]
+
+
+@torch.no_grad()
+def match_to_boxes(
+    logits: Tensor,
+    boxes: Tensor,
+    target_labels: list[Tensor],
+    target_boxes: list[Tensor],
+    costs: tuple[float, float, float] = QUERY_MATCH_COSTS,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> list[tuple[Tensor, Tensor]]:
+    """Per image ``(query, target)`` index pairs of Deformable DETR's Hungarian matching.
+
+    Args:
+        logits: ``(N, Q, K)`` sigmoid logits; boxes: ``(N, Q, 4)`` normalised ``cxcywh``.
+        target_labels / target_boxes: per image ``(G_i,)`` classes and ``(G_i, 4)`` normalised
+            ``cxcywh`` boxes (``G_i`` may be 0).
+        costs: ``(class, L1, GIoU)`` weights; alpha / gamma: of the focal class cost.
+    """
+    w_cls, w_l1, w_giou = costs
+    out = []
+    for lg, bx, labels, targets in zip(logits, boxes, target_labels, target_boxes):
+        if len(labels) == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
+            out.append((empty, empty))
+            continue
+        lg, bx, targets = lg.detach().double(), bx.detach().double(), targets.double()
+        cost = w_cls * focal_class_cost(lg, labels, alpha, gamma)
+        out.append(_solve(cost + _box_cost(bx, targets, w_l1, w_giou), logits.device))
+    return out
+
+
 @torch.no_grad()
 def match_queries(
     student_logits: Tensor,
@@ -60,22 +128,10 @@ def match_queries(
     Returns:
         per image two ``(min(Q_s, Q_t),)`` tensors on the logits' device, sorted by student query.
     """
-    from scipy.optimize import linear_sum_assignment
-
     w_cls, w_l1, w_giou = costs
     out = []
     for sl, sb, tl, tb in zip(student_logits, student_boxes, teacher_logits, teacher_boxes):
         sl, sb, tl, tb = (x.detach().double() for x in (sl, sb, tl, tb))
         cls = torch.cdist(sl.sigmoid(), tl.sigmoid(), p=1) / sl.shape[-1]
-        l1 = torch.cdist(sb, tb, p=1)
-        giou = pairwise_giou(cxcywh_to_xyxy(sb), cxcywh_to_xyxy(tb))
-        cost = w_cls * cls + w_l1 * l1 - w_giou * giou
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        device = student_logits.device
-        out.append(
-            (
-                torch.as_tensor(rows, dtype=torch.int64, device=device),
-                torch.as_tensor(cols, dtype=torch.int64, device=device),
-            )
-        )
+        out.append(_solve(w_cls * cls + _box_cost(sb, tb, w_l1, w_giou), student_logits.device))
     return out

@@ -76,6 +76,9 @@ class Backend:
             teacher's convention, ``strides`` the teacher levels the distiller pairs.
         load_predictor: ``load_predictor(config_file, opts)``: the plain trained detector of a
             config as a :class:`kd2.engine.predictor.Predictor`.
+        detect: ``detect(teacher, images)``: the detector's inference (eval mode) on RGB
+            ``[0, 1]`` images at their own size — per image ``boxes`` ``(D, 4)`` XYXY in their
+            pixels, ``scores``, contiguous ``labels`` (the ``detections`` record part).
         trainer: the :class:`kd2.engine.trainer.Trainer` subclass that trains this backend's
             configs on kd2's own loop; ``None`` for a framework that trains on its own
             (Detectron2: :class:`kd2.d2.KDTrainer`).
@@ -90,6 +93,7 @@ class Backend:
     teacher_record: Callable[[nn.Module, Tensor, StepRecord, FrozenSet[str], List[int]], StepRecord]
     load_predictor: Callable[[str, list], Any]
     trainer: Any = None
+    detect: Callable[[nn.Module, List[Tensor]], List[Dict[str, Tensor]]] | None = None
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -41,6 +41,9 @@ __all__ = ["DistillerMixin", "model_family", "needs_detector_teacher", "teachers
 
 logger = logging.getLogger(__name__)
 
+#: RGB in ``[0, 1]``: the images every backend's ``detect`` reads
+RAW_RGB = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "RGB", 1.0)
+
 
 def needs_detector_teacher(kd_cfg) -> bool:
     """Whether any method of ``kd_cfg.METHODS`` learns from ``KD.TEACHER`` (the default
@@ -87,6 +90,8 @@ _PART_WORDS = {
     "dense": "one-stage dense head",
     "rpn": "RPN",
     "roi": "ROI box head",
+    "queries": "DETR decoder queries",
+    "detections": "detections",
 }
 
 
@@ -565,16 +570,25 @@ class DistillerMixin:
         out = {}
         for name in ["", *self.extra_teachers] if names is None else names:
             t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
-            if t is None or not parts:
-                out[name] = student.teacher_view()
-                continue
-            foreign = self._kd_foreign_teacher_record(t, student, name)
-            if foreign is not None:
-                out[name] = foreign
-                continue
-            strides = sorted(self.kd_teacher_infos[name].channels)
-            out[name] = own_record(t, student, parts, strides)
+            rec = None
+            if t is not None and parts - {"detections"}:
+                rec = self._kd_foreign_teacher_record(t, student, name)
+                if rec is None:
+                    strides = sorted(self.kd_teacher_infos[name].channels)
+                    rec = own_record(t, student, parts, strides)
+            rec = rec if rec is not None else student.teacher_view()
+            if t is not None and "detections" in parts:
+                rec.detections = self._kd_teacher_detections(t, student)
+            out[name] = rec
         return out
+
+    def _kd_teacher_detections(self, teacher: nn.Module, student: StepRecord) -> list:
+        """The teacher's inference on the student's input (RGB ``[0, 1]``, each image's valid
+        region): its detections in the student's input pixels."""
+        detect = backend_of(teacher).detect
+        raw = to_teacher_input(student.images, input_convention(self), RAW_RGB)
+        images = [raw[i, :, :h, :w] for i, (h, w) in enumerate(student.image_sizes)]
+        return detect(teacher, images)
 
     def distill_losses(
         self, student: StepRecord, teacher: StepRecord | Dict[str, StepRecord]

@@ -53,12 +53,12 @@ class TeacherInfo:
 def detector_parts(family: str) -> frozenset:
     """The record parts a detector of ``family`` fills: two-stage ones an RPN and an ROI head,
     DETR-family ones their decoder's ``queries`` (and their encoder's maps as ``features``), the
-    others a dense head; all their FPN ``features``."""
+    others a dense head; all their FPN ``features`` and their ``detections`` (inference)."""
     if family == "faster_rcnn":
-        return frozenset({"features", "rpn", "roi"})
+        return frozenset({"features", "rpn", "roi", "detections"})
     if family == "detr":
-        return frozenset({"features", "queries"})
-    return frozenset({"features", "dense"})
+        return frozenset({"features", "queries", "detections"})
+    return frozenset({"features", "dense", "detections"})
 
 
 def foreign_teacher_info(info: TeacherInfo) -> TeacherInfo:
@@ -67,7 +67,7 @@ def foreign_teacher_info(info: TeacherInfo) -> TeacherInfo:
     proposals); not ``dense`` or ``rpn`` (per-anchor)."""
     return replace(
         info,
-        parts=frozenset(info.parts) & {"features", "roi"},
+        parts=frozenset(info.parts) & {"features", "roi", "detections"},
         name=f"{info.name}, other framework",
     )
 

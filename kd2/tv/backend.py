@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Dict, List
+
 from torch import Tensor, nn
 
 from kd2.modeling.backends import Backend, InputConvention, register_backend
 from kd2.structures import StepRecord
 
 from . import record
-from .build import build_torchvision_teacher
+from .build import build_torchvision_teacher, label_offset
 from .engine import Trainer
 from .meta_arch import model_info
 from .predictor import load_predictor
@@ -24,6 +26,13 @@ def owns(model: nn.Module) -> bool:
 def input_convention(model: nn.Module) -> InputConvention:
     t = model.transform
     return (list(t.image_mean), list(t.image_std), "RGB", 1.0)
+
+
+def detect(teacher: nn.Module, images: List[Tensor]) -> List[Dict[str, Tensor]]:
+    """The teacher's inference on RGB ``[0, 1]`` images: boxes in their pixels, scores,
+    contiguous labels."""
+    offset = label_offset(teacher)
+    return [{**o, "labels": o["labels"] - offset} for o in teacher(images)]
 
 
 def size_divisibility(model: nn.Module) -> int:
@@ -47,5 +56,6 @@ TORCHVISION = register_backend(
         teacher_record=teacher_record,
         load_predictor=load_predictor,
         trainer=Trainer,
+        detect=detect,
     )
 )

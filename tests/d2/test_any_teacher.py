@@ -162,3 +162,24 @@ def test_bfloat16_detectron2_teacher(tmp_path):
         assert all(f.dtype == torch.float32 for f in trec.features.values())
         assert trec.dense.cls_logits[0].dtype == torch.float32
         _trains_student_only(model, lambda: model(batch()))
+
+
+def test_a_detectron2_faster_rcnn_teacher_teaches_a_dfine_student(tmp_path):
+    """Teach-DETR (the teacher's detections as extra targets) + PKD (its FPN features)."""
+    pytest.importorskip("transformers")
+    from kd2.hf import build_detector as build_hf
+    from tests.hf.test_backend import hf_cfg
+
+    tyaml, tpth = save_teacher(tmp_path, "GeneralizedRCNN", depth=18, fpn=32)
+    cfg = hf_cfg(num_classes=K)
+    cfg.KD.METHODS = ["TeachDETR", "PKD"]
+    cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = tyaml, tpth
+    cfg.KD.TEACHER.BACKEND = "detectron2"
+    cfg.KD.TEACHDETR.SCORE_THRESH = 0.0  # a random teacher's scores are low
+    model = build_hf(cfg).train()
+    assert type(model.teacher).__name__ == "GeneralizedRCNN"
+    images, targets = tvh.batch("RetinaNet", with_empty=True)
+    teacher = model.teacher_step(model.student_step(images, targets)[0])
+    assert teacher.detections is not None and len(teacher.detections) == 2
+    losses = _trains_student_only(model, lambda: model(images, targets))
+    assert {"loss_kd_pkd", "loss_kd_teachdetr_cls", "loss_kd_teachdetr_giou"} <= set(losses)

@@ -67,10 +67,10 @@ def test_the_build_checks_accept_the_feature_methods_for_detr():
     from kd2.hf.meta_arch import model_info
 
     info = model_info(student)
-    assert info.family == "detr" and info.parts == {"features", "queries"}
+    assert info.family == "detr" and info.parts == {"features", "queries", "detections"}
     assert sorted(info.channels) == [8, 16, 32]
     applies = _applicable_methods(info, info, "one_stage", False, NUM_CLASSES)
-    assert applies == sorted([*DETR_METHODS, "DFineLD"])
+    assert applies == sorted([*DETR_METHODS, "DFineLD", "TeachDETR"])
 
 
 def test_student_step_reproduces_the_models_own_losses_and_splits_denoising(tmp_path):

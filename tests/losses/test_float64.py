@@ -42,9 +42,11 @@ from kd2.losses import (
     ClassifierKD,
     CrossKD,
     DeFeat,
+    DFineLD,
     FitNet,
     GlobalKD,
     Hinton,
+    TeachDETR,
     binary_kl_div_with_logits,
     box_iou,
     channel_attention,
@@ -66,7 +68,7 @@ from kd2.losses.pkd import channel_standardize
 from kd2.losses.rkd import pairwise_distances, rkd_angle_loss, rkd_distance_loss
 from kd2.losses.utils import aligned_box_iou, compute_dtype, zero_like_loss
 from kd2.ops import box_mean_pool, reference, roi_align
-from kd2.structures import DenseOutputs, HeadSplit, RoiOutputs, StepRecord
+from kd2.structures import DenseOutputs, HeadSplit, QueryOutputs, RoiOutputs, StepRecord
 
 DT = torch.float64
 N, K = 2, 2  # images, classes
@@ -662,6 +664,47 @@ def case_classifierkd(variant: str) -> Case:
     return Case(method, (*s_cls, *s_box), dense_records)
 
 
+def _queries(g: torch.Generator, layers: int = 2, q: int = 5, bins: int = 4):
+    """A DETR decoder's ``(L, N, Q, K)`` logits, normalised ``cxcywh`` boxes and per-edge
+    distribution logits ``(L, N, Q, 4 (bins + 1))``."""
+    logits = _randn(layers, N, q, K, g=g)
+    cxcy = 0.2 + 0.6 * torch.rand(layers, N, q, 2, generator=g, dtype=DT)
+    wh = 0.1 + 0.3 * torch.rand(layers, N, q, 2, generator=g, dtype=DT)
+    return logits, torch.cat([cxcy, wh], -1), _randn(layers, N, q, 4 * (bins + 1), g=g)
+
+
+def case_dfineld(variant: str) -> Case:
+    s_logits, s_boxes, s_corners = _queries(_g(31))
+    t_logits, t_boxes, t_corners = _queries(_g(32), layers=1)
+    matched = [(torch.tensor([1, 3]), torch.tensor([0, 1])), (torch.tensor([2]), torch.tensor([0]))]
+    dist = (4, 4.0, 0.5)
+    hidden = torch.zeros(N, 5, 2, dtype=DT)
+
+    def records(corners):
+        s, t = _record(), _record()
+        s.queries = QueryOutputs(s_logits, s_boxes, hidden, corners, s_boxes, dist, matched)
+        t.queries = QueryOutputs(t_logits, t_boxes, hidden, t_corners, t_boxes, dist)
+        return s, t
+
+    return Case(DFineLD(), (s_corners,), records)
+
+
+def case_teachdetr(variant: str) -> Case:
+    s_logits, s_boxes, _ = _queries(_g(33))
+    scores = [torch.tensor([0.9, 0.5], dtype=DT), torch.tensor([0.7], dtype=DT)]
+    detections = [
+        {"boxes": b, "scores": s, "labels": lb} for b, s, lb in zip(GT_BOXES, scores, GT_LABELS)
+    ]
+
+    def records(logits, boxes):
+        s, t = _record(), _record()
+        s.queries = QueryOutputs(logits, boxes, torch.zeros(N, 5, 2, dtype=DT))
+        t.detections = detections
+        return s, t
+
+    return Case(TeachDETR(giou_weighting=variant), (s_logits, s_boxes), records)
+
+
 #: method name -> (case builder, variants)
 CASES: dict[str, tuple[Callable[[str], Case], tuple[str, ...]]] = {
     "FitNet": (case_fitnet, ("plain",)),
@@ -682,6 +725,8 @@ CASES: dict[str, tuple[Callable[[str], Case], tuple[str, ...]]] = {
     "CrossKD": (case_crosskd, ("retinanet", "fcos", "gfl", "near_constant", "tiny")),
     "GID": (case_gid, ("plain",)),
     "ClassifierKD": (case_classifierkd, ("sigmoid_dense", "softmax_roi")),
+    "DFineLD": (case_dfineld, ("plain",)),
+    "TeachDETR": (case_teachdetr, ("code", "paper")),
 }
 
 
