@@ -6,10 +6,11 @@ PyTorch model.
     python tools/export_model.py --config-file configs/synthetic/faster_rcnn_MNv3_FGFI.yaml \\
         --output output/export MODEL.WEIGHTS output/.../model_final.pth
 
-The graph takes one image, ``float32 (3, H, W)``: RGB in ``[0, 1]`` (torchvision backend) or the
-Detectron2 model's own resized input tensor in its ``INPUT.FORMAT``, 0-255 (Detectron2 backend,
-through ``detectron2.export.TracingAdapter``); it returns ``boxes (D, 4)`` XYXY in the input's
-pixels, ``scores (D,)`` and contiguous ``labels (D,)``. The resize (torchvision), the network and
+The graph takes one image, ``float32 (3, H, W)``: RGB in ``[0, 1]`` (torchvision and transformers
+backends) or the Detectron2 model's own resized input tensor in its ``INPUT.FORMAT``, 0-255
+(Detectron2 backend, through ``detectron2.export.TracingAdapter``); it returns ``boxes (D, 4)``
+XYXY in the input's pixels, ``scores (D,)`` and contiguous ``labels (D,)``. The resize
+(torchvision, transformers), the network and
 the post-processing (NMS included) are in the graph, with dynamic height and width. While
 ``torch.export`` traces, the few torchvision and Detectron2 helpers whose Python code branches on
 a size or a value are swapped for equivalents with the same results
@@ -72,7 +73,7 @@ def sample_images(predictor, paths: Sequence[str], count: int) -> list:
     from PIL import Image, UnidentifiedImageError
 
     if not paths:
-        if predictor.backend == "torchvision":
+        if predictor.backend in OWN_LOOP_BACKENDS:
             from kd2.data import DatasetCatalog
         else:
             from detectron2.data import DatasetCatalog
@@ -105,8 +106,13 @@ def sample_images(predictor, paths: Sequence[str], count: int) -> list:
     return out
 
 
+#: the backends whose detectors take torchvision's ``model([image])`` (kd2's own loop)
+OWN_LOOP_BACKENDS = ("torchvision", "transformers")
+
+
 class _TorchvisionExport:
-    """The torchvision model as ``image (3, H, W) -> boxes, scores, labels``."""
+    """A torchvision model, or a transformers DETR behind kd2's ``HFDetector`` (the same
+    interface), as ``image (3, H, W) -> boxes, scores, labels``."""
 
     def __init__(self, predictor):
         import torch
@@ -692,7 +698,7 @@ def export_and_verify(args: argparse.Namespace, formats: List[str]) -> dict:
     images = sample_images(predictor, args.sample_images, args.num_samples)
     exporter = (
         _TorchvisionExport(predictor)
-        if predictor.backend == "torchvision"
+        if predictor.backend in OWN_LOOP_BACKENDS
         else _Detectron2Export(predictor)
     )
     make_writable_dir(args.output, "--output")

@@ -42,7 +42,8 @@ def resize_batch(
 ) -> Tuple[Tensor, List[Tuple[int, int]]]:
     """``(N, 3, size, size)`` normalised batch of the images resized bilinearly to a square, and
     each image's own ``(h, w)``."""
-    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    # the sizes stay symbolic while torch.export traces (the exported graph takes any size)
+    sizes = [(im.shape[-2], im.shape[-1]) for im in images]
     resized = [
         F.interpolate(im[None].float(), size=(size, size), mode="bilinear", align_corners=False)
         for im in images
@@ -69,10 +70,12 @@ def postprocess(
     for i, (h, w) in enumerate(image_sizes):
         keep = values[i] > score_thresh
         query = index[i][keep] // k
-        xyxy = cxcywh_to_xyxy(boxes[i, query]) * boxes.new_tensor([w, h, w, h])
+        one = boxes.new_ones(())
+        scale = torch.stack([one * w, one * h, one * w, one * h])
+        xyxy = cxcywh_to_xyxy(boxes[i, query]) * scale
         out.append(
             {
-                "boxes": xyxy.clamp(min=0).minimum(boxes.new_tensor([w, h, w, h])),
+                "boxes": xyxy.clamp(min=0).minimum(scale),
                 "scores": values[i][keep],
                 "labels": index[i][keep] % k,
             }

@@ -224,3 +224,33 @@ def test_train_net_trains_a_transformers_config_and_refuses_a_wrong_architecture
     bad = run_cli(["--config-file", path, "MODEL.META_ARCHITECTURE", "FCOS"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "kd2: error: MODEL.BACKEND transformers builds DETR-family" in bad.stderr
+
+
+def test_the_student_exports_to_pt2_and_onnx_verified_on_two_sizes(tmp_path):
+    """``tools/export_model.py`` on a D-FINE: one ``.pt2`` graph for any input size, ONNX (the
+    legacy exporter: transformers' D-FINE does not convert with the dynamo exporter in torch
+    2.14), each checked against eager PyTorch on images of two sizes."""
+    pytest.importorskip("onnxruntime")
+    from tests.engine.test_export_predict import (
+        _assert_verified,
+        _distinct_class_scores,
+        _export,
+        _images,
+    )
+
+    cfg = hf_cfg()
+    torch.manual_seed(3)
+    model = build_plain_detector(cfg)
+    # the encoder's query selection (a random one ties: the anchors outside the image all score
+    # its bias) and the last decoder layer's classes (the one eval mode runs)
+    hf = model.detector.model
+    heads = [hf.enc_score_head, hf.decoder.class_embed[-1]]
+    _distinct_class_scores(model, heads, [torch.rand(3, 96, 128)])
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    cfg.MODEL.WEIGHTS = str(weights)
+    config = write_cfg(cfg, tmp_path / "detr.yaml")
+    report = _export(config, tmp_path / "out", _images(tmp_path))
+    _assert_verified(report, ["pt2", "onnx"])
+    assert report["backend"] == "transformers" and report["architecture"] == "HFDetector"
+    assert report["files"]["onnx"]["exporter"] == "legacy"
