@@ -254,3 +254,21 @@ def test_the_student_exports_to_pt2_and_onnx_verified_on_two_sizes(tmp_path):
     _assert_verified(report, ["pt2", "onnx"])
     assert report["backend"] == "transformers" and report["architecture"] == "HFDetector"
     assert report["files"]["onnx"]["exporter"] == "legacy"
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
+def test_every_type_trains_with_the_detr_methods(tmp_path, model_type):
+    """A student of each type learns from a teacher of its type with a feature method, Teach-DETR
+    and (D-FINE, DEIMv2: the types with distributions) D-FINE's localization KD."""
+    methods = ["PKD", "TeachDETR"] + (["DFineLD"] if model_type in ("d_fine", "deimv2") else [])
+    cfg = kd_hf_cfg(tmp_path, methods, model_type)
+    cfg.KD.TEACHDETR.SCORE_THRESH = 0.0  # a random teacher's scores are low
+    model = build_detector(cfg).train()
+    images, targets = batch(with_empty=False)
+    losses = model(images, targets)
+    kd = {k: v for k, v in losses.items() if k.startswith("loss_kd_")}
+    assert {model.kd_term_owner[k] for k in kd} == set(methods)
+    assert all(torch.isfinite(v) for v in losses.values())
+    grads = term_gradients(losses, trunk_parameters(model), per_term=False)
+    assert sum(float(g.norm()) for g in grads["kd"] if g is not None) > 0
+    sum(losses.values()).backward()
