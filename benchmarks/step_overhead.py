@@ -64,7 +64,12 @@ import torch  # noqa: E402
 
 from kd2.config import get_cfg  # noqa: E402
 from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader  # noqa: E402
-from kd2.tv.build import build_detector, build_plain_detector, label_offset  # noqa: E402
+from kd2.modeling.backends import get_backend  # noqa: E402
+
+
+def _trainer(cfg):
+    """The kd2 trainer class of the config's backend (torchvision, transformers): its builders."""
+    return get_backend(cfg.MODEL.BACKEND).trainer
 
 
 def _override(cfg, batch: int = 0, size: int = 0) -> None:
@@ -73,6 +78,7 @@ def _override(cfg, batch: int = 0, size: int = 0) -> None:
     if size:
         cfg.INPUT.MIN_SIZE_TRAIN = (size,)
         cfg.INPUT.MAX_SIZE_TRAIN = size
+        cfg.MODEL.HF.IMAGE_SIZE = size  # a DETR's square input (transformers backend)
 
 
 def build_kd_model(
@@ -95,13 +101,13 @@ def build_kd_model(
     weights = os.path.join(teacher_dir, os.path.basename(teacher_config) + ".pth")
     if not os.path.isfile(weights):
         torch.manual_seed(0)
-        torch.save({"model": build_plain_detector(tcfg).state_dict()}, weights)
+        torch.save({"model": _trainer(tcfg).build_plain_model(tcfg).state_dict()}, weights)
     cfg.KD.TEACHER.CONFIG = teacher_config
     cfg.KD.TEACHER.WEIGHTS = weights
     for key, value in (teacher_options or {}).items():
         cfg.KD.TEACHER[key] = value
     cfg.MODEL.DEVICE = device
-    return cfg, build_detector(cfg).train()
+    return cfg, _trainer(cfg).build_model(cfg).train()
 
 
 #: ``--teacher-options`` names -> KD.TEACHER keys
@@ -240,7 +246,7 @@ def main(argv=None) -> dict:
     plain_cfg = cfg.clone()
     plain_cfg.KD.METHODS = []
     torch.manual_seed(0)
-    student = build_plain_detector(plain_cfg).train()
+    student = _trainer(plain_cfg).build_plain_model(plain_cfg).train()
 
     def sgd(model):
         return torch.optim.SGD(
@@ -269,7 +275,7 @@ def main(argv=None) -> dict:
         batch_size_per_rank=cfg.SOLVER.IMS_PER_BATCH,
         seed=0,
     )
-    off = label_offset(student)
+    off = _trainer(plain_cfg).label_offset(student)
     batches = []
     for _ in range(args.warmup + args.iters):
         images, targets = next(loader)

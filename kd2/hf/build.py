@@ -17,7 +17,7 @@ from kd2.modeling.distiller import teachers_needed
 from kd2.utils.errors import ConfigError
 
 from .detector import HFDetector
-from .models import build_hf_detector, load_hf_detector
+from .models import build_hf_detector, check_queries, load_hf_detector
 
 __all__ = ["build_detector", "build_hf_teacher", "build_plain_detector", "detector_kwargs"]
 
@@ -56,8 +56,10 @@ def detector_kwargs(cfg) -> Dict[str, Any]:
             f"MODEL.HF.IMAGE_SIZE must be a positive multiple of 32, got {hf.IMAGE_SIZE}",
             "use e.g. 128 for the bundled synthetic data, 640 for COCO",
         )
+    detector = _transformers_model(cfg)
+    check_queries(detector, int(hf.IMAGE_SIZE), int(hf.IMAGE_SIZE), "MODEL.HF.IMAGE_SIZE")
     return {
-        "detector": _transformers_model(cfg),
+        "detector": detector,
         "image_size": int(hf.IMAGE_SIZE),
         "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
         "pixel_std": list(cfg.MODEL.PIXEL_STD),

@@ -35,6 +35,7 @@ __all__ = [
     "backbone_parameters",
     "build_hf_config",
     "build_hf_detector",
+    "check_queries",
     "load_hf_detector",
     "trunk_parameters",
 ]
@@ -164,6 +165,19 @@ def build_hf_config(model_type: str, preset: str, num_classes: int, **overrides)
     }
     settings.update(overrides)
     return getattr(transformers, config_name)(**settings)
+
+
+def check_queries(model: nn.Module, height: int, width: int, what: str) -> None:
+    """A clear error where the detector would select more queries than its encoder has
+    locations on a ``height`` × ``width`` input (``what`` names the input's size)."""
+    c = model.config
+    locations = sum((height // int(s)) * (width // int(s)) for s in c.feat_strides)
+    if int(c.num_queries) > locations:
+        raise ConfigError(
+            f"the model selects {c.num_queries} queries from its encoder's {locations} locations "
+            f"on a {height} x {width} input ({what}), which has too few",
+            "give it a larger input or fewer queries (MODEL.HF.NUM_QUERIES)",
+        )
 
 
 def build_hf_detector(model_type: str, preset: str, num_classes: int, **overrides) -> nn.Module:

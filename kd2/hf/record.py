@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from kd2.structures import QueryOutputs, StepRecord
 
+from .models import check_queries
+
 __all__ = ["encoder_levels", "features_by_stride", "hungarian_matches", "query_outputs"]
 
 
@@ -120,6 +122,7 @@ def teacher_record(
     """A transformers teacher's record (eval mode, no denoising queries: its last decoder layer)
     on ``images``, the student's batch in the teacher's input convention."""
     detector = teacher.detector
+    check_queries(detector, *images.shape[-2:], "the student's batch the teacher reads")
     out = detector(pixel_values=images)
     rec = student.teacher_view()
     own, _ = encoder_levels(detector)

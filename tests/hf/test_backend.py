@@ -272,3 +272,10 @@ def test_every_type_trains_with_the_detr_methods(tmp_path, model_type):
     grads = term_gradients(losses, trunk_parameters(model), per_term=False)
     assert sum(float(g.norm()) for g in grads["kd"] if g is not None) > 0
     sum(losses.values()).backward()
+
+
+def test_more_queries_than_encoder_locations_is_a_clear_error():
+    cfg = hf_cfg()
+    cfg.MODEL.HF.NUM_QUERIES = 200  # a 64-px input has 8 x 8 + 4 x 4 + 2 x 2 = 84 locations
+    with pytest.raises(ConfigError, match="200 queries from its encoder's 84 locations"):
+        build_plain_detector(cfg)
