@@ -25,7 +25,22 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOutputs", "HeadSplit", "QueryOutputs", "RoiOutputs", "StepRecord"]
+__all__ = [
+    "DenseOutputs",
+    "HeadSplit",
+    "QueryOutputs",
+    "RoiOutputs",
+    "StepRecord",
+    "check_target_boxes",
+]
+
+
+def check_target_boxes(targets) -> None:
+    """Refuse a degenerate training box (``x2 <= x1`` or ``y2 <= y1``) in torchvision-style
+    ``targets`` (per image ``boxes`` ``(G, 4)`` XYXY)."""
+    for t in targets:
+        if t["boxes"].numel() and not torch.all(t["boxes"][:, 2:] > t["boxes"][:, :2]):
+            raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in target {t}")
 
 
 @dataclass

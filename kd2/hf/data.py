@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from kd2.losses.query_matching import normalized_cxcywh
+
 __all__ = ["to_hf_labels"]
 
 
@@ -33,10 +35,7 @@ def to_hf_labels(
         raise ValueError(f"{len(targets)} targets for {len(image_sizes)} image sizes")
     out = []
     for target, (h, w) in zip(targets, image_sizes):
-        boxes = target["boxes"].to(torch.float32).reshape(-1, 4)
-        scale = boxes.new_tensor([w, h, w, h])
-        x1, y1, x2, y2 = (boxes / scale).clamp(0.0, 1.0).unbind(-1)
-        cxcywh = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+        cxcywh = normalized_cxcywh(target["boxes"].to(torch.float32).reshape(-1, 4), h, w)
         labels = target["labels"].to(torch.int64).reshape(-1) - int(label_offset)
         if bool((labels < 0).any()):
             raise ValueError(f"a label below label_offset {label_offset}: {labels.min().item()}")

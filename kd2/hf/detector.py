@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd2.losses.query_matching import cxcywh_to_xyxy
+from kd2.structures import check_target_boxes
 
 from .data import to_hf_labels
 from .models import backbone_parameters
@@ -130,10 +131,7 @@ class HFDetector(nn.Module):
         return resize_batch(images, self.image_size, self.pixel_mean, self.pixel_std)
 
     def hf_labels(self, targets, sizes) -> List[Dict[str, Tensor]]:
-        for t in targets:
-            boxes = t["boxes"]
-            if boxes.numel() and not torch.all(boxes[:, 2:] > boxes[:, :2]):
-                raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in target {t}")
+        check_target_boxes(targets)
         return to_hf_labels(targets, sizes)
 
     def forward(self, images, targets=None):

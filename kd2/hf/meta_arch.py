@@ -10,7 +10,6 @@ convention), so it answers with its own matching queries only (no denoising quer
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from kd2.modeling.backends import input_convention
@@ -72,13 +71,7 @@ class KDHFDetector(DistillerMixin, HFDetector):
     def forward(self, images, targets=None):
         if not self.training:
             return super().forward(images)
-        if targets is None:
-            raise ValueError("in training mode, targets must be given")
-        student, losses = self.student_step(images, targets)
-        with torch.no_grad():
-            teachers = self.teacher_records(student)
-        losses.update(self.distill_losses(student, teachers))
-        return self.finalize_kd_losses(losses)
+        return self.kd_training_forward(images, targets)
 
     def student_step(self, images, targets):
         """The detector's training forward, recorded: ``(record, its loss terms)``."""

@@ -28,6 +28,7 @@ __all__ = [
     "focal_class_cost",
     "match_queries",
     "match_to_boxes",
+    "normalized_cxcywh",
     "pairwise_giou",
 ]
 
@@ -39,6 +40,14 @@ def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     """``(..., 4)`` ``cx, cy, w, h`` -> ``x1, y1, x2, y2``."""
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def normalized_cxcywh(boxes: Tensor, height, width) -> Tensor:
+    """``(..., 4)`` XYXY pixel boxes of an ``height`` × ``width`` image -> normalised
+    ``cx, cy, w, h``, clipped to the image."""
+    scale = torch.stack([torch.as_tensor(v, dtype=boxes.dtype) for v in (width, height) * 2])
+    x1, y1, x2, y2 = (boxes / scale.to(boxes.device)).clamp(0.0, 1.0).unbind(-1)
+    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
 
 
 def pairwise_giou(a: Tensor, b: Tensor) -> Tensor:

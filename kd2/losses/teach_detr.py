@@ -36,7 +36,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
-from .query_matching import cxcywh_to_xyxy, match_to_boxes
+from .query_matching import cxcywh_to_xyxy, match_to_boxes, normalized_cxcywh
 from .utils import aligned_box_iou, compute_dtype, zero_like_loss
 
 __all__ = ["TeachDETR", "sigmoid_focal_loss", "teach_detr_losses", "teacher_targets"]
@@ -67,10 +67,7 @@ def teacher_targets(
     labels, boxes, scores = [], [], []
     for d in detections:
         keep = d["scores"] >= score_thresh
-        boxes_i = d["boxes"][keep].to(dtype)
-        xyxy = boxes_i / torch.tensor([w, h, w, h], dtype=dtype, device=boxes_i.device)
-        x1, y1, x2, y2 = xyxy.clamp(0, 1).unbind(-1)
-        boxes.append(torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1))
+        boxes.append(normalized_cxcywh(d["boxes"][keep].to(dtype), h, w))
         labels.append(d["labels"][keep].long())
         scores.append(d["scores"][keep].to(dtype))
     return labels, boxes, scores

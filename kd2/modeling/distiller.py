@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, FrozenSet, List, Mapping, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from kd2.config import get_cfg, method_node_name
@@ -555,6 +556,19 @@ class DistillerMixin:
         """The record of a teacher of the student's framework: the ``parts`` its methods read
         on the student's batch (the backend's code)."""
         raise NotImplementedError
+
+    def kd_training_forward(self, images, targets) -> Dict[str, Tensor]:
+        """The training forward of a backend whose detectors take ``(images, targets)``
+        (torchvision's interface: kd2's torchvision and transformers students): the student's
+        record and losses (``student_step``), every teacher's record without gradients, the
+        ``loss_kd_*`` terms, then :meth:`finalize_kd_losses`."""
+        if targets is None:
+            raise ValueError("in training mode, targets must be given")
+        student, losses = self.student_step(images, targets)
+        with torch.no_grad():
+            teachers = self.teacher_records(student)
+        losses.update(self.distill_losses(student, teachers))
+        return self.finalize_kd_losses(losses)
 
     def kd_teacher_records(
         self,

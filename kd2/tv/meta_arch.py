@@ -29,7 +29,7 @@ from kd2.modeling.cross_framework import to_teacher_input
 from kd2.modeling.distiller import DistillerMixin, model_family
 from kd2.modeling.level_map import TeacherInfo, detector_parts
 from kd2.modeling.prototypes import own_padded_size, pool_instance_boxes
-from kd2.structures import RoiOutputs, StepRecord
+from kd2.structures import RoiOutputs, StepRecord, check_target_boxes
 
 from . import record as R
 from .gfl import GFL
@@ -64,19 +64,11 @@ class _KDMixin(DistillerMixin):
     def forward(self, images, targets=None):
         if not self.training:
             return super().forward(images)
-        if targets is None:
-            raise ValueError("in training mode, targets must be given")
-        student, losses = self.student_step(images, targets)
-        with torch.no_grad():
-            teachers = self.teacher_records(student)
-        losses.update(self.distill_losses(student, teachers))
-        return self.finalize_kd_losses(losses)
+        return self.kd_training_forward(images, targets)
 
     # -- helpers used by the subclasses ---------------------------------------------------
     def _transform(self, images, targets):
-        for t in targets:
-            if t["boxes"].numel() and not torch.all(t["boxes"][:, 2:] > t["boxes"][:, :2]):
-                raise ValueError(f"degenerate box (x2 <= x1 or y2 <= y1) in target {t}")
+        check_target_boxes(targets)
         return self.transform(images, targets)
 
     def _kd_own_teacher_record(self, t, student: StepRecord, parts, strides) -> StepRecord:
