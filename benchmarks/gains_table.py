@@ -50,7 +50,7 @@ PROJECTS = {
     "ClassifierKD": ("ClassifierKD",),
     "FeatureDistillation": ("CWD", "PKD", "MGD", "FGD", "FBKD"),
     "HeadDistillation": ("CrossKD", "GID", "RKD", "LD"),
-    "DETRDistillation": ("DFineLD", "TeachDETR"),
+    "DETRDistillation": ("DFineLD", "TeachDETR", "KDDETR", "DETRDistill"),
 }
 
 #: KD.BALANCE variants side by side: (config-name suffix, column title)

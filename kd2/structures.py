@@ -205,6 +205,10 @@ class QueryOutputs:
         matched: per image ``(query_index, gt_index)`` int64 pairs: the last layer's Hungarian
             assignment to the ground truth (the model's own matcher), or ``None`` (a teacher's
             record).
+        points: the decoder's answers to the step's shared **distillation points** (KD-DETR),
+            by group (``"teacher"``: the teacher's selected queries, ``"random"``: random
+            boxes): ``(logits (L, N, P, K), boxes (L, N, P, 4))`` per group, the student's and
+            the teacher's on the same points in the same order; ``None`` when no method asks.
     """
 
     logits: Tensor
@@ -214,6 +218,7 @@ class QueryOutputs:
     reference_points: Tensor | None = None
     distribution: Tuple[int, float, float] | None = None
     matched: List[Tuple[Tensor, Tensor]] | None = None
+    points: Dict[str, Tuple[Tensor, Tensor]] | None = None
 
     @property
     def num_queries(self) -> int:

@@ -399,6 +399,41 @@ _C.KD.TEACHDETR.GAMMA = 2.0
 # "code": 1 - GIoU * score (the official criterion); "paper": (1 - GIoU) * score
 _C.KD.TEACHDETR.GIOU_WEIGHTING = "code"
 
+# DETRDistill (kd2/losses/detr_distill.py, ICCV 2023), the official distiller's three parts:
+# Hungarian-matched logits KD per decoder layer (the teacher's predictions as targets; soft-BCE /
+# L1 / GIoU at 1 / 5 / 2, the official loss_*_distill and DistillHungarianAssigner weights),
+# target-aware feature KD (masks from the teacher's top-TOPK queries, MSE, weight 1) and the
+# teacher's queries decoded by the student under the teacher's assignment (GROUP, 2 / 5 / 2).
+_C.KD.DETRDISTILL = CN()
+_C.KD.DETRDISTILL.WEIGHT = 1.0
+_C.KD.DETRDISTILL.CLS_WEIGHT = 1.0
+_C.KD.DETRDISTILL.BBOX_WEIGHT = 5.0
+_C.KD.DETRDISTILL.GIOU_WEIGHT = 2.0
+# student layer l learns the teacher layer as far from the last (is_layer_by_layer_distill);
+# False: every student layer learns the teacher's last
+_C.KD.DETRDISTILL.LAYER_BY_LAYER = True
+_C.KD.DETRDISTILL.FEATURE_WEIGHT = 1.0  # 0 turns the target-aware feature part off
+_C.KD.DETRDISTILL.TOPK = 100  # the teacher's (query, class) pairs weighting the mask (max_per_img)
+_C.KD.DETRDISTILL.GROUP = True  # the query-prior assignment part (use_teacher_group)
+_C.KD.DETRDISTILL.GROUP_CLS_WEIGHT = 2.0
+_C.KD.DETRDISTILL.GROUP_BBOX_WEIGHT = 5.0
+_C.KD.DETRDISTILL.GROUP_GIOU_WEIGHT = 2.0
+
+# KD-DETR (kd2/losses/kd_detr.py, CVPR 2024): the teacher's and the student's decoders answer the
+# same distillation points, the teacher's own selected queries ("specific") and RANDOM_POINTS
+# random boxes ("general", sigmoid of a standard normal, drawn each step); every student decoder
+# layer learns the teacher's last layer on them: KL (softmax, T = TEMPERATURE) on classes, L1 and
+# GIoU on boxes, each point weighted by the teacher's max class sigmoid. Weights = the official
+# KDCriterion's (1 / 5 / 2, T 10) and training script's (300 random points). Both DETR-family.
+_C.KD.KDDETR = CN()
+_C.KD.KDDETR.WEIGHT = 1.0
+_C.KD.KDDETR.CLS_WEIGHT = 1.0
+_C.KD.KDDETR.BBOX_WEIGHT = 5.0
+_C.KD.KDDETR.GIOU_WEIGHT = 2.0
+_C.KD.KDDETR.TEMPERATURE = 10.0
+_C.KD.KDDETR.TEACHER_POINTS = True
+_C.KD.KDDETR.RANDOM_POINTS = 300
+
 # FGD (focal and global distillation, CVPR 2022): foreground / background feature imitation
 # weighted by the teacher's attention, attention imitation and a GcBlock relation loss.
 # Defaults per detector (ALPHA, BETA, GAMMA, LAMBDA, TEMPERATURE): RetinaNet 1e-3, 5e-4, 5e-4,

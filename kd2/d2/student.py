@@ -43,10 +43,12 @@ def student_config(cfg: CfgNode) -> CfgNode:
 
 def student_model_config(model_cfg):
     """A LazyConfig ``model`` node for the plain student: the ``Distill*`` target replaced by
-    its Detectron2 base class, the ``teacher`` and ``kd_cfg`` arguments dropped (so the teacher
+    its Detectron2 base class (or the class its ``plain_model`` names: kd2.lazyconfig's
+    transformers students), the ``teacher`` and ``kd_cfg`` arguments dropped (so the teacher
     is neither instantiated nor loaded)."""
     target = model_cfg.get("_target_")
-    plain = _PLAIN.get(locate(target) if isinstance(target, str) else target)
+    target = locate(target) if isinstance(target, str) else target
+    plain = _PLAIN.get(target) or getattr(target, "plain_model", None)
     if plain is None:
         return model_cfg
     out = copy.deepcopy(model_cfg)

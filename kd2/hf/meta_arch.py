@@ -10,6 +10,7 @@ convention), so it answers with its own matching queries only (no denoising quer
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from kd2.modeling.backends import input_convention
@@ -17,10 +18,12 @@ from kd2.modeling.cross_framework import to_teacher_input
 from kd2.modeling.distiller import DistillerMixin, model_family
 from kd2.modeling.level_map import TeacherInfo, detector_parts
 from kd2.structures import StepRecord
+from kd2.utils.errors import ConfigError
 
 from . import record as R
 from .detector import HFDetector, loss_terms
 from .models import trunk_parameters
+from .points import decode_points, random_points
 
 __all__ = ["KDHFDetector", "model_info"]
 
@@ -59,6 +62,23 @@ class KDHFDetector(DistillerMixin, HFDetector):
             student_channels=dict(zip(strides, channels)),
             extra_teachers=extra_teachers,
         )
+        self._init_points()
+
+    def _init_points(self) -> None:
+        """The distillation point groups the methods ask for (the largest count per group) and
+        the one teacher that answers them."""
+        groups: dict = {}
+        for method in self.kd_methods.values():
+            for group, count in method.point_groups.items():
+                groups[group] = max(groups.get(group, 0), int(count))
+        answering = [n for n, parts in self.kd_teacher_parts.items() if "points" in parts]
+        if len(answering) > 1:
+            raise ConfigError(
+                f"the teachers {answering} would each answer distillation points",
+                "let one teacher give the methods that read points (KD.<METHOD>.TEACHER)",
+            )
+        self.kd_point_groups = groups
+        self.kd_points_teacher = answering[0] if answering else ""
 
     def kd_trunk_parameters(self) -> list:
         """The backbone and the hybrid encoder: the gradient diagnostics' and ``KD.BALANCE``'s
@@ -91,6 +111,29 @@ class KDHFDetector(DistillerMixin, HFDetector):
             self.detector, rec.queries.logits[-1], rec.queries.boxes[-1], labels
         )
         return rec, loss_terms(out.loss_dict, pixel_values)
+
+    def _kd_answer_points(self, student: StepRecord, teachers) -> None:
+        """Both decoders' answers to this step's distillation points (KD-DETR): the teacher's
+        selected queries and random boxes, decoded by the teacher (no gradients) and by the
+        student (:func:`kd2.hf.points.decode_points`)."""
+        if not self.kd_point_groups:
+            return
+        name = self.kd_points_teacher
+        rec = teachers[name]
+        maps, own_queries = rec.extras.pop(R.POINT_SOURCE)
+        points = {}
+        for group, count in self.kd_point_groups.items():
+            if group == "teacher":
+                points[group] = own_queries
+            else:
+                points[group] = random_points(len(student.images), count, own_queries)
+        teacher = self.teacher_named(name).detector
+        with torch.no_grad():
+            rec.queries.points = {g: decode_points(teacher, maps, p) for g, p in points.items()}
+        own_maps = [student.features[s] for s in sorted(student.features)]
+        student.queries.points = {
+            g: decode_points(self.detector, own_maps, p) for g, p in points.items()
+        }
 
     def _kd_own_teacher_record(self, t, student: StepRecord, parts, strides) -> StepRecord:
         images = to_teacher_input(student.images, input_convention(self), input_convention(t))

@@ -29,6 +29,10 @@ from kd2.structures import QueryOutputs, StepRecord
 
 from .models import check_queries
 
+#: the key of a teacher record's ``extras`` holding its encoder maps and its selected queries
+#: (inverse-sigmoid boxes), what :mod:`kd2.hf.points` decodes the distillation points from
+POINT_SOURCE = "hf_point_source"
+
 __all__ = ["encoder_levels", "features_by_stride", "hungarian_matches", "query_outputs"]
 
 
@@ -128,6 +132,9 @@ def teacher_record(
     own, _ = encoder_levels(detector)
     maps = features_by_stride(out.encoder_last_hidden_state, own)
     rec.features = {s: maps[s] for s in strides} if "features" in parts else {}
-    if "queries" in parts:
+    if parts & {"queries", "points"}:
         rec.queries = query_outputs(detector, out)
+    if "points" in parts:
+        # what the teacher's answers to the distillation points are decoded from
+        rec.extras[POINT_SOURCE] = (list(out.encoder_last_hidden_state), out.init_reference_points)
     return rec

@@ -11,6 +11,7 @@ from .classifier_kd import ClassifierKD, classifier_kd_cls_loss, classifier_kd_l
 from .crosskd import CrossKD, quality_focal_kd_loss, recolor_features
 from .cwd import CWD, channel_wise_distillation_loss
 from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
+from .detr_distill import DETRDistill, matched_logit_losses, target_aware_mask
 from .dfine_ld import DFineLD, decoupled_distillation_loss
 from .fbkd import (
     FBKD,
@@ -36,6 +37,7 @@ from .frs import FRS, feature_richness, frs_feature_loss, frs_head_loss
 from .gid import GID, general_instance_scores, select_general_instances
 from .global_knowledge import GlobalKD, robustness
 from .hinton import Hinton, binary_kl_div_with_logits, hinton_dense_loss, hinton_roi_loss
+from .kd_detr import KDDETR, point_losses
 from .ld import LD, localization_distillation_loss
 from .mgd import MGD, masked_generation_loss, random_pixel_mask
 from .pfi import PFI, pfi_loss
@@ -50,6 +52,11 @@ __all__ = [
     "TeachDETR",
     "teach_detr_losses",
     "DFineLD",
+    "DETRDistill",
+    "matched_logit_losses",
+    "target_aware_mask",
+    "KDDETR",
+    "point_losses",
     "decoupled_distillation_loss",
     "match_queries",
     "FAMILIES",

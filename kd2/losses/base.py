@@ -27,8 +27,10 @@ KD_METHOD_REGISTRY.__doc__ = (
 #: The parts of the teacher a method may ask for. ``features`` = FPN maps, ``dense`` = the
 #: one-stage head, ``rpn`` = the RPN head, ``roi`` = the ROI head run on the student's sampled
 #: proposals, ``queries`` = a DETR-family decoder's predictions on its matching queries,
-#: ``detections`` = the teacher's inference (boxes, scores, labels) on the student's input.
-TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi", "queries", "detections"})
+#: ``points`` = a DETR-family decoder's answers to distillation points it shares with the
+#: student (KD-DETR), ``detections`` = the teacher's inference (boxes, scores, labels) on the
+#: student's input.
+TEACHER_PARTS = frozenset({"features", "dense", "rpn", "roi", "queries", "points", "detections"})
 
 
 #: The detector families a method may apply to, and their names in tables.
@@ -106,6 +108,12 @@ class KDMethod(nn.Module):
     #: logits recipe). Otherwise a method reading ``dense`` needs a teacher of the student's
     #: family.
     dense_across_families: bool = False
+
+    #: With ``points`` in :attr:`teacher_parts`: the groups of distillation points that the
+    #: student's and the teacher's decoders both answer each step (KD-DETR), group name -> count:
+    #: ``"teacher"`` the teacher's own selected queries (the count is the teacher's), ``"random"``
+    #: that many random boxes, drawn afresh each step.
+    point_groups: Mapping[str, int] = {}
 
     #: the student's detector family, set by :meth:`bind_detector` (``None`` before)
     family: str | None = None

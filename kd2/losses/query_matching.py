@@ -7,8 +7,11 @@ DETRDistill does this with the detector's own Hungarian matcher, the teacher's p
 the place of the ground truth; :func:`match_queries` does the same with the RT-DETR / D-FINE
 matcher's costs (class 2, L1 5, GIoU 2 on normalised ``cxcywh`` boxes) and, because the teacher's
 target is a class *distribution* rather than a label, the class cost is the L1 distance of the two
-sigmoid probability vectors (mean over classes). ``scipy.optimize.linear_sum_assignment`` solves
-each image's assignment (``min(Q_s, Q_t)`` pairs).
+sigmoid probability vectors (mean over classes) by default; ``class_cost="soft_bce"`` is
+DETRDistill's ``DistillCrossEntropyLossCost``, the binary cross-entropy of the student's logits
+against the teacher's probabilities summed over the classes (:func:`soft_bce_class_cost`).
+``scipy.optimize.linear_sum_assignment`` solves each image's assignment (``min(Q_s, Q_t)``
+pairs).
 
 :func:`match_to_boxes` is Deformable DETR's matcher (the one Teach-DETR's criterion and
 transformers' ``RTDetrHungarianMatcher`` use): the focal class cost ``α (1 − p)^γ (−log p) −
@@ -18,6 +21,7 @@ transformers' ``RTDetrHungarianMatcher`` use): the focal class cost ``α (1 − 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .utils import aligned_box_iou
@@ -30,6 +34,7 @@ __all__ = [
     "match_to_boxes",
     "normalized_cxcywh",
     "pairwise_giou",
+    "soft_bce_class_cost",
 ]
 
 #: ``(class, L1, GIoU)`` costs: the RT-DETR / D-FINE matcher's defaults
@@ -87,6 +92,14 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
     return (pos - neg)[:, labels]
 
 
+def soft_bce_class_cost(logits: Tensor, probabilities: Tensor) -> Tensor:
+    """``(Q, M)`` binary cross-entropy of each query's ``logits`` ``(Q, K)`` against each target's
+    class ``probabilities`` ``(M, K)``, summed over the classes."""
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return pos @ probabilities.T + neg @ (1 - probabilities).T
+
+
 @torch.no_grad()
 def match_to_boxes(
     logits: Tensor,
@@ -125,6 +138,7 @@ def match_queries(
     teacher_logits: Tensor,
     teacher_boxes: Tensor,
     costs: tuple[float, float, float] = QUERY_MATCH_COSTS,
+    class_cost: str = "l1",
 ) -> list[tuple[Tensor, Tensor]]:
     """Per image ``(student_query, teacher_query)`` int64 index pairs of the minimal-cost
     one-to-one assignment.
@@ -133,6 +147,8 @@ def match_queries(
         student_logits / teacher_logits: ``(N, Q_s, K)`` / ``(N, Q_t, K)`` sigmoid logits.
         student_boxes / teacher_boxes: ``(N, Q_s, 4)`` / ``(N, Q_t, 4)`` normalised ``cxcywh``.
         costs: ``(class, L1, GIoU)`` weights.
+        class_cost: ``"l1"`` (mean L1 of the probabilities) or ``"soft_bce"``
+            (:func:`soft_bce_class_cost`).
 
     Returns:
         per image two ``(min(Q_s, Q_t),)`` tensors on the logits' device, sorted by student query.
@@ -141,6 +157,9 @@ def match_queries(
     out = []
     for sl, sb, tl, tb in zip(student_logits, student_boxes, teacher_logits, teacher_boxes):
         sl, sb, tl, tb = (x.detach().double() for x in (sl, sb, tl, tb))
-        cls = torch.cdist(sl.sigmoid(), tl.sigmoid(), p=1) / sl.shape[-1]
+        if class_cost == "soft_bce":
+            cls = soft_bce_class_cost(sl, tl.sigmoid())
+        else:
+            cls = torch.cdist(sl.sigmoid(), tl.sigmoid(), p=1) / sl.shape[-1]
         out.append(_solve(w_cls * cls + _box_cost(sb, tb, w_l1, w_giou), student_logits.device))
     return out

@@ -37,7 +37,7 @@ from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
 from .query_matching import cxcywh_to_xyxy, match_to_boxes, normalized_cxcywh
-from .utils import aligned_box_iou, compute_dtype, zero_like_loss
+from .utils import aligned_box_iou, compute_dtype, detr_only_reason, zero_like_loss
 
 __all__ = ["TeachDETR", "sigmoid_focal_loss", "teach_detr_losses", "teacher_targets"]
 
@@ -83,8 +83,10 @@ def teach_detr_losses(
     alpha: float = 0.25,
     gamma: float = 2.0,
     giou_weighting: str = "code",
+    unmatched_weight: float = UNMATCHED_WEIGHT,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The official score-weighted criterion of one decoder layer.
+    """The official score-weighted criterion of one decoder layer (with all scores 1 and
+    ``unmatched_weight`` 1: Deformable DETR's own criterion, focal / L1 / GIoU).
 
     Args:
         logits: ``(N, Q, K)``; boxes: ``(N, Q, 4)`` normalised ``cxcywh``.
@@ -92,6 +94,7 @@ def teach_detr_losses(
             normalised ``cxcywh`` boxes and scores (:func:`teacher_targets`).
         matches: per image ``(query, target)`` index pairs (:func:`match_to_boxes`).
         giou_weighting: ``"code"`` ``1 − GIoU · s`` or ``"paper"`` ``(1 − GIoU) · s``.
+        unmatched_weight: the class-loss weight of a query that matched no target.
 
     Returns:
         ``(cls, l1, giou)`` scalars, each divided by ``max(1, Σ G_i)``.
@@ -99,7 +102,7 @@ def teach_detr_losses(
     n, q, k = logits.shape
     num_boxes = max(1, sum(len(t) for t in labels))
     onehot = torch.zeros_like(logits)
-    weight = logits.new_full((n, q), UNMATCHED_WEIGHT)
+    weight = logits.new_full((n, q), float(unmatched_weight))
     image = torch.cat([torch.full_like(qi, i) for i, (qi, _) in enumerate(matches)])
     query = torch.cat([qi for qi, _ in matches])
     cat_labels = torch.cat([lb[ti] for lb, (_, ti) in zip(labels, matches)])
@@ -179,12 +182,7 @@ class TeachDETR(KDMethod):
         )
 
     def unsupported_reason(self, arch: str, dense_softmax: bool) -> str | None:
-        if self.family not in (None, "detr"):
-            return (
-                "it adds one-to-one matching targets to a DETR decoder, which this detector "
-                "does not have. Use a DETR-family student (MODEL.BACKEND transformers)"
-            )
-        return None
+        return detr_only_reason(self.family, "adds one-to-one matching targets to a DETR decoder")
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> Mapping[str, Tensor]:
         s = student.queries

@@ -377,6 +377,17 @@ def softmax_dense_reason(method: str) -> str:
     )
 
 
+def detr_only_reason(family: str | None, reads: str) -> str | None:
+    """Why a method that ``reads`` a DETR decoder's outputs cannot apply to a detector of
+    ``family`` (``None`` when it is a DETR, or not yet bound)."""
+    if family in (None, "detr"):
+        return None
+    return (
+        f"it {reads}, which this detector does not have. Use a DETR-family student "
+        "(MODEL.BACKEND transformers)"
+    )
+
+
 def require_sigmoid_dense(method: str, dense) -> None:
     """Raise when a method written for sigmoid dense heads meets a softmax one (SSD).
 

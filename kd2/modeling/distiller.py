@@ -567,8 +567,14 @@ class DistillerMixin:
         student, losses = self.student_step(images, targets)
         with torch.no_grad():
             teachers = self.teacher_records(student)
+        self._kd_answer_points(student, teachers)
         losses.update(self.distill_losses(student, teachers))
         return self.finalize_kd_losses(losses)
+
+    def _kd_answer_points(self, student: StepRecord, teachers: Dict[str, StepRecord]) -> None:
+        """Fill both records' answers to the step's distillation points (``points``, KD-DETR):
+        a DETR-family backend's code, after the teachers' records (the points include the
+        teacher's queries) and with gradients on for the student's answers."""
 
     def kd_teacher_records(
         self,

@@ -52,12 +52,13 @@ class TeacherInfo:
 
 def detector_parts(family: str) -> frozenset:
     """The record parts a detector of ``family`` fills: two-stage ones an RPN and an ROI head,
-    DETR-family ones their decoder's ``queries`` (and their encoder's maps as ``features``), the
-    others a dense head; all their FPN ``features`` and their ``detections`` (inference)."""
+    DETR-family ones their decoder's ``queries`` and its answers to distillation ``points`` (and
+    their encoder's maps as ``features``), the others a dense head; all their FPN ``features``
+    and their ``detections`` (inference)."""
     if family == "faster_rcnn":
         return frozenset({"features", "rpn", "roi", "detections"})
     if family == "detr":
-        return frozenset({"features", "queries", "detections"})
+        return frozenset({"features", "queries", "points", "detections"})
     return frozenset({"features", "dense", "detections"})
 
 

@@ -67,10 +67,11 @@ def test_the_build_checks_accept_the_feature_methods_for_detr():
     from kd2.hf.meta_arch import model_info
 
     info = model_info(student)
-    assert info.family == "detr" and info.parts == {"features", "queries", "detections"}
+    assert info.family == "detr"
+    assert info.parts == {"features", "queries", "points", "detections"}
     assert sorted(info.channels) == [8, 16, 32]
     applies = _applicable_methods(info, info, "one_stage", False, NUM_CLASSES)
-    assert applies == sorted([*DETR_METHODS, "DFineLD", "TeachDETR"])
+    assert applies == sorted([*DETR_METHODS, "DETRDistill", "DFineLD", "KDDETR", "TeachDETR"])
 
 
 def test_student_step_reproduces_the_models_own_losses_and_splits_denoising(tmp_path):
@@ -258,11 +259,15 @@ def test_the_student_exports_to_pt2_and_onnx_verified_on_two_sizes(tmp_path):
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
 def test_every_type_trains_with_the_detr_methods(tmp_path, model_type):
-    """A student of each type learns from a teacher of its type with a feature method, Teach-DETR
-    and (D-FINE, DEIMv2: the types with distributions) D-FINE's localization KD."""
-    methods = ["PKD", "TeachDETR"] + (["DFineLD"] if model_type in ("d_fine", "deimv2") else [])
+    """A student of each type learns from a teacher of its type with a feature method, Teach-DETR,
+    KD-DETR, DETRDistill and (D-FINE, DEIMv2: the types with distributions) D-FINE's
+    localization KD."""
+    methods = ["PKD", "TeachDETR", "KDDETR", "DETRDistill"] + (
+        ["DFineLD"] if model_type in ("d_fine", "deimv2") else []
+    )
     cfg = kd_hf_cfg(tmp_path, methods, model_type)
     cfg.KD.TEACHDETR.SCORE_THRESH = 0.0  # a random teacher's scores are low
+    cfg.KD.KDDETR.RANDOM_POINTS = 16
     model = build_detector(cfg).train()
     images, targets = batch(with_empty=False)
     losses = model(images, targets)
@@ -279,3 +284,39 @@ def test_more_queries_than_encoder_locations_is_a_clear_error():
     cfg.MODEL.HF.NUM_QUERIES = 200  # a 64-px input has 8 x 8 + 4 x 4 + 2 x 2 = 84 locations
     with pytest.raises(ConfigError, match="200 queries from its encoder's 84 locations"):
         build_plain_detector(cfg)
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
+def test_distillation_points_are_decoded_as_the_model_decodes_its_queries(model_type):
+    """Each anchor reads its own token, so a random-init model (boxes at their anchors) decoding
+    its own selected queries as points reproduces its forward."""
+    from kd2.hf.points import decode_points, point_tokens
+
+    torch.manual_seed(0)
+    detector = build_plain_detector(hf_cfg(model_type)).detector.eval()
+    shapes = [(8, 8), (4, 4), (2, 2)]
+    anchors, valid = detector.model.generate_anchors(tuple(shapes))
+    assert bool(valid.all())
+    assert point_tokens(anchors.sigmoid(), shapes)[0].tolist() == list(range(8 * 8 + 4 * 4 + 4))
+    with torch.no_grad():
+        out = detector(pixel_values=torch.rand(2, 3, 64, 64))
+        logits, boxes = decode_points(
+            detector, list(out.encoder_last_hidden_state), out.init_reference_points
+        )
+    torch.testing.assert_close(logits[-1], out.logits)
+    torch.testing.assert_close(boxes[-1], out.pred_boxes)
+
+
+def test_kd_detr_students_and_teachers_answer_the_same_points(tmp_path):
+    cfg = kd_hf_cfg(tmp_path, ["KDDETR"])
+    cfg.KD.KDDETR.RANDOM_POINTS = 5
+    model = build_detector(cfg).train()
+    images, targets = batch()
+    student, _ = model.student_step(images, targets)
+    with torch.no_grad():
+        teachers = model.teacher_records(student)
+    model._kd_answer_points(student, teachers)
+    s, t = student.queries.points, teachers[""].queries.points
+    assert s["teacher"][0].shape[2] == t["teacher"][0].shape[2] == cfg.MODEL.HF.NUM_QUERIES
+    assert s["random"][0].shape[1:3] == t["random"][0].shape[1:3] == (len(images), 5)
+    assert s["random"][0].requires_grad and not t["random"][0].requires_grad

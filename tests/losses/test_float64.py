@@ -33,6 +33,7 @@ from kd2.losses import (
     FRS,
     GID,
     KD_METHOD_REGISTRY,
+    KDDETR,
     LD,
     MGD,
     PFI,
@@ -42,6 +43,7 @@ from kd2.losses import (
     ClassifierKD,
     CrossKD,
     DeFeat,
+    DETRDistill,
     DFineLD,
     FitNet,
     GlobalKD,
@@ -705,6 +707,45 @@ def case_teachdetr(variant: str) -> Case:
     return Case(TeachDETR(giou_weighting=variant), (s_logits, s_boxes), records)
 
 
+def case_kddetr(variant: str) -> Case:
+    s_logits, s_boxes, _ = _queries(_g(34), q=4)
+    t_logits, t_boxes, _ = _queries(_g(35), layers=1, q=4)
+    r_logits, r_boxes, _ = _queries(_g(36), layers=1, q=3)
+    hidden = torch.zeros(N, 5, 2, dtype=DT)
+
+    def records(logits, boxes):
+        s, t = _record(), _record()
+        s.queries = QueryOutputs(logits, boxes, hidden)
+        t.queries = QueryOutputs(t_logits, t_boxes, hidden)
+        # the same decoder answers both groups: the random group reuses the first 3 points
+        s.queries.points = {
+            "teacher": (logits, boxes),
+            "random": (logits[:, :, :3], boxes[:, :, :3]),
+        }
+        t.queries.points = {"teacher": (t_logits, t_boxes), "random": (r_logits, r_boxes)}
+        return s, t
+
+    return Case(KDDETR(random_points=3), (s_logits, s_boxes), records)
+
+
+def case_detrdistill(variant: str) -> Case:
+    s_logits, s_boxes, _ = _queries(_g(37), q=4)
+    t_logits, t_boxes, _ = _queries(_g(38), layers=1, q=5)
+    g_logits, g_boxes, _ = _queries(_g(39), q=5)
+    t_hidden = _randn(N, 5, 4, g=_g(40))
+    s_maps, t_maps = _maps(3, _g(41), "plain"), _maps(4, _g(42), "plain")
+
+    def records(logits, boxes, map8, map16, group_logits, group_boxes):
+        s, t = _record([map8, map16]), _record(t_maps)
+        s.queries = QueryOutputs(logits, boxes, torch.zeros(N, 4, 2, dtype=DT))
+        s.queries.points = {"teacher": (group_logits, group_boxes)}
+        t.queries = QueryOutputs(t_logits, t_boxes, t_hidden)
+        return s, t
+
+    method = _double(DETRDistill(_dict(3), _dict(4), topk=4))
+    return Case(method, (s_logits, s_boxes, *s_maps, g_logits, g_boxes), records)
+
+
 #: method name -> (case builder, variants)
 CASES: dict[str, tuple[Callable[[str], Case], tuple[str, ...]]] = {
     "FitNet": (case_fitnet, ("plain",)),
@@ -727,6 +768,8 @@ CASES: dict[str, tuple[Callable[[str], Case], tuple[str, ...]]] = {
     "ClassifierKD": (case_classifierkd, ("sigmoid_dense", "softmax_roi")),
     "DFineLD": (case_dfineld, ("plain",)),
     "TeachDETR": (case_teachdetr, ("code", "paper")),
+    "KDDETR": (case_kddetr, ("plain",)),
+    "DETRDistill": (case_detrdistill, ("plain",)),
 }
 
 
