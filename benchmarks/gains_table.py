@@ -104,6 +104,9 @@ PAPER = {
     ("gfl", "LD"): "GFL R101 → R50 1x: 40.1 → 41.1 (main region), 42.1 (full scheme)",
     ("gfl", "GID"): "—",
     ("gfl", "RKD"): "—",
+    ("dfine", "KDDETR"): "DAB-DETR R50 → R18: 36.2 → 41.4",
+    ("dfine", "DETRDistill"): "Deformable DETR R101 → R50: 44.1 → 46.6",
+    ("dfine", "DFineLD"): "— (D-FINE distils inside one model)",
 }
 
 

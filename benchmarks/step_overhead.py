@@ -65,6 +65,7 @@ import torch  # noqa: E402
 from kd2.config import get_cfg  # noqa: E402
 from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader  # noqa: E402
 from kd2.modeling.backends import get_backend  # noqa: E402
+from kd2.utils.errors import ConfigError  # noqa: E402
 
 
 def _trainer(cfg):
@@ -238,10 +239,14 @@ def main(argv=None) -> dict:
         kd_models[name] = (cfg, model)
     first = os.path.abspath(args.configs[0])
     first_name = next(iter(kd_models))
-    variants = {
-        option: build_kd_model(first, tmp, TEACHER_OPTIONS[option], device, **sizes)[1]
-        for option in args.teacher_options
-    }
+    variants = {}
+    for option in args.teacher_options:
+        try:
+            variants[option] = build_kd_model(first, tmp, TEACHER_OPTIONS[option], device, **sizes)[
+                1
+            ]
+        except ConfigError as e:  # e.g. a transformers teacher: no backbone option applies
+            print(f"step_overhead: teacher option {option} skipped: {e.what}")
     cfg = next(iter(kd_models.values()))[0]
     plain_cfg = cfg.clone()
     plain_cfg.KD.METHODS = []
