@@ -23,7 +23,7 @@ from kd2.utils.errors import ConfigError
 from . import record as R
 from .detector import HFDetector, loss_terms
 from .models import trunk_parameters
-from .points import decode_points, random_points
+from .points import decode_points, decoder_memory, random_points
 
 __all__ = ["KDHFDetector", "model_info"]
 
@@ -129,10 +129,12 @@ class KDHFDetector(DistillerMixin, HFDetector):
                 points[group] = random_points(len(student.images), count, own_queries)
         teacher = self.teacher_named(name).detector
         with torch.no_grad():
-            rec.queries.points = {g: decode_points(teacher, maps, p) for g, p in points.items()}
+            memory = decoder_memory(teacher.model, maps)
+            rec.queries.points = {g: decode_points(teacher, memory, p) for g, p in points.items()}
         own_maps = [student.features[s] for s in sorted(student.features)]
+        memory = decoder_memory(self.detector.model, own_maps)
         student.queries.points = {
-            g: decode_points(self.detector, own_maps, p) for g, p in points.items()
+            g: decode_points(self.detector, memory, p) for g, p in points.items()
         }
 
     def _kd_own_teacher_record(self, t, student: StepRecord, parts, strides) -> StepRecord:

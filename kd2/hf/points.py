@@ -71,17 +71,17 @@ def random_points(batch: int, count: int, like: Tensor) -> Tensor:
     return torch.randn(batch, count, 4, device=like.device, dtype=like.dtype)
 
 
-def decode_points(
-    detector: nn.Module, maps: List[Tensor], reference: Tensor
-) -> Tuple[Tensor, Tensor]:
+def decode_points(detector: nn.Module, memory_inputs, reference: Tensor) -> Tuple[Tensor, Tensor]:
     """A ``<Model>ForObjectDetection``'s decoder answering the points ``reference`` ``(N, P, 4)``
-    (inverse-sigmoid ``cxcywh``) on its encoder ``maps``: ``(logits (L, N, P, K), boxes (L, N,
-    P, 4))`` of its decoder layers (those the record keeps, :func:`kd2.hf.record.query_outputs`).
-    Gradients reach the decoder and the encoder through the memory, not the points."""
+    (inverse-sigmoid ``cxcywh``) on its decoder inputs ``memory_inputs``
+    (:func:`decoder_memory` of its encoder maps, computed once for every group of points):
+    ``(logits (L, N, P, K), boxes (L, N, P, 4))`` of its decoder layers (those the record keeps,
+    :func:`kd2.hf.record.query_outputs`). Gradients reach the decoder and the encoder through
+    the memory, not the points."""
     from .record import query_outputs
 
     model = detector.model
-    flat, shapes, shapes_list, start, memory = decoder_memory(model, maps)
+    flat, shapes, shapes_list, start, memory = memory_inputs
     reference = reference.detach().to(flat.dtype)
     tokens = point_tokens(reference.sigmoid(), shapes_list)
     content = memory.gather(1, tokens[..., None].expand(-1, -1, memory.shape[-1])).detach()

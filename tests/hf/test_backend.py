@@ -290,7 +290,7 @@ def test_more_queries_than_encoder_locations_is_a_clear_error():
 def test_distillation_points_are_decoded_as_the_model_decodes_its_queries(model_type):
     """Each anchor reads its own token, so a random-init model (boxes at their anchors) decoding
     its own selected queries as points reproduces its forward."""
-    from kd2.hf.points import decode_points, point_tokens
+    from kd2.hf.points import decode_points, decoder_memory, point_tokens
 
     torch.manual_seed(0)
     detector = build_plain_detector(hf_cfg(model_type)).detector.eval()
@@ -300,9 +300,8 @@ def test_distillation_points_are_decoded_as_the_model_decodes_its_queries(model_
     assert point_tokens(anchors.sigmoid(), shapes)[0].tolist() == list(range(8 * 8 + 4 * 4 + 4))
     with torch.no_grad():
         out = detector(pixel_values=torch.rand(2, 3, 64, 64))
-        logits, boxes = decode_points(
-            detector, list(out.encoder_last_hidden_state), out.init_reference_points
-        )
+        memory = decoder_memory(detector.model, list(out.encoder_last_hidden_state))
+        logits, boxes = decode_points(detector, memory, out.init_reference_points)
     torch.testing.assert_close(logits[-1], out.logits)
     torch.testing.assert_close(boxes[-1], out.pred_boxes)
 
