@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from kd2.hf.detector import HFDetector
 from kd2.hf.meta_arch import KDHFDetector
+from kd2.utils.errors import ConfigError
 
 __all__ = ["DistillTransformersDetector", "TransformersDetector"]
 
@@ -47,7 +48,10 @@ class Detectron2Inputs:
 
     def _set_input_format(self, input_format: str) -> None:
         if input_format not in ("BGR", "RGB"):
-            raise ValueError(f"input_format must be 'BGR' or 'RGB', got {input_format!r}")
+            raise ConfigError(
+                f"input_format {input_format!r} is not a channel order kd2 reads",
+                "give 'BGR' or 'RGB' (the data loader's image_format)",
+            )
         self.input_format = input_format
 
     def _rgb(self, image: Tensor) -> Tensor:
