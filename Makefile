@@ -25,7 +25,7 @@ $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools<80" wheel
 	$(PY) -m pip install -q $(TORCH_PKGS)
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,hf]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,hf,foundation]"
 	$(PY) -c "import kd2, torch, torchvision; print('kd2 ready: torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	@touch $(STAMP)
 

@@ -107,6 +107,9 @@ setup(
         # the transformers backend (kd2.hf): DETR-family detectors; scipy for their Hungarian
         # matcher. The lower bound is the version tested.
         "hf": ["transformers>=5.25", "scipy"],
+        # backbone-only foundation-model teachers (kd2.foundation): DINOv2 / DINOv3 through
+        # transformers, any timm model; weights read from safetensors files only
+        "foundation": ["transformers>=5.25", "timm>=1.0", "safetensors"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

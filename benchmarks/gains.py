@@ -77,6 +77,12 @@ PAIRS = {
         "configs/synthetic/dfine_tiny_teacher.yaml",
         "configs/synthetic/fcos_MNv3_student.yaml",
     ),
+    # a foundation-style teacher: a DINOv2-architecture ViT detector trained by kd2 on the
+    # bundled data, whose trunk teaches the FCOS students as a backbone-only teacher
+    "vit_to_fcos": (
+        "configs/synthetic/fcos_ViT_teacher.yaml",
+        "configs/synthetic/fcos_MNv3_student.yaml",
+    ),
     # the second benchmark: many small objects on 256-512 px images (synthetic_crowded_*)
     "faster_rcnn_crowded": (
         "configs/synthetic_crowded/faster_rcnn_R18_teacher.yaml",

@@ -51,6 +51,7 @@ PROJECTS = {
     "FeatureDistillation": ("CWD", "PKD", "MGD", "FGD", "FBKD"),
     "HeadDistillation": ("CrossKD", "GID", "RKD", "LD"),
     "DETRDistillation": ("DFineLD", "TeachDETR", "KDDETR", "DETRDistill"),
+    "FoundationDistillation": ("DSI",),
 }
 
 #: KD.BALANCE variants side by side: (config-name suffix, column title)
@@ -70,6 +71,7 @@ PAIR_TITLES = {
     "faster_rcnn_to_fcos": "Faster R-CNN teacher → FCOS student",
     "faster_rcnn_to_dfine": "Faster R-CNN teacher (torchvision) → D-FINE student (transformers)",
     "dfine_to_fcos": "D-FINE teacher (transformers) → FCOS student (torchvision)",
+    "vit_to_fcos": "DINOv2-architecture ViT trunk (backbone-only teacher) → FCOS student",
     "faster_rcnn_crowded": "Faster R-CNN, crowded",
     "fcos_crowded": "FCOS, crowded",
 }
@@ -82,6 +84,7 @@ PAIR_SOURCES = {
     "faster_rcnn_to_fcos": ("faster_rcnn", "fcos"),
     "faster_rcnn_to_dfine": ("faster_rcnn", "dfine"),
     "dfine_to_fcos": ("dfine", "fcos"),
+    "vit_to_fcos": ("vit_to_fcos", "fcos"),
 }
 
 #: The papers' / official repositories' COCO numbers (baseline -> distilled), theirs, not kd2's.
@@ -107,6 +110,7 @@ PAPER = {
     ("dfine", "KDDETR"): "DAB-DETR R50 → R18: 36.2 → 41.4",
     ("dfine", "DETRDistill"): "Deformable DETR R101 → R50: 44.1 → 46.6",
     ("dfine", "DFineLD"): "— (D-FINE distils inside one model)",
+    ("vit_to_fcos", "DSI"): "DINOv3 ViT-B/16 → RT-DETRv4-S: 49.8 (DEIM-S baseline 49.0, not re-read)",
 }
 
 

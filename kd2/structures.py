@@ -244,6 +244,8 @@ class StepRecord:
         detections: a teacher's inference on the student's input (any detector): per image
             ``boxes`` ``(D, 4)`` XYXY in input pixels, ``scores`` ``(D,)``, ``labels`` ``(D,)``
             in ``0..K-1``; ``None`` unless a method reads them.
+        embedding: ``(N, D)`` an image-level feature — a foundation-model teacher's CLS token
+            after its final norm (:mod:`kd2.foundation`) — else ``None``.
     """
 
     images: Tensor
@@ -257,6 +259,7 @@ class StepRecord:
     roi: RoiOutputs | None = None
     queries: QueryOutputs | None = None
     detections: List[Dict[str, Tensor]] | None = None
+    embedding: Tensor | None = None
     extras: Dict[str, object] = field(default_factory=dict)
 
     @property

@@ -121,6 +121,11 @@ def config_digest(cfg) -> str:
         for key, default in (("OPTIMIZER", "SGD"), ("BACKBONE_LR_FACTOR", 1.0)):
             if cfg.SOLVER.get(key, default) == default:
                 cfg.SOLVER.pop(key, None)
+    # the foundation teachers' and the ViT backbone's keys (kd2 0.6), unused by other runs
+    if cfg.KD.TEACHER.get("BACKEND", "") != "foundation":
+        cfg.KD.TEACHER.pop("FOUNDATION", None)
+    if cfg.MODEL.BACKBONE.get("NAME", "") != "dinov2_vit":
+        cfg.MODEL.BACKBONE.pop("VIT", None)
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 

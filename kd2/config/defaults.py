@@ -23,12 +23,26 @@ _C.MODEL.PIXEL_MEAN = [0.485, 0.456, 0.406]
 _C.MODEL.PIXEL_STD = [0.229, 0.224, 0.225]
 
 _C.MODEL.BACKBONE = CN()
-# resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v3_large
+# resnet18 | resnet34 | resnet50 | resnet101 | mobilenet_v3_large | dinov2_vit (a DINOv2-
+# architecture ViT from VIT below, kd2/tv/vit_backbone.py; needs transformers)
 _C.MODEL.BACKBONE.NAME = "resnet50"
 # Number of trainable backbone stages (torchvision's trainable_layers, 0..5).
 _C.MODEL.BACKBONE.TRAINABLE_LAYERS = 5
 # "BN" (trainable BatchNorm, for from-scratch training) or "FrozenBN".
 _C.MODEL.BACKBONE.NORM = "BN"
+# The dinov2_vit backbone (transformers' Dinov2Model, random init): its patch tokens after the
+# final norm make one map of stride PATCH_SIZE, and a ViTDet-style simple pyramid (transposed
+# convs / max pools) + FPN make the detector's levels. IMAGE_SIZE sizes the position embeddings
+# (interpolated to any input). A trained one teaches as a foundation teacher (KD.TEACHER.BACKEND
+# foundation with its config and weights).
+_C.MODEL.BACKBONE.VIT = CN()
+_C.MODEL.BACKBONE.VIT.PATCH_SIZE = 8
+_C.MODEL.BACKBONE.VIT.HIDDEN_SIZE = 192
+_C.MODEL.BACKBONE.VIT.DEPTH = 6
+_C.MODEL.BACKBONE.VIT.NUM_HEADS = 3
+_C.MODEL.BACKBONE.VIT.MLP_RATIO = 4
+_C.MODEL.BACKBONE.VIT.IMAGE_SIZE = 128
+_C.MODEL.BACKBONE.VIT.DROP_PATH = 0.0
 
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.OUT_CHANNELS = 256
@@ -203,9 +217,10 @@ _C.KD.TEACHER = CN()
 # The teacher's own config file (a kd2 yaml) and its trained weights (a local path).
 _C.KD.TEACHER.CONFIG = ""
 _C.KD.TEACHER.WEIGHTS = ""
-# The teacher's framework: "" = the student's, "torchvision" or "detectron2" (a Detectron2 config
-# file or model-zoo name and weights for a torchvision student, a kd2 torchvision yaml for a
-# Detectron2 student). The teacher reads the student's batch in its own input convention.
+# The teacher's framework: "" = the student's, "torchvision", "detectron2", "transformers" (a
+# Detectron2 config file or model-zoo name and weights for a torchvision student, a kd2 yaml for
+# the others) or "foundation" (a backbone-only DINOv2 / DINOv3 / timm teacher: FOUNDATION below).
+# The teacher reads the student's batch in its own input convention.
 _C.KD.TEACHER.BACKEND = ""
 # A cheaper teacher forward (kd2/modeling/teacher_runtime.py): the precision of its backbone + FPN
 # ("float32", "bfloat16" — CPUs and GPUs —, "float16" — CUDA only), channels-last memory format,
@@ -213,6 +228,27 @@ _C.KD.TEACHER.BACKEND = ""
 _C.KD.TEACHER.DTYPE = "float32"
 _C.KD.TEACHER.CHANNELS_LAST = False
 _C.KD.TEACHER.COMPILE = False
+# A backbone-only foundation-model teacher (KD.TEACHER.BACKEND "foundation", kd2/foundation):
+# CONFIG a transformers DINOv2 / DINOv2-with-registers / DINOv3 ViT / DINOv3 ConvNeXt directory
+# (config.json) or "timm:<architecture>", WEIGHTS a local .safetensors file ("" = the directory's
+# model.safetensors). It has no classes or head: the feature methods (DSI, PKD, CWD, MGD, FitNet,
+# ...) read its maps, resampled onto the student's FPN strides.
+_C.KD.TEACHER.FOUNDATION = CN()
+# The maps read: a ViT's block indices (1-based, negative from the last; [] = the last block,
+# through the model's final norm, CLS and register tokens split off), a ConvNeXt's stages (1..4,
+# strides 4/8/16/32; [] = all), a timm model's out_indices ([] = timm's default; a ViT: its last).
+_C.KD.TEACHER.FOUNDATION.LAYERS = []
+# The student strides the maps are resampled to, one map each from the nearest native stride
+# ([] = each native stride rounded to a power of two: a ViT/14 gives 16, a ViT/16 at INPUT_SCALE
+# 0.5 gives 32). Several ViT LAYERS: one stride per layer, in order.
+_C.KD.TEACHER.FOUNDATION.STRIDES = []
+# The student's batch is scaled by this factor before the teacher (0.5 = a 2x2 average pool, as
+# RT-DETRv4 feeds DINOv3 at half resolution), then padded to a multiple of the patch size.
+_C.KD.TEACHER.FOUNDATION.INPUT_SCALE = 1.0
+# The teacher's RGB normalisation in [0, 1] units ([] = the directory's preprocessor_config.json,
+# timm's pretrained config, else ImageNet's).
+_C.KD.TEACHER.FOUNDATION.PIXEL_MEAN = []
+_C.KD.TEACHER.FOUNDATION.PIXEL_STD = []
 # More teachers, by name: KD.TEACHERS.<NAME>.{CONFIG, WEIGHTS, BACKEND}; a method learns from one
 # with KD.<METHOD>.TEACHER "<NAME>" ("" = KD.TEACHER). Each teacher runs only the parts its
 # methods read. Example: KD.TEACHERS.FCOS.CONFIG "configs/synthetic/fcos_R18_teacher.yaml".
@@ -375,6 +411,18 @@ _C.KD.MGD.ALPHA = -1.0
 _C.KD.MGD.MASK_RATIO = -1.0
 _C.KD.MGD.STRIDES = []
 
+# DSI (RT-DETRv4's Deep Semantic Injector, kd2/losses/dsi.py): a 1x1 projector from the student's
+# FPN map to the teacher's feature space, loss mean(1 - cos) per location (RT-DETRv4's code), for
+# a foundation-model teacher (KD.TEACHER.BACKEND foundation) or any feature teacher. WEIGHT 5 =
+# RT-DETRv4-S; STRIDES [] = every stride both have; SMOOTH_L1_WEIGHT > 0 adds a smooth-L1 term
+# (kd2's variant, not in the official code). Recommended with KD.BALANCE.MODE grad_share (RT-DETRv4
+# steers this weight by the gradient share: its GAM).
+_C.KD.DSI = CN()
+_C.KD.DSI.WEIGHT = 5.0
+_C.KD.DSI.STRIDES = []
+_C.KD.DSI.SMOOTH_L1_WEIGHT = 0.0
+_C.KD.DSI.SMOOTH_L1_BETA = 1.0
+
 # D-FINE localization KD (kd2/losses/dfine_ld.py): D-FINE's decoupled distillation focal loss
 # with a teacher D-FINE / DEIM as the source: its final per-edge distributions teach the paired
 # student queries' (Hungarian pairing of the two decoders' last-layer predictions). Needs the same
@@ -522,6 +570,6 @@ _C.KD.CLASSIFIERKD.LOC_FEATURES = True
 # Every detector-teacher method's TEACHER: the name of its teacher in KD.TEACHERS ("" = KD.TEACHER).
 for _node in (
     "HINTON", "FITNET", "FGFI", "DEFEAT", "FRS", "RM", "PFI", "GLOBALKD", "CWD", "PKD", "MGD",
-    "FGD", "FBKD", "RKD", "CROSSKD", "GID", "LD",
+    "FGD", "FBKD", "RKD", "CROSSKD", "GID", "LD", "DSI",
 ):  # fmt: skip
     _C.KD[_node].TEACHER = ""

@@ -308,8 +308,8 @@ def kd_preflight_hook(
             refresher.maybe_refresh(trainer.iter)
         with preserved_random_state():
             teacher_ap, n_val = None, 0
-            # a torchvision teacher (KD.TEACHER.BACKEND) is not evaluated by Detectron2's loop
-            foreign = hasattr(model.teacher, "transform")
+            # a teacher of another framework (KD.TEACHER.BACKEND) is not evaluated by this loop
+            foreign = model.kd_is_foreign(model.teacher)
             val = val_dataset() if node.VAL_IMAGES > 0 and not foreign else None
             if val is not None:
                 name, mapper = val

@@ -503,7 +503,10 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         teacher = getattr(self.model, "teacher", None)
-        if teacher is not None and cfg.KD.EVAL_TEACHER and self.start_iter == 0:
+        detector_teacher = teacher is not None and (
+            "detections" in self.model.kd_teacher_infos[""].parts
+        )  # a backbone-only (foundation) teacher has nothing to evaluate
+        if detector_teacher and cfg.KD.EVAL_TEACHER and self.start_iter == 0:
             self.teacher_results = self.evaluate(cfg, teacher)
             self._write_metrics({"teacher_eval": self.teacher_results}, self.start_iter)
         records = self.train_records()

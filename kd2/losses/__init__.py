@@ -13,6 +13,7 @@ from .cwd import CWD, channel_wise_distillation_loss
 from .defeat import DeFeat, defeat_gt_masks, defeat_head_loss, defeat_neck_loss
 from .detr_distill import DETRDistill, matched_logit_losses, target_aware_mask
 from .dfine_ld import DFineLD, decoupled_distillation_loss
+from .dsi import DSI, semantic_alignment_loss
 from .fbkd import (
     FBKD,
     NonLocalBlock,
@@ -53,6 +54,8 @@ __all__ = [
     "teach_detr_losses",
     "DFineLD",
     "DETRDistill",
+    "DSI",
+    "semantic_alignment_loss",
     "matched_logit_losses",
     "target_aware_mask",
     "KDDETR",

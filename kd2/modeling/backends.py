@@ -2,7 +2,8 @@
 
 A backend is a package that turns one framework's detectors into kd2 students and teachers:
 :mod:`kd2.tv` (torchvision), :mod:`kd2.d2` (Detectron2) and :mod:`kd2.hf` (Hugging Face
-transformers). Each registers one
+transformers); :mod:`kd2.foundation` gives backbone-only teachers (DINOv2, DINOv3, timm) to all
+three. Each registers one
 :class:`Backend` (its ``backend.py``) with the handful of functions the framework-independent
 core calls — the distiller (:mod:`kd2.modeling.distiller`), the cross-framework teachers
 (:mod:`kd2.modeling.cross_framework`) and the predictor (:mod:`kd2.engine.predictor`). The core
@@ -46,6 +47,7 @@ BACKEND_MODULES: Dict[str, str] = {
     "torchvision": "kd2.tv.backend",
     "detectron2": "kd2.d2.backend",
     "transformers": "kd2.hf.backend",
+    "foundation": "kd2.foundation.backend",
 }
 
 #: what to do when a backend's framework is missing
@@ -53,6 +55,8 @@ _INSTALL_HINT = {
     "detectron2": "install Detectron2 (`make install` builds it offline) or use MODEL.BACKEND / "
     "KD.TEACHER.BACKEND torchvision",
     "transformers": 'install kd2 with its extra: pip install -e ".[hf]" (make install does)',
+    "foundation": 'install kd2 with its extras: pip install -e ".[hf,foundation]" (make install '
+    "does)",
 }
 
 

@@ -254,7 +254,7 @@ class DistillerMixin:
         for tname, model in teachers.items():
             info = self._kd_model_info(model)
             label = _teacher_label(tname)
-            if info.num_classes != num_classes:
+            if info.num_classes is not None and info.num_classes != num_classes:
                 raise ConfigError(
                     f"{label} and the student disagree on the number of classes: the teacher "
                     f"has {info.num_classes}, the student {num_classes}; distillation needs the "
@@ -502,11 +502,13 @@ class DistillerMixin:
             else f"the student's tensor converted from (mean, std, channels, scale) {s_conv} to "
             f"{t_conv}"
         )
+        t_classes = self.kd_teacher_infos[""].num_classes
         return [
             (
                 True,
-                f"classes: teacher {self.kd_teacher_infos[''].num_classes}, student "
-                f"{self.num_classes_kd}",
+                f"classes: teacher {t_classes}, student {self.num_classes_kd}"
+                if t_classes is not None
+                else f"classes: none (a backbone-only teacher), student {self.num_classes_kd}",
             ),
             (True, f"the teacher reads the student's {self.kd_batch_words} as {how}"),
         ]

@@ -35,7 +35,7 @@ class TeacherInfo:
 
     Attributes:
         channels: FPN channels keyed by stride.
-        num_classes: foreground classes ``K``.
+        num_classes: foreground classes ``K`` (``None``: a backbone-only teacher, which has none).
         parts: the record parts it can fill (``features``, ``dense``, ``rpn``, ``roi``).
         family: ``faster_rcnn``, ``retinanet``, ``fcos``, ``gfl`` or ``ssd``.
         anchors_per_location: of its dense head (``None`` without one).
@@ -43,7 +43,7 @@ class TeacherInfo:
     """
 
     channels: Mapping[int, int]
-    num_classes: int
+    num_classes: int | None
     parts: frozenset
     family: str
     anchors_per_location: int | None

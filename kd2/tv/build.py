@@ -131,9 +131,15 @@ def _build_backbone(cfg, arch: str) -> nn.Module:
             backbone.fpn = FeaturePyramidNetwork(in_list, out_channels, extra_blocks=extra)
             backbone.out_channels = out_channels
         return backbone
+    if name == "dinov2_vit":
+        from .vit_backbone import build_vit_backbone
+
+        extra = LastLevelMaxPool() if two_stage else LastLevelP6P7(out_channels, out_channels)
+        strides = [4, 8, 16, 32] if two_stage else [8, 16, 32]
+        return build_vit_backbone(cfg.MODEL.BACKBONE.VIT, strides, out_channels, extra)
     raise ValueError(
         f"MODEL.BACKBONE.NAME={name!r} is not supported; use one of "
-        f"{list(_RESNETS) + ['mobilenet_v3_large']}"
+        f"{list(_RESNETS) + ['mobilenet_v3_large', 'dinov2_vit']}"
     )
 
 

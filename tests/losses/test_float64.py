@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from kd2.losses import (
     CWD,
+    DSI,
     FBKD,
     FGD,
     FGFI,
@@ -296,6 +297,10 @@ def _dict(c: int) -> dict[int, int]:
 
 def case_fitnet(variant: str) -> Case:
     return _feature_case(FitNet(_dict(3), _dict(4)), 3, 4)
+
+
+def case_dsi(variant: str) -> Case:
+    return _feature_case(DSI(_dict(3), _dict(4), weight=1.0, smooth_l1_weight=0.5), 3, 4)
 
 
 def case_pkd(variant: str) -> Case:
@@ -749,6 +754,7 @@ def case_detrdistill(variant: str) -> Case:
 #: method name -> (case builder, variants)
 CASES: dict[str, tuple[Callable[[str], Case], tuple[str, ...]]] = {
     "FitNet": (case_fitnet, ("plain",)),
+    "DSI": (case_dsi, ("plain",)),
     "PKD": (case_pkd, ("plain", "near_constant", "tiny")),
     "CWD": (case_cwd, ("plain", "near_constant", "logits")),
     "MGD": (case_mgd, ("plain", "near_constant")),
