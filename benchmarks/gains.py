@@ -230,6 +230,28 @@ def _classifier_teacher_weights(demo, cfg, s_pair: str, student_cfg: str) -> lis
     return ["KD.CLASSIFIERKD.TEACHER.WEIGHTS", weights]
 
 
+def _teacher_cache(demo, config: str, opts: list) -> None:
+    """Build (or finish) the ``KD.TEACHER.CACHE`` a config reads, with the pair's teacher
+    (``opts``), before its runs: ``tools/cache_teacher.py``'s code, once per config (the cache
+    does not depend on the seed)."""
+    from kd2.engine.teacher_cache import build_teacher_cache
+    from kd2.modeling.backends import get_backend
+
+    cfg = demo.setup_cfg(os.path.join(ROOT, config), list(opts))
+    directory = os.path.join(ROOT, cfg.KD.TEACHER.CACHE)
+    manifest = os.path.join(directory, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            if json.load(f).get("complete"):
+                return
+    trainer = get_backend(cfg.MODEL.BACKEND).trainer
+    model = trainer.build_model(cfg)
+    done = build_teacher_cache(
+        cfg, model, directory, target_offset=trainer.label_offset(model), progress=False
+    )
+    print(f"[gains] teacher cache {os.path.relpath(directory, ROOT)}: {done['stats']}", flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), required=True)
@@ -261,6 +283,10 @@ def main(argv=None) -> None:
             cfg = _file_config(config)
             extra = _extra_teacher_weights(cfg)
             extra += _classifier_teacher_weights(demo, cfg, s_pair, student_cfg)
+            if cfg.KD.TEACHER.CACHE:
+                jobs.append(
+                    (args.pair, "cache", config, ["KD.TEACHER.WEIGHTS", teacher_weights], "")
+                )
             for s in args.seeds:
                 opts = ["SEED", str(s), "KD.TEACHER.WEIGHTS", teacher_weights] + extra
                 jobs.append((args.pair, "distilled", config, opts, f"{name}_seed{s}"))
@@ -271,6 +297,9 @@ def main(argv=None) -> None:
             f"{time.time() - t0:.0f}s elapsed",
             flush=True,
         )
+        if kind == "cache":
+            _teacher_cache(demo, config, opts)
+            continue
         run_and_record(demo, pair, kind, config, opts, run_name)
     print(f"[gains] done in {time.time() - t0:.0f}s", flush=True)
     sys.stdout.flush()

@@ -110,7 +110,10 @@ PAPER = {
     ("dfine", "KDDETR"): "DAB-DETR R50 → R18: 36.2 → 41.4",
     ("dfine", "DETRDistill"): "Deformable DETR R101 → R50: 44.1 → 46.6",
     ("dfine", "DFineLD"): "— (D-FINE distils inside one model)",
-    ("vit_to_fcos", "DSI"): "DINOv3 ViT-B/16 → RT-DETRv4-S: 49.8 (DEIM-S baseline 49.0, not re-read)",
+    (
+        "vit_to_fcos",
+        "DSI",
+    ): "DINOv3 ViT-B/16 → RT-DETRv4-S: 49.8 (DEIM-S baseline 49.0, not re-read)",
 }
 
 

@@ -104,6 +104,7 @@ def config_digest(cfg) -> str:
         ("DTYPE", "float32"),
         ("CHANNELS_LAST", False),
         ("COMPILE", False),
+        ("CACHE", ""),
     ):
         if cfg.KD.TEACHER.get(key, default) == default:
             cfg.KD.TEACHER.pop(key, None)

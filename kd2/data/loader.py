@@ -15,7 +15,9 @@ Training stream (the contract that makes resuming exact):
 
 Batches are ``(images, targets)``: ``images`` a list of ``(3, H, W)`` float tensors (RGB, values
 in ``[0, 1]``, original size), ``targets`` a list of dicts ``{"boxes": float32 (G, 4) XYXY
-pixels, "labels": int64 (G,) contiguous 0..K-1, "image_id": int, "orig_size": (H, W)}``.
+pixels, "labels": int64 (G,) contiguous 0..K-1, "image_id": int, "orig_size": (H, W),
+"flipped": bool}`` (``flipped``: the sample's augmentation, the teacher cache's key with
+``image_id``).
 
 Corrupt images (``DATALOADER.CORRUPT_IMAGES``): a file that cannot be decoded completely raises
 :class:`CorruptImageError` naming it (``"error"``, the default). With ``"skip"`` a *training*
@@ -258,7 +260,14 @@ class DetectionDataset(Dataset):
             reason="all images corrupt",
         )
 
-    def _load(self, index: int, aug_seed: int | None) -> Tuple[torch.Tensor, Target]:
+    def load_variant(self, index: int, flipped: bool) -> Tuple[torch.Tensor, Target]:
+        """Sample ``index`` with the flip given instead of drawn: one of the finite augmentation
+        variants a training sample can be (what ``tools/cache_teacher.py`` runs the teacher on)."""
+        return self._load(index, None, flip=bool(flipped))
+
+    def _load(
+        self, index: int, aug_seed: int | None, flip: bool | None = None
+    ) -> Tuple[torch.Tensor, Target]:
         rec = self.records[index]
         json_file = rec.get("json_file")
         image = read_image(rec["file_name"], json_file=json_file)
@@ -271,16 +280,21 @@ class DetectionDataset(Dataset):
             )
         boxes = torch.as_tensor(np.asarray(rec["boxes"], dtype=np.float32).reshape(-1, 4)).clone()
         labels = torch.as_tensor(np.asarray(rec["labels"], dtype=np.int64).reshape(-1)).clone()
-        if self.train and aug_seed is not None:
-            rng = random.Random(aug_seed)
-            if rng.random() < self.flip_prob:
-                image = image.flip(-1)
-                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
+        if flip is None:
+            flip = (
+                self.train
+                and aug_seed is not None
+                and (random.Random(aug_seed).random() < self.flip_prob)
+            )
+        if flip:
+            image = image.flip(-1)
+            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
         target = {
             "boxes": boxes,
             "labels": labels,
             "image_id": int(rec["image_id"]),
             "orig_size": (h, w),
+            "flipped": bool(flip),
         }
         return image, target
 

@@ -63,8 +63,10 @@ from kd2.engine.divergence import DivergenceGuard, Stop, judge_step, stop_messag
 from kd2.engine.launch import broadcast_buffers, get_rank, get_world_size, is_main_process
 from kd2.engine.preflight import preserved_random_state, run_preflight
 from kd2.engine.run_dir import lock_output_dir, release_output_dir
+from kd2.engine.teacher_cache import attach_teacher_cache
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
 from kd2.modeling.prototypes import build_prototype_refresher
+from kd2.modeling.teacher_cache import CACHE_KEY, cache_key
 from kd2.utils.checkpoint import find_resume_checkpoint, load_checkpoint_state, save_checkpoint
 from kd2.utils.errors import ConfigError
 
@@ -510,6 +512,8 @@ class Trainer:
             self.teacher_results = self.evaluate(cfg, teacher)
             self._write_metrics({"teacher_eval": self.teacher_results}, self.start_iter)
         records = self.train_records()
+        if hasattr(self.model, "kd_attach_cache"):
+            attach_teacher_cache(cfg, self.model, records)
         if self.start_iter == 0 and is_main_process():
             names = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes")
             write_dataset_report(records, cfg, cfg.OUTPUT_DIR, class_names=names)
@@ -587,6 +591,13 @@ class Trainer:
 
     def _after_train(self, writer) -> None:
         """The final checkpoint, the replicas' checksums, the final evaluation."""
+        cache = getattr(self.model, "kd_cache", None)
+        if cache is not None:
+            logger.info(
+                "KD.TEACHER.CACHE: %d batches read from the cache, %d run live (not held exactly)",
+                cache.hits,
+                cache.misses,
+            )
         self.save("model_final.pth")  # broadcasts rank 0's buffers first
         # Between checkpoints BatchNorm running statistics are per rank (DDP with
         # broadcast_buffers=False, as in Detectron2); save() made them rank 0's everywhere.
@@ -647,9 +658,12 @@ class Trainer:
         if hasattr(model, "kd_before_step"):
             model.kd_before_step(self.iter)
         images = [im.to(self.device, non_blocking=True) for im in images]
-        targets = _model_targets(targets, self.target_offset, self.device)
+        model_targets = _model_targets(targets, self.target_offset, self.device)
+        if getattr(model, "kd_cache", None) is not None:  # KD.TEACHER.CACHE: the entries' keys
+            for mt, t in zip(model_targets, targets):
+                mt[CACHE_KEY] = cache_key(t["image_id"], t.get("flipped", False))
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss_dict = self.ddp_model(images, targets)
+            loss_dict = self.ddp_model(images, model_targets)
         total = sum(loss_dict.values())
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
         total_value = float(total.detach())

@@ -566,12 +566,57 @@ class DistillerMixin:
         ``loss_kd_*`` terms, then :meth:`finalize_kd_losses`."""
         if targets is None:
             raise ValueError("in training mode, targets must be given")
+        from .teacher_cache import CACHE_KEY
+
+        keys = [t.get(CACHE_KEY) for t in targets]
+        targets = [{k: v for k, v in t.items() if k != CACHE_KEY} for t in targets]
         student, losses = self.student_step(images, targets)
+        if self.kd_cache is not None and all(k is not None for k in keys):
+            student.extras[CACHE_KEY] = keys
         with torch.no_grad():
             teachers = self.teacher_records(student)
         self._kd_answer_points(student, teachers)
         losses.update(self.distill_losses(student, teachers))
         return self.finalize_kd_losses(losses)
+
+    @property
+    def kd_cache(self):
+        """The teacher cache KD.TEACHER reads (:class:`kd2.modeling.teacher_cache.TeacherCache`),
+        or ``None``."""
+        return self.__dict__.get("_kd_cache")
+
+    def kd_attach_cache(self, cache) -> None:
+        """Read KD.TEACHER's record from ``cache`` instead of running it, for every batch the
+        cache holds exactly (:meth:`~kd2.modeling.teacher_cache.TeacherCache.lookup`); refused
+        when KD.TEACHER's methods read a part the cache does not store."""
+        from .teacher_cache import CACHE_PARTS
+
+        extra = sorted(self.kd_teacher_parts.get("", frozenset()) - CACHE_PARTS)
+        if extra:
+            raise ConfigError(
+                f"KD.TEACHER.CACHE stores the teacher's {', '.join(sorted(CACHE_PARTS))}; the "
+                f"methods learning from it read its {', '.join(extra)} too, which the cache does "
+                "not store",
+                "unset KD.TEACHER.CACHE (the teacher then runs live), or use feature methods",
+            )
+        object.__setattr__(self, "_kd_cache", cache)
+
+    def _kd_cached_record(self, student: StepRecord) -> StepRecord | None:
+        """KD.TEACHER's record of this batch read from the cache, or ``None`` (no cache, or a
+        batch the cache does not hold exactly: the teacher then runs live)."""
+        from .teacher_cache import CACHE_KEY
+
+        keys = student.extras.get(CACHE_KEY)
+        if self.kd_cache is None or keys is None:
+            return None
+        feats = self.kd_cache.lookup(
+            keys, student.image_sizes, tuple(student.images.shape[-2:]), student.images.device
+        )
+        if feats is None:
+            return None
+        rec = student.teacher_view()
+        rec.features = feats
+        return rec
 
     def _kd_answer_points(self, student: StepRecord, teachers: Dict[str, StepRecord]) -> None:
         """Fill both records' answers to the step's distillation points (``points``, KD-DETR):
@@ -592,8 +637,8 @@ class DistillerMixin:
         out = {}
         for name in ["", *self.extra_teachers] if names is None else names:
             t, parts = self.teacher_named(name), self.kd_teacher_parts.get(name, frozenset())
-            rec = None
-            if t is not None and parts - {"detections"}:
+            rec = self._kd_cached_record(student) if name == "" else None
+            if rec is None and t is not None and parts - {"detections"}:
                 rec = self._kd_foreign_teacher_record(t, student, name)
                 if rec is None:
                     strides = sorted(self.kd_teacher_infos[name].channels)
