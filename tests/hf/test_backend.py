@@ -25,7 +25,7 @@ from tests.helpers import save_teacher as save_tv_teacher
 from tests.helpers import tiny_cfg as tiny_tv_cfg
 
 #: every method the build checks accept for a DETR student and teacher
-DETR_METHODS = ["CWD", "DeFeat", "FBKD", "FGD", "FitNet", "MGD", "PKD", "RKD"]
+DETR_METHODS = ["CWD", "DSI", "DeFeat", "FBKD", "FGD", "FitNet", "MGD", "PKD", "RKD"]
 
 
 def hf_cfg(model_type: str = "d_fine", preset: str = "pico", num_classes: int = NUM_CLASSES):
