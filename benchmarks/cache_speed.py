@@ -7,7 +7,8 @@ On the large bundled pair by default (``configs/synthetic/timing/faster_rcnn_MNv
 cache of the measured batches' (image, flip) entries with ``kd2.engine.teacher_cache`` (float16;
 the build's time and the disk per entry are reported), then times, interleaved per batch after a
 warm-up: the plain student step, the KD step with the live float32 teacher, with the live bfloat16
-teacher (``KD.TEACHER.DTYPE``) and with the cache. It prints the medians and
+teacher (``KD.TEACHER.DTYPE``) and with the cache, each KD step at an iteration without
+diagnostics (``KD.DIAG``; their cost is ``step_overhead.py``'s). It prints the medians and
 ``kd_step_vs_student_step_{live_fp32,live_bf16,cached}=``; ``--json`` writes them
 (``benchmarks/results/cache_speed_large.json``). Weights do not change the cost: both networks start
 from their random initialisation (as ``benchmarks/step_overhead.py``).
@@ -32,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import torch  # noqa: E402
-from step_overhead import Stepper, _to, _trainer, build_kd_model  # noqa: E402
+from step_overhead import Stepper, _to, _trainer, build_kd_model, diag_schedule  # noqa: E402
 
 from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader  # noqa: E402
 from kd2.engine.teacher_cache import (  # noqa: E402
@@ -99,6 +100,9 @@ def main(argv=None) -> dict:
 
     opts = {n: sgd(m) for n, m in (("student", student), ("live", live), ("bf16", bf16))}
     opts["cached"] = sgd(cached)
+    # every KD step at an iteration without diagnostics (iteration 0 measures the trunk gradients)
+    for m in (live, bf16, cached):
+        m.kd_iteration = diag_schedule(m)[0]
     step = Stepper("cpu")
     times = {n: [] for n in ("student", "live_fp32", "live_bf16", "cached")}
     for k, (images, targets, batch_keys) in enumerate(batches):
