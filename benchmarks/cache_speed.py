@@ -35,12 +35,8 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import torch  # noqa: E402
 from step_overhead import Stepper, _to, _trainer, build_kd_model, diag_schedule  # noqa: E402
 
-from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader  # noqa: E402
-from kd2.engine.teacher_cache import (  # noqa: E402
-    build_teacher_cache,
-    teacher_cache_fingerprint,
-    train_records,
-)
+from kd2.data import DatasetCatalog, DetectionDataset, build_train_loader, records_of  # noqa: E402
+from kd2.engine.teacher_cache import build_teacher_cache, teacher_cache_fingerprint  # noqa: E402
 from kd2.modeling.teacher_cache import CACHE_KEY, TeacherCache, cache_key  # noqa: E402
 
 DEFAULT = os.path.join(ROOT, "configs/synthetic/timing/faster_rcnn_MNv3_PKD_from_R50_320.yaml")
@@ -91,7 +87,9 @@ def main(argv=None) -> dict:
     )
     build_seconds = time.perf_counter() - t0
     cached.kd_attach_cache(
-        TeacherCache(cache_dir, teacher_cache_fingerprint(cfg, cached, train_records(cfg)))
+        TeacherCache(
+            cache_dir, teacher_cache_fingerprint(cfg, cached, records_of(cfg.DATASETS.TRAIN))
+        )
     )
     cached.train()
 

@@ -11,6 +11,7 @@ from kd2.data.catalog import (
     Metadata,
     MetadataCatalog,
     datasets_root,
+    records_of,
     register_coco_instances,
     register_config_datasets,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Metadata",
     "MetadataCatalog",
     "datasets_root",
+    "records_of",
     "register_coco_instances",
     "register_config_datasets",
     "load_coco_json",

@@ -56,6 +56,7 @@ __all__ = [
     "parse_coco_name",
     "unknown_dataset_error",
     "datasets_root",
+    "records_of",
     "SYNTHETIC_GENERATOR_KWARGS",
     "SYNTHETIC_CROWDED_GENERATOR_KWARGS",
 ]
@@ -67,6 +68,14 @@ logger = logging.getLogger(__name__)
 SYNTHETIC_GENERATOR_KWARGS: Dict[str, Any] = {}
 #: The same for :func:`~kd2.data.synthetic.generate_crowded_benchmark` (``synthetic_crowded_*``).
 SYNTHETIC_CROWDED_GENERATOR_KWARGS: Dict[str, Any] = {}
+
+
+def records_of(names) -> List[Dict[str, Any]]:
+    """The records of the datasets ``names`` (e.g. ``DATASETS.TRAIN``), concatenated in order."""
+    records: List[Dict[str, Any]] = []
+    for name in names:
+        records.extend(DatasetCatalog.get(name))
+    return records
 
 
 def datasets_root() -> str:

@@ -31,16 +31,15 @@ import torch
 from torch import nn
 
 import kd2
-from kd2.data import DatasetCatalog
+from kd2.data import records_of
 from kd2.data.loader import DetectionDataset
-from kd2.modeling.teacher_cache import CACHE_PARTS, CacheWriter, TeacherCache, cache_key
+from kd2.modeling.teacher_cache import CacheWriter, TeacherCache, cache_key, require_cacheable
 from kd2.utils.errors import ConfigError
 
 __all__ = [
     "attach_teacher_cache",
     "build_teacher_cache",
     "teacher_cache_fingerprint",
-    "train_records",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,13 +75,6 @@ def _records_digest(records: List[Dict]) -> str:
         for r in records
     ]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def train_records(cfg) -> List[Dict]:
-    records: List[Dict] = []
-    for name in cfg.DATASETS.TRAIN:
-        records.extend(DatasetCatalog.get(name))
-    return records
 
 
 def teacher_cache_fingerprint(cfg, model: nn.Module, records: List[Dict]) -> Dict:
@@ -226,15 +218,8 @@ def build_teacher_cache(
         raise ConfigError(
             f"KD.METHODS {list(cfg.KD.METHODS)} learn from no KD.TEACHER: there is nothing to cache"
         )
-    records = train_records(cfg)
-    parts = model.kd_teacher_parts.get("", frozenset())
-    if parts - CACHE_PARTS:
-        raise ConfigError(
-            "the methods learning from KD.TEACHER read its "
-            f"{', '.join(sorted(parts - CACHE_PARTS))}; a teacher cache stores its "
-            f"{', '.join(sorted(CACHE_PARTS))} only",
-            "cache a config whose KD.TEACHER methods are feature methods",
-        )
+    records = records_of(cfg.DATASETS.TRAIN)
+    require_cacheable(model.kd_teacher_parts.get("", frozenset()))
     writer = CacheWriter(
         output, teacher_cache_fingerprint(cfg, model, records), dtype=dtype, shard_size=shard_size
     )

@@ -55,7 +55,7 @@ from kd2.data import (
     build_test_loader,
     build_train_loader,
 )
-from kd2.data.catalog import check_class_count, register_config_datasets
+from kd2.data.catalog import check_class_count, records_of, register_config_datasets
 from kd2.data.loader import read_image
 from kd2.data.report import write_dataset_report
 from kd2.engine.batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
@@ -446,9 +446,7 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------
     def train_records(self) -> List[Dict]:
-        records = []
-        for name in self.cfg.DATASETS.TRAIN:
-            records.extend(DatasetCatalog.get(name))
+        records = records_of(self.cfg.DATASETS.TRAIN)
         if not records:
             raise ValueError(f"DATASETS.TRAIN={self.cfg.DATASETS.TRAIN} contains no images")
         return records

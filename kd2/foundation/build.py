@@ -112,6 +112,13 @@ def _from_pretrained(directory: str, weights: str, key: str) -> nn.Module:
     return model.eval()
 
 
+def _trunk_of(model: nn.Module, layers) -> nn.Module:
+    """The trunk reading a transformers DINO model at ``layers``: its ViT or ConvNeXt kind."""
+    if model.config.model_type in VIT_TYPES:
+        return ViTTrunk(model, layers)
+    return StagesTrunk(model, layers)
+
+
 def _transformers_trunk(directory: str, weights: str, layers, key: str):
     """``(trunk, mean, std, name)`` of a transformers model directory."""
     config_file = os.path.join(directory, "config.json")
@@ -131,7 +138,7 @@ def _transformers_trunk(directory: str, weights: str, layers, key: str):
         )
     weights = _safetensors_file(weights or os.path.join(directory, "model.safetensors"), key)
     model = _from_pretrained(directory, weights, key)
-    trunk = ViTTrunk(model, layers) if model_type in VIT_TYPES else StagesTrunk(model, layers)
+    trunk = _trunk_of(model, layers)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     processor = os.path.join(directory, "preprocessor_config.json")
     if os.path.isfile(processor):
@@ -171,8 +178,7 @@ def _detector_trunk(node, layers, key: str, device: str):
     order = [0, 1, 2] if channels == "RGB" else [2, 1, 0]
     mean = [float(mean[i]) / float(scale) for i in order]
     std = [float(std[i]) / float(scale) for i in order]
-    model_type = vit.config.model_type
-    trunk = ViTTrunk(vit, layers) if model_type in VIT_TYPES else StagesTrunk(vit, layers)
+    trunk = _trunk_of(vit, layers)
     return trunk, mean, std, f"{type(vit).__name__} of {os.path.basename(node.CONFIG)}"
 
 

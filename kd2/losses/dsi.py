@@ -33,9 +33,8 @@ from torch import Tensor
 
 from kd2.structures import StepRecord
 
-from .adapters import FeatureAdapter
 from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
-from .utils import compute_dtype, distill_strides
+from .utils import compute_dtype, level_adapter
 
 __all__ = ["DSI", "semantic_alignment_loss"]
 
@@ -103,16 +102,17 @@ class DSI(KDMethod):
         smooth_l1_beta: float = 1.0,
     ):
         super().__init__()
-        shared = sorted(set(student_channels) & set(teacher_channels))
-        used = distill_strides(shared, strides, len(shared)) if shared else []
         self.weight = float(weight)
         self.smooth_l1_weight = float(smooth_l1_weight)
         self.smooth_l1_beta = float(smooth_l1_beta)
-        #: the projectors, one per distilled stride (always a layer, as RT-DETRv4's Linear)
-        self.projector = FeatureAdapter(
-            {s: student_channels[s] for s in used} if used else student_channels,
-            {s: teacher_channels[s] for s in used} if used else teacher_channels,
-            kernel_size=1,
+        #: the projectors, one per distilled stride (every shared one by default; always a layer,
+        #: as RT-DETRv4's Linear)
+        self.projector = level_adapter(
+            student_channels,
+            teacher_channels,
+            strides,
+            len(student_channels),
+            identity_when_equal=False,
         )
 
     @classmethod

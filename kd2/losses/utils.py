@@ -343,18 +343,19 @@ def level_adapter(
     teacher_channels: dict[int, int],
     configured: Sequence[int],
     default_count: int,
+    identity_when_equal: bool = True,
 ) -> FeatureAdapter:
     """The 1×1 align convs of the levels a feature method distils (:func:`distill_strides` of
     the shared strides), identity where the channels are equal — the "align conv only if the
-    channels differ" rule of the CWD, PKD, MGD and FGD recipes. ``adapter.strides`` are the
-    distilled strides."""
+    channels differ" rule of the CWD, PKD, MGD and FGD recipes (``identity_when_equal=False``:
+    a conv on every level, DSI's projector). ``adapter.strides`` are the distilled strides."""
     shared = sorted(set(student_channels) & set(teacher_channels))
     used = distill_strides(shared, configured, default_count) if shared else []
     return FeatureAdapter(
         {s: student_channels[s] for s in used} if used else student_channels,
         {s: teacher_channels[s] for s in used} if used else teacher_channels,
         kernel_size=1,
-        identity_when_equal=True,
+        identity_when_equal=identity_when_equal,
     )
 
 

@@ -37,6 +37,7 @@ from .level_map import (
     pair_levels,
     student_view,
 )
+from .teacher_cache import CACHE_KEY, require_cacheable
 
 __all__ = ["DistillerMixin", "model_family", "needs_detector_teacher", "teachers_needed"]
 
@@ -566,10 +567,9 @@ class DistillerMixin:
         ``loss_kd_*`` terms, then :meth:`finalize_kd_losses`."""
         if targets is None:
             raise ValueError("in training mode, targets must be given")
-        from .teacher_cache import CACHE_KEY
-
         keys = [t.get(CACHE_KEY) for t in targets]
-        targets = [{k: v for k, v in t.items() if k != CACHE_KEY} for t in targets]
+        if any(k is not None for k in keys):  # the trainer's cache keys: not the framework's
+            targets = [{k: v for k, v in t.items() if k != CACHE_KEY} for t in targets]
         student, losses = self.student_step(images, targets)
         if self.kd_cache is not None and all(k is not None for k in keys):
             student.extras[CACHE_KEY] = keys
@@ -589,23 +589,12 @@ class DistillerMixin:
         """Read KD.TEACHER's record from ``cache`` instead of running it, for every batch the
         cache holds exactly (:meth:`~kd2.modeling.teacher_cache.TeacherCache.lookup`); refused
         when KD.TEACHER's methods read a part the cache does not store."""
-        from .teacher_cache import CACHE_PARTS
-
-        extra = sorted(self.kd_teacher_parts.get("", frozenset()) - CACHE_PARTS)
-        if extra:
-            raise ConfigError(
-                f"KD.TEACHER.CACHE stores the teacher's {', '.join(sorted(CACHE_PARTS))}; the "
-                f"methods learning from it read its {', '.join(extra)} too, which the cache does "
-                "not store",
-                "unset KD.TEACHER.CACHE (the teacher then runs live), or use feature methods",
-            )
+        require_cacheable(self.kd_teacher_parts.get("", frozenset()))
         object.__setattr__(self, "_kd_cache", cache)
 
     def _kd_cached_record(self, student: StepRecord) -> StepRecord | None:
         """KD.TEACHER's record of this batch read from the cache, or ``None`` (no cache, or a
         batch the cache does not hold exactly: the teacher then runs live)."""
-        from .teacher_cache import CACHE_KEY
-
         keys = student.extras.get(CACHE_KEY)
         if self.kd_cache is None or keys is None:
             return None

@@ -37,6 +37,7 @@ __all__ = [
     "TeacherCache",
     "cache_key",
     "fingerprint_differences",
+    "require_cacheable",
 ]
 
 #: the format version written in the manifest
@@ -49,6 +50,17 @@ CACHE_KEY = "kd_cache_key"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 MANIFEST = "manifest.json"
+
+
+def require_cacheable(parts) -> None:
+    """Refuse teacher ``parts`` (what KD.TEACHER's methods read) that a cache does not store."""
+    extra = sorted(set(parts) - CACHE_PARTS)
+    if extra:
+        raise ConfigError(
+            f"the methods learning from KD.TEACHER read its {', '.join(extra)} too; a teacher "
+            f"cache stores its {', '.join(sorted(CACHE_PARTS))} only",
+            "unset KD.TEACHER.CACHE (the teacher then runs live), or use feature methods",
+        )
 
 
 def cache_key(image_id: int, flipped: bool) -> str:

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from kd2.engine.teacher_cache import build_teacher_cache, teacher_cache_fingerprint, train_records
+from kd2.data import records_of
+from kd2.engine.teacher_cache import build_teacher_cache, teacher_cache_fingerprint
 from kd2.modeling.teacher_cache import CACHE_KEY, TeacherCache, cache_key
 from kd2.tv import Trainer
 from kd2.utils.errors import ConfigError
@@ -32,7 +33,7 @@ def _batch(cfg, trainer_cls, model):
     keys."""
     from kd2.data.loader import DetectionDataset
 
-    dataset = DetectionDataset(train_records(cfg), train=True)
+    dataset = DetectionDataset(records_of(cfg.DATASETS.TRAIN), train=True)
     samples = [dataset.load_variant(0, True), dataset.load_variant(3, False)]
     offset = trainer_cls.label_offset(model)
     images = [s[0] for s in samples]
@@ -51,7 +52,9 @@ def _cached_equals_live(cfg, trainer_cls, cache_dir):
     model = trainer_cls.build_model(cfg).train()
     manifest = build_teacher_cache(cfg, model, cache_dir, progress=False)
     assert manifest["complete"] and manifest["stats"]["entries"] == 2 * 12  # flip and not
-    cache = TeacherCache(cache_dir, teacher_cache_fingerprint(cfg, model, train_records(cfg)))
+    cache = TeacherCache(
+        cache_dir, teacher_cache_fingerprint(cfg, model, records_of(cfg.DATASETS.TRAIN))
+    )
     images, targets = _batch(cfg, trainer_cls, model)
     live = model(images, targets)  # no cache attached: the key is ignored
     model.kd_attach_cache(cache)
@@ -103,7 +106,7 @@ def test_an_interrupted_build_resumes_and_stale_caches_are_refused(tiny_data, tm
     assert len(part["shards"]) >= 2 and not part["complete"]
     first = os.path.join(out, part["shards"][0]["file"])
     mtime = os.stat(first).st_mtime_ns
-    fingerprint = teacher_cache_fingerprint(cfg, model, train_records(cfg))
+    fingerprint = teacher_cache_fingerprint(cfg, model, records_of(cfg.DATASETS.TRAIN))
     with pytest.raises(ConfigError, match="unfinished cache build"):
         TeacherCache(out, fingerprint)
     full = build_teacher_cache(cfg, model, out, shard_size=5, progress=False)
@@ -117,7 +120,7 @@ def test_an_interrupted_build_resumes_and_stale_caches_are_refused(tiny_data, tm
     torch.save({"model": model.teacher.state_dict()}, str(tmp_path / "other_teacher.pth"))
     other = cfg.clone()
     other.KD.TEACHER.WEIGHTS = str(tmp_path / "other_teacher.pth")
-    stale = teacher_cache_fingerprint(other, model, train_records(other))
+    stale = teacher_cache_fingerprint(other, model, records_of(other.DATASETS.TRAIN))
     with pytest.raises(ConfigError, match="teacher_weights"):
         TeacherCache(out, stale)
     with pytest.raises(ConfigError, match="another teacher, config or dtype"):
