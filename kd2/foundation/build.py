@@ -112,11 +112,16 @@ def _from_pretrained(directory: str, weights: str, key: str) -> nn.Module:
     return model.eval()
 
 
-def _trunk_of(model: nn.Module, layers) -> nn.Module:
-    """The trunk reading a transformers DINO model at ``layers``: its ViT or ConvNeXt kind."""
-    if model.config.model_type in VIT_TYPES:
-        return ViTTrunk(model, layers)
-    return StagesTrunk(model, layers)
+def _trunk_of(model: nn.Module, layers, key: str) -> nn.Module:
+    """The trunk reading a transformers DINO model at ``layers``: its ViT or ConvNeXt kind; an
+    index the model does not have is a :class:`ConfigError` naming ``key``'s option."""
+    kind = ViTTrunk if model.config.model_type in VIT_TYPES else StagesTrunk
+    try:
+        return kind(model, layers)
+    except ValueError as e:
+        raise ConfigError(
+            f"{key}.FOUNDATION.LAYERS {list(layers)}: {e}", "give layers the model has"
+        ) from None
 
 
 def _transformers_trunk(directory: str, weights: str, layers, key: str):
@@ -138,7 +143,7 @@ def _transformers_trunk(directory: str, weights: str, layers, key: str):
         )
     weights = _safetensors_file(weights or os.path.join(directory, "model.safetensors"), key)
     model = _from_pretrained(directory, weights, key)
-    trunk = _trunk_of(model, layers)
+    trunk = _trunk_of(model, layers, key)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     processor = os.path.join(directory, "preprocessor_config.json")
     if os.path.isfile(processor):
@@ -178,7 +183,7 @@ def _detector_trunk(node, layers, key: str, device: str):
     order = [0, 1, 2] if channels == "RGB" else [2, 1, 0]
     mean = [float(mean[i]) / float(scale) for i in order]
     std = [float(std[i]) / float(scale) for i in order]
-    trunk = _trunk_of(vit, layers)
+    trunk = _trunk_of(vit, layers, key)
     return trunk, mean, std, f"{type(vit).__name__} of {os.path.basename(node.CONFIG)}"
 
 

@@ -22,6 +22,8 @@ from typing import Dict, List
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
+from kd2.utils.errors import ConfigError
+
 __all__ = ["SimplePyramidViT", "ViTBackboneWithFPN", "build_vit_backbone"]
 
 
@@ -89,8 +91,9 @@ def build_vit_backbone(node, strides: List[int], out_channels: int, extra_blocks
     heads = int(node.NUM_HEADS)
     dim = int(node.HIDDEN_SIZE)
     if dim % heads:
-        raise ValueError(
-            f"MODEL.BACKBONE.VIT.HIDDEN_SIZE {dim} must be a multiple of NUM_HEADS {heads}"
+        raise ConfigError(
+            f"MODEL.BACKBONE.VIT.HIDDEN_SIZE {dim} is not a multiple of NUM_HEADS {heads}",
+            "give a width that the heads divide (e.g. 192 and 3)",
         )
     config = Dinov2Config(
         hidden_size=dim,

@@ -273,6 +273,8 @@ def test_mistakes_are_clear_errors(tmp_path):
         build_foundation_teacher(_node(config, str(p)), "KD.TEACHER", "cpu")
     with pytest.raises(ConfigError, match="one student stride per layer"):
         build_foundation_teacher(_node(config, LAYERS=[1, 2]), "KD.TEACHER", "cpu")
+    with pytest.raises(ConfigError, match="KD.TEACHER.FOUNDATION.LAYERS \\[9\\]: layers"):
+        build_foundation_teacher(_node(config, LAYERS=[9]), "KD.TEACHER", "cpu")
     with pytest.raises(MissingFileError, match="neither a directory"):
         build_foundation_teacher(_node(str(tmp_path / "nowhere")), "KD.TEACHER", "cpu")
     with pytest.raises(ConfigError, match="needs KD.TEACHER.WEIGHTS"):
@@ -333,3 +335,11 @@ def test_a_vit_detector_kd2_trained_teaches_as_a_backbone_only_teacher(tmp_path)
     _, r_yaml, r_pth = tvh.save_teacher(tmp_path, "FCOS", "resnet18", 32)
     with pytest.raises(ConfigError, match="without a DINOv2 / DINOv3 trunk"):
         build_foundation_teacher(_node(r_yaml, r_pth), "KD.TEACHER", "cpu")
+
+
+def test_a_vit_backbone_whose_heads_do_not_divide_its_width_is_a_config_error():
+    cfg = tvh.tiny_cfg("FCOS")
+    cfg.MODEL.BACKBONE.NAME = "dinov2_vit"
+    cfg.MODEL.BACKBONE.VIT.HIDDEN_SIZE, cfg.MODEL.BACKBONE.VIT.NUM_HEADS = 32, 3
+    with pytest.raises(ConfigError, match="HIDDEN_SIZE 32 is not a multiple of NUM_HEADS 3"):
+        build_plain_detector(cfg)
