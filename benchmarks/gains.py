@@ -25,7 +25,6 @@ stays in ``output/bench/<pair>/<run>`` as with ``tools/demo.py``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -35,6 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gains_table, beside this file
 from gains_table import PAIR_SOURCES  # noqa: E402
+
+from kd2.utils.checkpoint import file_sha256  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "gains")
@@ -83,6 +84,13 @@ PAIRS = {
         "configs/synthetic/fcos_ViT_teacher.yaml",
         "configs/synthetic/fcos_MNv3_student.yaml",
     ),
+    # pseudo-labels: 75 % of the training labels hidden (synthetic_train_labeled); teacher and
+    # baseline learn from the labelled quarter, the distilled rows also from the teacher's
+    # pseudo-labels on the hidden images (tools/cache_teacher.py --pseudo-labels)
+    "fcos_semi": (
+        "configs/synthetic/semi/fcos_R18_teacher.yaml",
+        "configs/synthetic/semi/fcos_MNv3_student.yaml",
+    ),
     # the second benchmark: many small objects on 256-512 px images (synthetic_crowded_*)
     "faster_rcnn_crowded": (
         "configs/synthetic_crowded/faster_rcnn_R18_teacher.yaml",
@@ -93,6 +101,33 @@ PAIRS = {
         "configs/synthetic_crowded/fcos_MNv3_student.yaml",
     ),
 }
+
+
+#: pair -> (the dataset whose images its pseudo-labels label, {pseudo-label file: score
+#: threshold}): each file its configs train on is written by ``tools/cache_teacher.py
+#: --pseudo-labels`` with the pair's teacher before the runs
+PSEUDO_LABELS = {
+    "fcos_semi": (
+        "synthetic_train_hidden",
+        {
+            "output/bench/fcos_semi/pseudo_labels.json": 0.5,
+            "output/bench/fcos_semi/pseudo_labels_t03.json": 0.3,
+        },
+    ),
+}
+
+
+def _pseudo_files(cfg) -> list:
+    """The pseudo-label files of :data:`PSEUDO_LABELS` that ``cfg``'s DATASETS.TRAIN reads."""
+    files = [f for _, by_file in PSEUDO_LABELS.values() for f in by_file]
+    return [f for f in files if any(f + ":" in str(t) for t in cfg.DATASETS.TRAIN)]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _demo():
@@ -110,14 +145,6 @@ def _weights(out_dir: str) -> str:
     return os.path.join(out_dir, "model_final.pth")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def teacher_of(opts: list) -> dict | None:
     """The teacher checkpoint a distilled run read (``KD.TEACHER.WEIGHTS`` in ``opts``): its
     path, sha256 and the AP its own run measured (``demo_result.json`` beside it)."""
@@ -126,7 +153,7 @@ def teacher_of(opts: list) -> dict | None:
     weights = str(opts[opts.index("KD.TEACHER.WEIGHTS") + 1])
     if not os.path.isfile(weights):
         return None
-    info = {"weights": os.path.relpath(weights, ROOT), "weights_sha256": _sha256(weights)}
+    info = {"weights": os.path.relpath(weights, ROOT), "weights_sha256": file_sha256(weights)}
     done = os.path.join(os.path.dirname(weights), "demo_result.json")
     if os.path.isfile(done):
         with open(done) as f:
@@ -179,7 +206,10 @@ def run_and_record(demo, pair: str, kind: str, config: str, opts: list, run_name
         "threads": torch.get_num_threads(),
     }
     if kind == "teacher" and os.path.isfile(_weights(out_dir)):
-        record["weights_sha256"] = _sha256(_weights(out_dir))
+        record["weights_sha256"] = file_sha256(_weights(out_dir))
+    pseudo = _pseudo_files(cfg)
+    if pseudo:
+        record["pseudo_labels"] = pseudo[0]
     if kind == "distilled":
         record["teacher"] = teacher_of(opts)
         balanced = cfg.KD.BALANCE.MODE != "none"
@@ -252,6 +282,39 @@ def _teacher_cache(demo, config: str, opts: list) -> None:
     print(f"[gains] teacher cache {os.path.relpath(directory, ROOT)}: {done['stats']}", flush=True)
 
 
+def _pseudo_labels(pair: str, path: str, teacher_cfg: str, teacher_weights: str) -> None:
+    """Write (or reuse) ``pair``'s pseudo-label file ``path`` with its teacher, and commit its
+    summary (provenance, counts, precision / recall against the hidden labels) under the file's
+    name beside the pair's runs."""
+    from kd2.data import DatasetCatalog, MetadataCatalog
+
+    dataset, by_file = PSEUDO_LABELS[pair]
+    summary_path = result_path(pair, os.path.splitext(os.path.basename(path))[0])
+    sha = file_sha256(teacher_weights)
+    if os.path.isfile(path) and os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            if json.load(f)["teacher_weights_sha256"] == sha:
+                print(f"[gains] pseudo-labels {path}: reused", flush=True)
+                return
+    DatasetCatalog.get(dataset)  # makes the split on first use
+    meta = MetadataCatalog.get(dataset)
+    labeled = MetadataCatalog.get(dataset.replace("_hidden", "_labeled"))
+    DatasetCatalog.get(dataset.replace("_hidden", "_labeled"))
+    data = _tool("cache_teacher").main(
+        ["--config-file", teacher_cfg, "--pseudo-labels", meta.image_root, "--output", path]
+        + ["--labeled", labeled.json_file, "--ground-truth", meta.json_file]
+        + ["--score-threshold", str(by_file[path])]
+        + ["MODEL.WEIGHTS", teacher_weights]
+    )
+    info = dict(data["info"]["pseudo_labels"])
+    for key in ("image_dir", "teacher_weights"):
+        info[key] = os.path.relpath(info[key], ROOT)
+    info["file"] = path
+    info["pair"] = pair
+    with open(summary_path, "w") as f:
+        json.dump(info, f, indent=1)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), required=True)
@@ -283,6 +346,9 @@ def main(argv=None) -> None:
             cfg = _file_config(config)
             extra = _extra_teacher_weights(cfg)
             extra += _classifier_teacher_weights(demo, cfg, s_pair, student_cfg)
+            for path in _pseudo_files(cfg):
+                if not any(j[1] == "pseudo" and j[4] == path for j in jobs):
+                    jobs.append((args.pair, "pseudo", teacher_cfg, [teacher_weights], path))
             if cfg.KD.TEACHER.CACHE:
                 jobs.append(
                     (args.pair, "cache", config, ["KD.TEACHER.WEIGHTS", teacher_weights], "")
@@ -299,6 +365,9 @@ def main(argv=None) -> None:
         )
         if kind == "cache":
             _teacher_cache(demo, config, opts)
+            continue
+        if kind == "pseudo":
+            _pseudo_labels(pair, run_name, config, opts[0])
             continue
         run_and_record(demo, pair, kind, config, opts, run_name)
     print(f"[gains] done in {time.time() - t0:.0f}s", flush=True)

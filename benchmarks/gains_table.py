@@ -72,6 +72,7 @@ PAIR_TITLES = {
     "faster_rcnn_to_dfine": "Faster R-CNN teacher (torchvision) → D-FINE student (transformers)",
     "dfine_to_fcos": "D-FINE teacher (transformers) → FCOS student (torchvision)",
     "vit_to_fcos": "DINOv2-architecture ViT trunk (backbone-only teacher) → FCOS student",
+    "fcos_semi": "FCOS, 25 % of the training labels (the rest unlabelled)",
     "faster_rcnn_crowded": "Faster R-CNN, crowded",
     "fcos_crowded": "FCOS, crowded",
 }
@@ -131,10 +132,14 @@ def balance_label(config: str) -> str:
 
 
 def load(pair: str) -> list[dict]:
+    """The run records of ``pair`` (a pair's other files, e.g. its ``pseudo_labels.json``
+    summary, have no ``kind``)."""
     out = []
     for path in sorted(glob.glob(os.path.join(RESULTS, pair, "*.json"))):
         with open(path) as f:
-            out.append(json.load(f))
+            record = json.load(f)
+        if "kind" in record:
+            out.append(record)
     return out
 
 
@@ -177,7 +182,8 @@ def rows_for(pair: str) -> list[dict]:
                 "pair": pair,
                 "config": config,
                 "name": os.path.splitext(os.path.basename(config))[0],
-                "methods": rs[0]["methods"],
+                # training on a teacher's pseudo-labels is how these runs learn from it
+                "methods": ["pseudo-labels"] * bool(rs[0].get("pseudo_labels")) + rs[0]["methods"],
                 "inherit": rs[0].get("inherit_teacher", []),
                 "seeds": seeds,
                 "teacher": t_ap,

@@ -15,7 +15,6 @@ predicts with its student alone: the teacher is neither built nor loaded.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -24,37 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from kd2.utils.errors import ConfigError, DataError, MissingFileError, run_main  # noqa: E402
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def input_files(spec: str) -> list:
-    """The image files ``spec`` names (a file, a folder or a glob), sorted; an error when none."""
-    if os.path.isdir(spec):
-        files = [os.path.join(spec, f) for f in sorted(os.listdir(spec))]
-        files = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    elif os.path.isfile(spec):
-        files = [spec]
-    else:
-        files = sorted(f for f in glob.glob(spec) if os.path.isfile(f))
-    if not files:
-        raise MissingFileError(
-            f"--input {spec!r} names no image", "give an image file, a folder or a glob"
-        )
-    return files
-
-
-def read_rgb(path: str):
-    """RGB ``uint8`` ``(H, W, 3)``; ``None`` (with a message) for an unreadable file."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        print(f"warning: skipping {path}: not a readable image ({e})", file=sys.stderr)
-        return None
 
 
 def draw(image, det: dict, names: list, threshold: float):
@@ -97,10 +65,11 @@ def main(argv=None) -> dict:
             f"--confidence-threshold {args.confidence_threshold} is outside [0, 1]",
             "give a score between 0 and 1, e.g. 0.5",
         )
-    files = input_files(args.input)
+    from kd2.engine.predictor import image_files, load_predictor, read_rgb
+
+    files = image_files(args.input)
     from tqdm import tqdm
 
-    from kd2.engine.predictor import load_predictor
     from kd2.engine.run_dir import make_writable_dir
 
     predictor = load_predictor(args.config_file, args.opts)

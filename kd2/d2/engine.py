@@ -8,6 +8,8 @@ What it adds to ``DefaultTrainer``:
 * a hook before each step: the iteration (KD warm-up) and every method's ``before_step``;
 * the Global-Knowledge prototype refresh (:func:`prototype_refresh_hook`), when configured;
 * ``build_evaluator``: ``COCOEvaluator``;
+* ``KD.TEACHER.CACHE`` (:mod:`kd2.d2.teacher_cache`): the teacher's features read from a cache
+  built by ``tools/cache_teacher.py``, for every batch it holds exactly;
 * COCO files by name (:func:`kd2.d2.data.register_config_datasets`, at construction);
 * the torchvision trainer's safety checks: the divergence guard (:func:`divergence_hook`: a
   non-finite loss, and with ``SOLVER.DIVERGENCE.ENABLED`` a diverging or out-of-scale one, stops
@@ -47,6 +49,7 @@ from kd2.modeling.prototypes import build_prototype_refresher
 
 from .data import register_config_datasets
 from .teacher import _WeightsOnlyCheckpointer
+from .teacher_cache import FlipRecordingMapper, teacher_cache_hook
 
 __all__ = [
     "create_ddp_model",
@@ -388,9 +391,21 @@ class KDTrainer(DefaultTrainer):
         )
         ret.insert(at, replica_sync_hook(self.cfg))
         first = [prototype_refresh_hook(self.cfg), preflight_hook(self.cfg), kd_step_hook()]
+        if self.cfg.KD.TEACHER.get("CACHE", ""):
+            first.append(teacher_cache_hook(self.cfg))
         if "DIVERGENCE" in self.cfg.SOLVER:
             first.append(divergence_hook(self.cfg))
         return first + ret
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader; with ``KD.TEACHER.CACHE``, its mapper records each image's flip
+        (the key of its cache entry, :class:`~kd2.d2.teacher_cache.FlipRecordingMapper`)."""
+        if not cfg.KD.TEACHER.get("CACHE", ""):
+            return super().build_train_loader(cfg)
+        from detectron2.data import build_detection_train_loader
+
+        return build_detection_train_loader(cfg, mapper=FlipRecordingMapper(cfg, is_train=True))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -39,6 +39,7 @@ from kd2.structures import DenseOutputs, RoiOutputs, StepRecord
 
 from .gfl import GFL
 from .teacher import build_teacher
+from .teacher_cache import cache_forward_keys
 
 __all__ = ["DistillFCOS", "DistillGFL", "DistillGeneralizedRCNN", "DistillRetinaNet"]
 
@@ -361,6 +362,7 @@ class _Distill(DistillerMixin):
         if not self.training:
             return super().forward(batched_inputs)
         student, losses = self.student_step(batched_inputs)
+        cache_forward_keys(self, batched_inputs, student)  # KD.TEACHER.CACHE's entries
         with torch.no_grad():
             teachers = self.teacher_records(batched_inputs, student)
         losses.update(self.distill_losses(student, teachers))

@@ -15,7 +15,11 @@ Builtin names (registered at import; paths resolved when first used, relative to
   :mod:`kd2.data.synthetic`), generated there with the default arguments on first use if absent;
 * ``synthetic_crowded_train`` / ``synthetic_crowded_val``:
   ``$DETECTRON2_DATASETS/kd2_synthetic_crowded/``, the second benchmark's "crowded" profile
-  (:func:`~kd2.data.synthetic.generate_crowded_benchmark`), generated there the same way.
+  (:func:`~kd2.data.synthetic.generate_crowded_benchmark`), generated there the same way;
+* ``synthetic_train_labeled`` / ``synthetic_train_hidden``: ``synthetic_train`` with 75 % of its
+  labels hidden (:mod:`kd2.data.subsets`, ``$DETECTRON2_DATASETS/kd2_synthetic_semi/``): the
+  labelled quarter, and the hidden rest's ground truth (its images, without labels, in
+  ``kd2_synthetic_semi/unlabeled/``), for pseudo-label experiments.
 
 Explicit datasets: any name of the form ``"path/to/instances.json:path/to/image_dir"`` is
 registered automatically (as a COCO dataset under that very name) the first time it is used,
@@ -511,7 +515,30 @@ def _synthetic_paths(split: str, profile: str = "default") -> Callable[[], Tuple
     return paths
 
 
+#: the labelled fraction of the builtin ``synthetic_train_labeled`` (``kd2.data.subsets``)
+SYNTHETIC_LABELED_FRACTION = 0.25
+
+
+def _semi_paths(role: str) -> Callable[[], Tuple[str, str]]:
+    """The files of ``synthetic_train_labeled`` / ``synthetic_train_hidden``:
+    :func:`kd2.data.subsets.hide_labels` of ``synthetic_train``, made on first use under
+    ``$DETECTRON2_DATASETS/kd2_synthetic_semi``."""
+
+    def paths() -> Tuple[str, str]:
+        from kd2.data.subsets import hide_labels
+
+        json_file, image_root = _synthetic_paths("train")()
+        out = os.path.abspath(os.path.join(datasets_root(), "kd2_synthetic_semi"))
+        split = hide_labels(json_file, image_root, out, keep=SYNTHETIC_LABELED_FRACTION)
+        return split[role], image_root if role == "labeled" else split["unlabeled"]
+
+    return paths
+
+
 def _register_builtins() -> None:
+    for role in ("labeled", "hidden"):
+        name = f"synthetic_train_{role}"
+        _register_lazy_coco(name, _semi_paths(role), {"evaluator_type": "coco"})
     for split in ("train", "val"):
         _register_lazy_coco(f"coco_2017_{split}", _coco_paths(split), {"evaluator_type": "coco"})
         for profile, (prefix, _) in _SYNTHETIC_BUILTINS.items():

@@ -47,6 +47,7 @@ __all__ = [
     "build_train_loader",
     "build_test_loader",
     "trivial_batch_collator",
+    "model_targets",
 ]
 
 Target = Dict[str, Any]
@@ -304,6 +305,26 @@ def trivial_batch_collator(batch: Sequence[Tuple[torch.Tensor, Target]]) -> Batc
     images = [b[0] for b in batch]
     targets = [b[1] for b in batch]
     return images, targets
+
+
+def model_targets(
+    targets: Sequence[Target], offset: int, device, cache_keys: bool = False
+) -> List[Dict[str, Any]]:
+    """A batch's targets as a kd2-loop detector reads them: ``boxes`` and ``labels`` shifted by
+    ``offset`` (torchvision's background class) on ``device``; with ``cache_keys``, each image's
+    teacher-cache entry key (``KD.TEACHER.CACHE``) under ``CACHE_KEY``."""
+    from kd2.modeling.teacher_cache import CACHE_KEY, cache_key
+
+    out = []
+    for t in targets:
+        mt: Dict[str, Any] = {
+            "boxes": t["boxes"].to(device),
+            "labels": (t["labels"] + offset).to(device),
+        }
+        if cache_keys:
+            mt[CACHE_KEY] = cache_key(t["image_id"], t.get("flipped", False))
+        out.append(mt)
+    return out
 
 
 class TrainingSampler:

@@ -10,6 +10,9 @@ the image's pixels, labels contiguous ``0..K-1`` whatever the framework's conven
 
 from __future__ import annotations
 
+import glob
+import os
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Dict, List, Sequence
@@ -26,7 +29,47 @@ from kd2.utils.errors import ConfigError, MissingFileError
 
 from .defaults import setup_cfg
 
-__all__ = ["Predictor", "class_names_of", "load_own_loop_predictor", "load_predictor"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Predictor",
+    "class_names_of",
+    "image_files",
+    "load_own_loop_predictor",
+    "load_predictor",
+    "read_rgb",
+]
+
+#: the file suffixes :func:`image_files` takes for images (lower case)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def image_files(spec: str, option: str = "--input") -> List[str]:
+    """The image files ``spec`` names (a file, a folder or a glob), sorted; an error naming
+    ``option`` when none."""
+    if os.path.isdir(spec):
+        files = [os.path.join(spec, f) for f in sorted(os.listdir(spec))]
+        files = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    elif os.path.isfile(spec):
+        files = [spec]
+    else:
+        files = sorted(f for f in glob.glob(spec) if os.path.isfile(f))
+    if not files:
+        raise MissingFileError(
+            f"{option} {spec!r} names no image", "give an image file, a folder or a glob"
+        )
+    return files
+
+
+def read_rgb(path: str) -> np.ndarray | None:
+    """RGB ``uint8`` ``(H, W, 3)``; ``None`` (with a message) for an unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        print(f"warning: skipping {path}: not a readable image ({e})", file=sys.stderr)
+        return None
 
 
 @dataclass

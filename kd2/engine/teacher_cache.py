@@ -25,15 +25,17 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List
+from functools import partial
+from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 
 import kd2
 from kd2.data import records_of
-from kd2.data.loader import DetectionDataset
+from kd2.data.loader import DetectionDataset, model_targets
 from kd2.modeling.teacher_cache import CacheWriter, TeacherCache, cache_key, require_cacheable
+from kd2.utils.checkpoint import file_sha256
 from kd2.utils.errors import ConfigError
 
 __all__ = [
@@ -45,20 +47,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_digest(path: str) -> str:
     """sha256 of a config file, of a model directory's ``config.json``, or of a name."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        return _file_sha256(os.path.join(path, "config.json"))
+        return file_sha256(os.path.join(path, "config.json"))
     if os.path.isfile(path):
-        return _file_sha256(path)
+        return file_sha256(path)
     return hashlib.sha256(path.encode()).hexdigest()
 
 
@@ -66,7 +60,7 @@ def _weights_digest(node) -> str:
     weights = str(node.WEIGHTS or "")
     if not weights and os.path.isdir(str(node.CONFIG)):
         weights = os.path.join(str(node.CONFIG), "model.safetensors")
-    return _file_sha256(weights) if weights and os.path.isfile(weights) else ""
+    return file_sha256(weights) if weights and os.path.isfile(weights) else ""
 
 
 def _records_digest(records: List[Dict]) -> str:
@@ -80,8 +74,9 @@ def _records_digest(records: List[Dict]) -> str:
 def teacher_cache_fingerprint(cfg, model: nn.Module, records: List[Dict]) -> Dict:
     """What a cache's entries depend on (see the module docstring), JSON-serialisable."""
     node = cfg.KD.TEACHER
+    backend = cfg.MODEL.get("BACKEND", "detectron2")  # a Detectron2 config has no such key
     student_input = {
-        "backend": cfg.MODEL.BACKEND,
+        "backend": backend,
         "architecture": cfg.MODEL.META_ARCHITECTURE,
         "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN),
         "max_size_train": int(cfg.INPUT.MAX_SIZE_TRAIN),
@@ -91,10 +86,13 @@ def teacher_cache_fingerprint(cfg, model: nn.Module, records: List[Dict]) -> Dic
     }
     if cfg.MODEL.META_ARCHITECTURE == "DETR":
         student_input["image_size"] = int(cfg.MODEL.HF.IMAGE_SIZE)
+    for key in ("FORMAT", "MIN_SIZE_TRAIN_SAMPLING"):  # Detectron2's input keys
+        if backend == "detectron2" and key in cfg.INPUT:
+            student_input[key.lower()] = cfg.INPUT[key]
     foundation = node.get("FOUNDATION", None)
     return {
         "kd2": kd2.__version__,
-        "teacher_backend": str(node.BACKEND or cfg.MODEL.BACKEND),
+        "teacher_backend": str(node.BACKEND or backend),
         "teacher_config": _source_digest(str(node.CONFIG)),
         "teacher_weights": _weights_digest(node),
         "teacher_dtype": str(node.DTYPE),
@@ -110,6 +108,25 @@ def teacher_cache_fingerprint(cfg, model: nn.Module, records: List[Dict]) -> Dic
 
 def _check_deterministic_input(cfg) -> None:
     sizes = list(cfg.INPUT.MIN_SIZE_TRAIN)
+    live = "or run the teacher live (no KD.TEACHER.CACHE)"
+    if cfg.INPUT.get("MIN_SIZE_TRAIN_SAMPLING", "choice") == "range":
+        raise ConfigError(
+            f"INPUT.MIN_SIZE_TRAIN_SAMPLING range draws a size in {sizes} at random each step; a "
+            "teacher cache holds one entry per image and flip, at one size",
+            f"train with INPUT.MIN_SIZE_TRAIN_SAMPLING choice and one size {live}",
+        )
+    crop = cfg.INPUT.get("CROP", None)
+    if crop is not None and crop.get("ENABLED", False):
+        raise ConfigError(
+            "INPUT.CROP.ENABLED: a random crop per step cannot be cached exactly",
+            f"turn the crop off (INPUT.CROP.ENABLED False) {live}",
+        )
+    if cfg.INPUT.RANDOM_FLIP not in ("horizontal", "none"):
+        raise ConfigError(
+            f"INPUT.RANDOM_FLIP {cfg.INPUT.RANDOM_FLIP!r}: a teacher cache holds horizontal "
+            "flips only",
+            f"use INPUT.RANDOM_FLIP horizontal or none {live}",
+        )
     if len(sizes) > 1:
         raise ConfigError(
             f"INPUT.MIN_SIZE_TRAIN {sizes} draws the training size at random each step; a "
@@ -148,27 +165,26 @@ def _same_size_batches(variants, records, batch_size: int):
             yield group[k : k + batch_size]
 
 
-def _cache_batch(model: nn.Module, samples, writer: CacheWriter, device, target_offset: int):
-    """One batch of same-size samples through the training step's preprocessing and the live
-    teacher record; its entries added to ``writer``."""
-    targets = [
-        {"boxes": t["boxes"].to(device), "labels": (t["labels"] + target_offset).to(device)}
-        for _, t in samples
-    ]
+def _kd2_loop_batch(model: nn.Module, dataset, device, target_offset: int, variants):
+    """A batch of ``(record index, flip)`` variants of one size through a kd2-loop student's
+    training preprocessing and the live teacher: ``(student record, teacher record, keys)``."""
+    samples = [dataset.load_variant(i, f) for i, f in variants]
+    targets = model_targets([t for _, t in samples], target_offset, device)
     images = [im.to(device) for im, _ in samples]
     if len(images) == 1:  # some heads reject one image (GroupNorm on a 1x1 level)
         images, targets = images * 2, targets * 2
     with torch.no_grad():
         rec, _ = model.student_step(images, targets)
         teacher = model.teacher_records(rec, [""])[""]
+    return rec, teacher, [cache_key(t["image_id"], t["flipped"]) for _, t in samples]
+
+
+def _write_entries(writer: CacheWriter, rec, teacher, keys: List[str]) -> None:
+    """Each image's teacher features with the geometry it was recorded at."""
     hp, wp = rec.images.shape[-2:]
-    for n, (_, t) in enumerate(samples):
+    for n, key in enumerate(keys):
         h, w = rec.image_sizes[n]
-        writer.add(
-            cache_key(t["image_id"], t["flipped"]),
-            {s: f[n] for s, f in teacher.features.items()},
-            (h, w, hp, wp),
-        )
+        writer.add(key, {s: f[n] for s, f in teacher.features.items()}, (h, w, hp, wp))
 
 
 def _finish(writer: CacheWriter, output: str, entries: int, seconds: float) -> Dict:
@@ -205,12 +221,16 @@ def build_teacher_cache(
     target_offset: int = 0,
     batch_size: int = 8,
     only: set | None = None,
+    records: List[Dict] | None = None,
+    run_batch: Callable | None = None,
 ) -> Dict:
     """Run ``model``'s teacher over every training variant and store its record in ``output``
     (resuming a build that stopped); returns the manifest. The teacher runs on batches of up
     to ``batch_size`` images of one size. ``stop_after_shards``: stop once that many new shards
     are written (tests of the resume). ``only``: the keys (:func:`cache_key`) to build, a subset
-    of the variants (a benchmark's batches); default all."""
+    of the variants (a benchmark's batches); default all. ``records`` (default: the records of
+    ``DATASETS.TRAIN``) and ``run_batch(variants) -> (student record, teacher record, keys)``
+    (default: kd2's loop) are a framework's own (:func:`kd2.d2.engine.build_d2_teacher_cache`)."""
     from tqdm import tqdm
 
     _check_deterministic_input(cfg)
@@ -218,19 +238,23 @@ def build_teacher_cache(
         raise ConfigError(
             f"KD.METHODS {list(cfg.KD.METHODS)} learn from no KD.TEACHER: there is nothing to cache"
         )
-    records = records_of(cfg.DATASETS.TRAIN)
+    records = records_of(cfg.DATASETS.TRAIN) if records is None else records
     require_cacheable(model.kd_teacher_parts.get("", frozenset()))
     writer = CacheWriter(
         output, teacher_cache_fingerprint(cfg, model, records), dtype=dtype, shard_size=shard_size
     )
     flips = [False, True] if cfg.INPUT.RANDOM_FLIP == "horizontal" else [False]
-    dataset = DetectionDataset(records, train=True, corrupt_images=cfg.DATALOADER.CORRUPT_IMAGES)
     variants = [(i, f) for i in range(len(records)) for f in flips]
     if only is not None:
         variants = [(i, f) for i, f in variants if cache_key(records[i]["image_id"], f) in only]
     done = writer.done_keys
     todo = [(i, f) for i, f in variants if cache_key(records[i]["image_id"], f) not in done]
-    device = next(model.parameters()).device
+    if run_batch is None:
+        device = next(model.parameters()).device
+        dataset = DetectionDataset(
+            records, train=True, corrupt_images=cfg.DATALOADER.CORRUPT_IMAGES
+        )
+        run_batch = partial(_kd2_loop_batch, model, dataset, device, target_offset)
     shards_before = len(writer.manifest["shards"])
     t0 = time.perf_counter()
     model.train()  # the student's training-time preprocessing; its outputs are discarded
@@ -243,9 +267,7 @@ def build_teacher_cache(
     )
     try:
         for batch in _same_size_batches(todo, records, batch_size):
-            _cache_batch(
-                model, [dataset.load_variant(i, f) for i, f in batch], writer, device, target_offset
-            )
+            _write_entries(writer, *run_batch(batch))
             bar.update(len(batch))
             if stop_after_shards is not None:
                 if len(writer.manifest["shards"]) - shards_before >= stop_after_shards:

@@ -56,7 +56,7 @@ from kd2.data import (
     build_train_loader,
 )
 from kd2.data.catalog import check_class_count, records_of, register_config_datasets
-from kd2.data.loader import read_image
+from kd2.data.loader import model_targets, read_image
 from kd2.data.report import write_dataset_report
 from kd2.engine.batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_batch_mismatch
 from kd2.engine.divergence import DivergenceGuard, Stop, judge_step, stop_message
@@ -66,7 +66,6 @@ from kd2.engine.run_dir import lock_output_dir, release_output_dir
 from kd2.engine.teacher_cache import attach_teacher_cache
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
 from kd2.modeling.prototypes import build_prototype_refresher
-from kd2.modeling.teacher_cache import CACHE_KEY, cache_key
 from kd2.utils.checkpoint import find_resume_checkpoint, load_checkpoint_state, save_checkpoint
 from kd2.utils.errors import ConfigError
 
@@ -151,13 +150,6 @@ class ContiguousLabels(nn.Module):
         if self.offset:
             outputs = [{**o, "labels": o["labels"] - self.offset} for o in outputs]
         return outputs
-
-
-def _model_targets(targets: List[Dict], offset: int, device) -> List[Dict[str, torch.Tensor]]:
-    return [
-        {"boxes": t["boxes"].to(device), "labels": (t["labels"] + offset).to(device)}
-        for t in targets
-    ]
 
 
 def evaluate(
@@ -634,7 +626,7 @@ class Trainer:
             images, targets = batch
             images = [im.to(self.device) for im in images]
             with torch.autocast(self.device.type, enabled=self.amp):
-                return model(images, _model_targets(targets, self.target_offset, self.device))
+                return model(images, model_targets(targets, self.target_offset, self.device))
 
         run_preflight(
             model,
@@ -656,12 +648,11 @@ class Trainer:
         if hasattr(model, "kd_before_step"):
             model.kd_before_step(self.iter)
         images = [im.to(self.device, non_blocking=True) for im in images]
-        model_targets = _model_targets(targets, self.target_offset, self.device)
-        if getattr(model, "kd_cache", None) is not None:  # KD.TEACHER.CACHE: the entries' keys
-            for mt, t in zip(model_targets, targets):
-                mt[CACHE_KEY] = cache_key(t["image_id"], t.get("flipped", False))
+        # KD.TEACHER.CACHE: each image's entry key goes with its targets
+        keys = getattr(model, "kd_cache", None) is not None
+        targets = model_targets(targets, self.target_offset, self.device, cache_keys=keys)
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss_dict = self.ddp_model(images, model_targets)
+            loss_dict = self.ddp_model(images, targets)
         total = sum(loss_dict.values())
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
         total_value = float(total.detach())

@@ -14,6 +14,7 @@ names both: ``--resume`` never trains from scratch while a checkpoint exists.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from torch import nn
 from .errors import MissingFileError, WeightsError
 
 __all__ = [
+    "file_sha256",
     "atomic_save",
     "write_text_atomic",
     "last_checkpoint",
@@ -35,6 +37,16 @@ __all__ = [
     "load_checkpoint_state",
     "load_weights_strict",
 ]
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 logger = logging.getLogger(__name__)
 
