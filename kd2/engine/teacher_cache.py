@@ -34,7 +34,13 @@ from torch import nn
 import kd2
 from kd2.data import records_of
 from kd2.data.loader import DetectionDataset, model_targets
-from kd2.modeling.teacher_cache import CacheWriter, TeacherCache, cache_key, require_cacheable
+from kd2.modeling.teacher_cache import (
+    CacheWriter,
+    TeacherCache,
+    cache_key,
+    head_tensors,
+    require_cacheable,
+)
 from kd2.utils.checkpoint import file_sha256
 from kd2.utils.errors import ConfigError
 
@@ -180,11 +186,12 @@ def _kd2_loop_batch(model: nn.Module, dataset, device, target_offset: int, varia
 
 
 def _write_entries(writer: CacheWriter, rec, teacher, keys: List[str]) -> None:
-    """Each image's teacher features with the geometry it was recorded at."""
+    """Each image's teacher features and head outputs with the geometry it was recorded at."""
     hp, wp = rec.images.shape[-2:]
     for n, key in enumerate(keys):
         h, w = rec.image_sizes[n]
-        writer.add(key, {s: f[n] for s, f in teacher.features.items()}, (h, w, hp, wp))
+        features = {s: f[n] for s, f in teacher.features.items()}
+        writer.add(key, features, (h, w, hp, wp), head_tensors(teacher, n))
 
 
 def _finish(writer: CacheWriter, output: str, entries: int, seconds: float) -> Dict:
@@ -239,7 +246,7 @@ def build_teacher_cache(
             f"KD.METHODS {list(cfg.KD.METHODS)} learn from no KD.TEACHER: there is nothing to cache"
         )
     records = records_of(cfg.DATASETS.TRAIN) if records is None else records
-    require_cacheable(model.kd_teacher_parts.get("", frozenset()))
+    require_cacheable(model.kd_teacher_parts.get("", frozenset()), model.kd_head_split)
     writer = CacheWriter(
         output, teacher_cache_fingerprint(cfg, model, records), dtype=dtype, shard_size=shard_size
     )

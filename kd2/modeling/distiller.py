@@ -15,6 +15,7 @@ detector's input normalisation and held outside the module tree like the detecto
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Dict, FrozenSet, List, Mapping, Tuple
 
@@ -37,7 +38,13 @@ from .level_map import (
     pair_levels,
     student_view,
 )
-from .teacher_cache import CACHE_KEY, require_cacheable
+from .teacher_cache import (
+    CACHE_KEY,
+    HEAD_FIELDS,
+    HEAD_PARTS,
+    head_from_tensors,
+    require_cacheable,
+)
 
 __all__ = ["DistillerMixin", "model_family", "needs_detector_teacher", "teachers_needed"]
 
@@ -589,23 +596,44 @@ class DistillerMixin:
         """Read KD.TEACHER's record from ``cache`` instead of running it, for every batch the
         cache holds exactly (:meth:`~kd2.modeling.teacher_cache.TeacherCache.lookup`); refused
         when KD.TEACHER's methods read a part the cache does not store."""
-        require_cacheable(self.kd_teacher_parts.get("", frozenset()))
+        require_cacheable(self.kd_teacher_parts.get("", frozenset()), self.kd_head_split)
         object.__setattr__(self, "_kd_cache", cache)
+        # a head's anchors, strides and box coder per padded size, from a live step (not stored)
+        object.__setattr__(self, "_kd_head_templates", {})
 
     def _kd_cached_record(self, student: StepRecord) -> StepRecord | None:
-        """KD.TEACHER's record of this batch read from the cache, or ``None`` (no cache, or a
-        batch the cache does not hold exactly: the teacher then runs live)."""
+        """KD.TEACHER's record of this batch read from the cache, or ``None`` (no cache, a batch
+        the cache does not hold exactly, or the first batch of its padded size when a head is
+        cached: the teacher then runs live, and gives the head's geometry for the next ones)."""
         keys = student.extras.get(CACHE_KEY)
         if self.kd_cache is None or keys is None:
             return None
-        feats = self.kd_cache.lookup(
-            keys, student.image_sizes, tuple(student.images.shape[-2:]), student.images.device
-        )
-        if feats is None:
+        padded = tuple(student.images.shape[-2:])
+        heads = set(self.kd_teacher_parts.get("", frozenset())) & set(HEAD_PARTS)
+        templates = self.__dict__["_kd_head_templates"].get(padded)
+        if heads and templates is None:
+            self.kd_cache.misses += 1
+            return None
+        got = self.kd_cache.lookup(keys, student.image_sizes, padded, student.images.device)
+        if got is None:
             return None
         rec = student.teacher_view()
-        rec.features = feats
+        rec.features, tensors = got
+        for part in heads:
+            setattr(rec, part, head_from_tensors(templates[part], part, tensors))
         return rec
+
+    def _kd_remember_heads(self, student: StepRecord, rec: StepRecord) -> None:
+        """Keep a live KD.TEACHER record's head geometry for the cached batches of its size."""
+        if self.kd_cache is None:
+            return
+        heads = set(self.kd_teacher_parts.get("", frozenset())) & set(HEAD_PARTS)
+        if heads:
+            templates = self.__dict__["_kd_head_templates"]
+            geometry = {  # the per-image outputs dropped: the cache holds them
+                p: dataclasses.replace(getattr(rec, p), **dict.fromkeys(HEAD_FIELDS)) for p in heads
+            }
+            templates.setdefault(tuple(student.images.shape[-2:]), geometry)
 
     def _kd_answer_points(self, student: StepRecord, teachers: Dict[str, StepRecord]) -> None:
         """Fill both records' answers to the step's distillation points (``points``, KD-DETR):
@@ -632,6 +660,8 @@ class DistillerMixin:
                 if rec is None:
                     strides = sorted(self.kd_teacher_infos[name].channels)
                     rec = own_record(t, student, parts, strides)
+                if name == "":
+                    self._kd_remember_heads(student, rec)
             rec = rec if rec is not None else student.teacher_view()
             if t is not None and "detections" in parts:
                 rec.detections = self._kd_teacher_detections(t, student)

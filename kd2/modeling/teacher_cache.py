@@ -10,7 +10,13 @@ A cache is a directory:
 * ``shard_<i>.safetensors`` — the entries of up to ``shard_size`` variants, memory-mapped when
   read (safetensors: no pickles). An entry's tensors are named ``<key>/size`` (int32 ``[h, w,
   Hp, Wp]``: the image's size in the network input and the padded batch size it was recorded
-  at) and ``<key>/features/<stride>`` (``(C, H_s, W_s)``), ``<key>`` = ``<image_id>_<flip>``.
+  at), ``<key>/features/<stride>`` (``(C, H_s, W_s)``) and, for methods that read a dense head
+  or an RPN, that head's per-image outputs ``<key>/<part>/<field>/<level>`` (``part`` ``dense``
+  or ``rpn``; ``field`` ``cls_logits``, ``box_deltas``, ``centerness``, ``box_dist``: each
+  ``(R_l, ...)``, always float32), ``<key>`` = ``<image_id>_<flip>``. A head's anchors,
+  strides and box coder depend on the batch's padded size only and are not stored: the
+  distiller takes them from the first live teacher step of each size (:func:`head_tensors`,
+  :func:`head_from_tensors`).
 
 A build that stops keeps its finished shards: the next build skips their keys (resume). An entry is
 used only for a batch whose geometry equals the entry's (every image at its recorded size, the
@@ -20,6 +26,7 @@ batch runs the live teacher (:meth:`TeacherCache.lookup` returns ``None``), neve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
@@ -37,13 +44,19 @@ __all__ = [
     "TeacherCache",
     "cache_key",
     "fingerprint_differences",
+    "head_from_tensors",
+    "head_tensors",
     "require_cacheable",
 ]
 
 #: the format version written in the manifest
 CACHE_FORMAT = 1
 #: the record parts a cache stores
-CACHE_PARTS = frozenset({"features"})
+CACHE_PARTS = frozenset({"features", "dense", "rpn"})
+#: the record parts that are heads (:class:`~kd2.structures.DenseOutputs`) and their per-image
+#: tensor fields
+HEAD_PARTS = ("dense", "rpn")
+HEAD_FIELDS = ("cls_logits", "box_deltas", "centerness", "box_dist")
 #: the model-target key that carries a sample's cache key into the distiller
 CACHE_KEY = "kd_cache_key"
 #: storage dtypes by name
@@ -52,15 +65,49 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 MANIFEST = "manifest.json"
 
 
-def require_cacheable(parts) -> None:
-    """Refuse teacher ``parts`` (what KD.TEACHER's methods read) that a cache does not store."""
+def require_cacheable(parts, head_split: int | None = None) -> None:
+    """Refuse teacher ``parts`` (what KD.TEACHER's methods read) that a cache does not store,
+    and a head a method runs on the student's features each step (``head_split``: CrossKD)."""
     extra = sorted(set(parts) - CACHE_PARTS)
     if extra:
         raise ConfigError(
             f"the methods learning from KD.TEACHER read its {', '.join(extra)} too; a teacher "
             f"cache stores its {', '.join(sorted(CACHE_PARTS))} only",
-            "unset KD.TEACHER.CACHE (the teacher then runs live), or use feature methods",
+            "unset KD.TEACHER.CACHE (the teacher then runs live), or use methods that read "
+            "features or heads",
         )
+    if head_split is not None and set(parts) & set(HEAD_PARTS):
+        raise ConfigError(
+            "a method runs KD.TEACHER's head on the student's features each step (CrossKD's "
+            "head split): that output depends on the student and cannot be cached",
+            "unset KD.TEACHER.CACHE (the teacher then runs live)",
+        )
+
+
+def head_tensors(record, n: int) -> Dict[str, Tensor]:
+    """Image ``n``'s dense-head / RPN outputs of a teacher ``record``, flat:
+    ``{"<part>/<field>/<level>": (R_l, ...)}`` (the parts the record holds)."""
+    out: Dict[str, Tensor] = {}
+    for part in HEAD_PARTS:
+        head = getattr(record, part, None)
+        if head is None:
+            continue
+        for field in HEAD_FIELDS:
+            for level, t in enumerate(getattr(head, field) or []):
+                out[f"{part}/{field}/{level}"] = t[n]
+    return out
+
+
+def head_from_tensors(template, part: str, tensors: Mapping[str, Tensor]):
+    """The :class:`~kd2.structures.DenseOutputs` of ``part`` with the batch's cached per-image
+    tensors (``{"<part>/<field>/<level>": (N, R_l, ...)}``) and ``template``'s geometry (anchors,
+    strides, box coder: a live record of the same padded size)."""
+    fields = {}
+    for field in HEAD_FIELDS:
+        prefix = f"{part}/{field}/"
+        levels = sorted(int(k[len(prefix) :]) for k in tensors if k.startswith(prefix))
+        fields[field] = [tensors[f"{part}/{field}/{lv}"] for lv in levels] or None
+    return dataclasses.replace(template, **fields)
 
 
 def cache_key(image_id: int, flipped: bool) -> str:
@@ -136,15 +183,27 @@ class CacheWriter:
         """The keys of the finished shards (skipped by a resumed build)."""
         return {k for s in self.manifest["shards"] for k in s["keys"]}
 
-    def add(self, key: str, features: Mapping[int, Tensor], size: Sequence[int]) -> None:
-        """Queue one entry: ``features`` ``{stride: (C, H_s, W_s)}``, ``size`` ``(h, w, Hp, Wp)``;
-        a full shard is written."""
+    def add(
+        self,
+        key: str,
+        features: Mapping[int, Tensor],
+        size: Sequence[int],
+        heads: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Queue one entry: ``features`` ``{stride: (C, H_s, W_s)}``, ``size`` ``(h, w, Hp, Wp)``,
+        ``heads`` the image's head outputs (:func:`head_tensors`); a full shard is written."""
         dt = DTYPES[self.dtype]
+        heads = dict(heads or {})
         self._pending[f"{key}/size"] = torch.tensor([int(x) for x in size], dtype=torch.int32)
         for s, f in features.items():
             self._pending[f"{key}/features/{int(s)}"] = f.detach().to("cpu", dt).contiguous()
+        # heads always in float32: methods compare logits through softmaxes and ranks, which
+        # amplify float16's rounding (RM: 2e-3 relative), and a head's outputs are small
+        for name, t in heads.items():
+            self._pending[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).contiguous()
         self._pending_keys.append(key)
         self.manifest.setdefault("strides", sorted(int(s) for s in features))
+        self.manifest.setdefault("heads", sorted(heads))
         if len(self._pending_keys) >= self.shard_size:
             self.flush()
 
@@ -229,12 +288,14 @@ class TeacherCache:
         image_sizes: Sequence[Tuple[int, int]],
         padded: Tuple[int, int],
         device,
-    ) -> Dict[int, Tensor] | None:
-        """The batch's teacher maps ``{stride: (N, C, H_s, W_s)}`` in float32 on ``device``, or
-        ``None`` (counted as a miss) when a key is not cached or an image's recorded geometry is
-        not this batch's."""
+    ) -> Tuple[Dict[int, Tensor], Dict[str, Tensor]] | None:
+        """The batch's teacher maps ``{stride: (N, C, H_s, W_s)}`` and head outputs
+        ``{"<part>/<field>/<level>": (N, R_l, ...)}`` in float32 on ``device``, or ``None``
+        (counted as a miss) when a key is not cached or an image's recorded geometry is not this
+        batch's."""
         keys = list(keys)
         per_stride: Dict[int, List[Tensor]] = {int(s): [] for s in self.manifest["strides"]}
+        per_head: Dict[str, List[Tensor]] = {h: [] for h in self.manifest.get("heads", [])}
         for key, (h, w) in zip(keys, image_sizes):
             name = self._shard_of.get(key)
             if name is None:
@@ -247,7 +308,14 @@ class TeacherCache:
                 return None
             for s in per_stride:
                 per_stride[s].append(f.get_tensor(f"{key}/features/{s}"))
+            for h in per_head:
+                per_head[h].append(f.get_tensor(f"{key}/{h}"))
         self.hits += 1
-        return {
-            s: torch.stack(v).to(device=device, dtype=torch.float32) for s, v in per_stride.items()
-        }
+
+        def batch(v: List[Tensor]) -> Tensor:
+            return torch.stack(v).to(device=device, dtype=torch.float32)
+
+        return (
+            {s: batch(v) for s, v in per_stride.items()},
+            {h: batch(v) for h, v in per_head.items()},
+        )

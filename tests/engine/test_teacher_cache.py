@@ -13,7 +13,7 @@ import torch
 
 from kd2.data import records_of
 from kd2.engine.teacher_cache import build_teacher_cache, teacher_cache_fingerprint
-from kd2.modeling.teacher_cache import CACHE_KEY, TeacherCache, cache_key
+from kd2.modeling.teacher_cache import CACHE_KEY, TeacherCache, cache_key, require_cacheable
 from kd2.tv import Trainer
 from kd2.utils.errors import ConfigError
 from tests.helpers import engine_cfg, run_cli, save_teacher, write_cfg
@@ -48,7 +48,7 @@ def _batch(cfg, trainer_cls, model):
     return images, targets
 
 
-def _cached_equals_live(cfg, trainer_cls, cache_dir):
+def _cached_equals_live(cfg, trainer_cls, cache_dir, heads=False):
     model = trainer_cls.build_model(cfg).train()
     manifest = build_teacher_cache(cfg, model, cache_dir, progress=False)
     assert manifest["complete"] and manifest["stats"]["entries"] == 2 * 12  # flip and not
@@ -58,8 +58,11 @@ def _cached_equals_live(cfg, trainer_cls, cache_dir):
     images, targets = _batch(cfg, trainer_cls, model)
     live = model(images, targets)  # no cache attached: the key is ignored
     model.kd_attach_cache(cache)
+    if heads:  # the first batch of a size runs live: it gives the head's anchors and coder
+        model(images, targets)
+        assert cache.hits == 0 and cache.misses == 1
     cached = model(images, targets)
-    assert cache.hits == 1 and cache.misses == 0
+    assert cache.hits == 1 and cache.misses == int(heads)
     kd = [k for k in live if k.startswith("loss_kd_")]
     assert kd
     for k in kd:
@@ -80,6 +83,29 @@ def test_cached_losses_equal_live_ones_and_a_run_reads_the_cache(tiny_data, tmp_
     assert cache.hits == 3 and cache.misses == 0
     # a batch of another geometry (padded larger) is not served: the teacher runs live
     assert cache.lookup(["0_0"], [(64, 64)], (96, 96), "cpu") is None and cache.misses == 1
+
+
+@pytest.mark.parametrize(
+    "arch,methods",
+    [
+        ("FCOS", ("RM", "PFI")),
+        ("GFL", ("LD", "GID")),
+        ("RetinaNet", ("CWD",)),
+        ("FasterRCNN", ("FRS",)),  # the RPN's objectness
+    ],
+)
+def test_cached_dense_heads_give_the_live_losses(tiny_data, tmp_path, arch, methods):
+    """Methods that read the teacher's dense head (logits, deltas, FCOS centerness, GFL's
+    distributions) from a cache: the live losses within float16 precision."""
+    cfg = engine_cfg(tiny_data, tmp_path / "run", arch)
+    torch.manual_seed(123)
+    _, yaml_path, pth_path = save_teacher(tmp_path, arch, "resnet18", 32, num_classes=6)
+    cfg.KD.METHODS = list(methods)
+    cfg.KD.TEACHER.CONFIG, cfg.KD.TEACHER.WEIGHTS = yaml_path, pth_path
+    if "CWD" in methods:
+        cfg.KD.CWD.RECIPE = "logits"
+    model, _ = _cached_equals_live(cfg, Trainer, str(tmp_path / "cache"), heads=True)
+    assert {"dense", "rpn"} & model.kd_teacher_parts[""]
 
 
 def test_a_transformers_student_with_a_foundation_teacher_reads_the_cache(tiny_data, tmp_path):
@@ -128,12 +154,14 @@ def test_an_interrupted_build_resumes_and_stale_caches_are_refused(tiny_data, tm
 
 
 def test_uncacheable_methods_and_random_sizes_are_refused(tiny_data, tmp_path):
-    cfg = _kd_cfg(tiny_data, tmp_path, methods=("PKD", "Hinton"))
+    cfg = _kd_cfg(tiny_data, tmp_path, methods=("PKD", "CrossKD"))
     model = Trainer.build_model(cfg)
-    with pytest.raises(ConfigError, match="stores its features only"):
+    with pytest.raises(ConfigError, match="head on the student's features"):
         build_teacher_cache(cfg, model, str(tmp_path / "c"), progress=False)
-    with pytest.raises(ConfigError, match="read its dense too"):
+    with pytest.raises(ConfigError, match="head on the student's features"):
         model.kd_attach_cache(object())
+    with pytest.raises(ConfigError, match="read its roi too"):  # the student's proposals
+        require_cacheable({"features", "roi"})
     cfg = _kd_cfg(tiny_data, tmp_path)
     cfg.INPUT.MIN_SIZE_TRAIN = (56, 64)
     with pytest.raises(ConfigError, match="draws the training size at random"):
