@@ -229,9 +229,10 @@ _C.KD.TEACHER.DTYPE = "float32"
 _C.KD.TEACHER.CHANNELS_LAST = False
 _C.KD.TEACHER.COMPILE = False
 # A teacher cache built by tools/cache_teacher.py for this config (kd2/engine/teacher_cache.py):
-# training reads the teacher's features from it instead of running the teacher, for every batch
-# it holds exactly (each image and flip at its recorded size); other batches run live. A cache of
-# another teacher, config, dataset or kd2 version is refused. "" = the teacher runs live.
+# training (kd2's loop and Detectron2's KDTrainer) reads the teacher's features and dense-head /
+# RPN outputs from it instead of running the teacher, for every batch it holds exactly (each
+# image and flip at its recorded size); other batches run live. A cache of another teacher,
+# config, dataset or kd2 version is refused. "" = the teacher runs live.
 _C.KD.TEACHER.CACHE = ""
 # A backbone-only foundation-model teacher (KD.TEACHER.BACKEND "foundation", kd2/foundation):
 # CONFIG a transformers DINOv2 / DINOv2-with-registers / DINOv3 ViT / DINOv3 ConvNeXt directory
