@@ -49,7 +49,7 @@ PROJECTS = {
     "GlobalKD": ("GlobalKD",),
     "ClassifierKD": ("ClassifierKD",),
     "FeatureDistillation": ("CWD", "PKD", "MGD", "FGD", "FBKD"),
-    "HeadDistillation": ("CrossKD", "GID", "RKD", "LD"),
+    "HeadDistillation": ("CrossKD", "GID", "RKD", "LD", "BCKD"),
     "DETRDistillation": ("DFineLD", "TeachDETR", "KDDETR", "DETRDistill"),
     "FoundationDistillation": ("DSI",),
 }

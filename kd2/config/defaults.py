@@ -557,6 +557,15 @@ _C.KD.LD.CLS_TEMPERATURE = 2.0
 # ATSS candidates per level and GT for the VLR's IoU threshold (the detector's own topk)
 _C.KD.LD.ATSS_TOPK = 9
 
+# BCKD (ICCV 2023) on a dense head (RetinaNet, FCOS, GFL): binary KD of every class score
+# (BCE against the teacher's sigmoid, focused by |σ(t) − σ(s)|^BETA) and a GIoU loss between the
+# decoded boxes weighted by max_k |σ(t) − σ(s)|, both over the valid locations / N_pos. Weights of
+# the official GFL config (TinyTigerPan/BCKD).
+_C.KD.BCKD = CN()
+_C.KD.BCKD.CLS_WEIGHT = 1.0
+_C.KD.BCKD.LOC_WEIGHT = 4.0
+_C.KD.BCKD.BETA = 1.0
+
 # Classifier-to-detector distillation (NeurIPS 2021): an image classifier trained on GT crops
 # (tools/train_crop_classifier.py) teaches the classification (KD-cls) and box regression
 # (KD-loc) of the detector. Needs no detector teacher; composable with detector-teacher methods.

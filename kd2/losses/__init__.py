@@ -7,6 +7,7 @@ torchvision or transformers. Importing this package registers every method in
 """
 
 from .base import FAMILIES, KD_METHOD_REGISTRY, TEACHER_PARTS, KDMethod, MethodCard
+from .bckd import BCKD, bckd_losses
 from .classifier_kd import ClassifierKD, classifier_kd_cls_loss, classifier_kd_loc_loss, crop_boxes
 from .crosskd import CrossKD, quality_focal_kd_loss, recolor_features
 from .cwd import CWD, channel_wise_distillation_loss
@@ -80,6 +81,8 @@ __all__ = [
     "spatial_attention",
     "CWD",
     "CrossKD",
+    "BCKD",
+    "bckd_losses",
     "GID",
     "LD",
     "MGD",

@@ -53,7 +53,13 @@ from .utils import (
     softmax_kl_div,
 )
 
-__all__ = ["CROSSKD_DEFAULTS", "CrossKD", "quality_focal_kd_loss", "recolor_features"]
+__all__ = [
+    "CROSSKD_DEFAULTS",
+    "CrossKD",
+    "flatten_levels",
+    "quality_focal_kd_loss",
+    "recolor_features",
+]
 
 #: per detector family: split ``k``, classification weight, regression weight, box (GIoU) weight
 CROSSKD_DEFAULTS = {
@@ -127,7 +133,7 @@ def fcos_centerness_targets(points: Tensor, gt_boxes: Tensor) -> Tensor:
     return ratio.clamp(min=0).sqrt()
 
 
-def _flat(levels: list[Tensor]) -> Tensor:
+def flatten_levels(levels: list[Tensor]) -> Tensor:
     """Per-level ``(N, R_l, D)`` -> ``(N · R, D)`` (image-major, as ``labels.flatten()``)."""
     return torch.cat(levels, dim=1).flatten(0, 1)
 
@@ -268,8 +274,8 @@ class CrossKD(KDMethod):
         k = s_dense.num_classes
         valid = labels >= 0
         pos = valid & (labels < k)
-        t_cls, c_cls = _flat(t_dense.cls_logits), _flat(cross["cls_logits"])
-        t_del, c_del = _flat(t_dense.box_deltas), _flat(cross["box_deltas"])
+        t_cls, c_cls = flatten_levels(t_dense.cls_logits), flatten_levels(cross["cls_logits"])
+        t_del, c_del = flatten_levels(t_dense.box_deltas), flatten_levels(cross["box_deltas"])
         dtype = compute_dtype(t_cls, c_cls, t_del, c_del)
         t_cls, c_cls = t_cls.to(dtype), c_cls.to(dtype)
         w = torch.sigmoid(t_cls).max(dim=1).values * valid
@@ -289,8 +295,8 @@ class CrossKD(KDMethod):
         ws = w[sel]
         if self.family == "gfl":
             bins = t_dense.box_dist[0].shape[-1] // 4
-            c_dist = _flat(cross["box_dist"])[sel].reshape(-1, bins)
-            t_dist = _flat(t_dense.box_dist)[sel].reshape(-1, bins)
+            c_dist = flatten_levels(cross["box_dist"])[sel].reshape(-1, bins)
+            t_dist = flatten_levels(t_dense.box_dist)[sel].reshape(-1, bins)
             kl = softmax_kl_div(c_dist, t_dist, self.reg_temperature).view(-1, 4).sum(dim=1)
             w_sum = ws.sum().clamp(min=1e-6)
             giou = aligned_box_iou(c_boxes, t_boxes, giou=True)

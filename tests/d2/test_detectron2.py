@@ -873,7 +873,7 @@ def test_detectron2_heads_resume_from_every_cut(tmp_path, arch):
                 torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("method", ["CrossKD", "GID", "LD"])
+@pytest.mark.parametrize("method", ["CrossKD", "GID", "LD", "BCKD"])
 def test_head_methods_refuse_faster_rcnn_on_detectron2(tmp_path, method):
     with pytest.raises(ValueError, match=f"KD method '{method}'.*does not apply"):
         build_model(kd_cfg(tmp_path, "GeneralizedRCNN", [method]))
@@ -950,3 +950,13 @@ def test_kdtrainer_out_of_scale_term_stops_without_balance_and_trains_with_it(tm
     assert shares[0]["grad_share/loss_kd_fitnet"] == pytest.approx(0.7, abs=1e-6)
     assert trainer.model.kd_balance.calibrated
     assert os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+
+
+def test_bckd_on_a_detectron2_retinanet(tmp_path):
+    model = build_model(kd_cfg(tmp_path, "RetinaNet", ["BCKD"])).train()
+    with EventStorage(0):
+        losses = model(batch())
+    for key in ("loss_kd_bckd_cls", "loss_kd_bckd_loc"):
+        assert torch.isfinite(losses[key]) and losses[key].item() > 0, key
+    sum(losses.values()).backward()
+    assert model.head.bbox_pred.weight.grad.abs().sum() > 0

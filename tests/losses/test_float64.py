@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd2.losses import (
+    BCKD,
     CWD,
     DSI,
     FBKD,
@@ -515,6 +516,23 @@ def case_rm(variant: str) -> Case:
     return Case(RM().double(), tuple(s_cls), records)
 
 
+def case_bckd(variant: str) -> Case:
+    s_cls, t_cls = _logits(_g(41)), _logits(_g(42))
+    s_box, t_box = _logits(_g(43), 4, scale=0.5), _logits(_g(44), 4, scale=0.5)
+
+    def records(*x):
+        return (
+            _record(dense=_dense(list(x[:2]), list(x[2:]), student=True)),
+            _record(dense=_dense(t_cls, t_box, student=False)),
+        )
+
+    method = BCKD().double()
+    method.bind_detector("retinanet")
+    # the box term weighs each location by the detached score gap: no class gradient there
+    groups = [((0, 1), ("loss_kd_bckd_cls",)), ((2, 3), ("loss_kd_bckd_loc",))]
+    return Case(method, (*s_cls, *s_box), records, groups=groups)
+
+
 def case_ld(variant: str) -> Case:
     bins = 4  # reg_max 3
     s_cls, t_cls = _logits(_g(3)), _logits(_g(4))
@@ -769,6 +787,7 @@ CASES: dict[str, tuple[Callable[[str], Case], tuple[str, ...]]] = {
     "Hinton": (case_hinton, ("dense", "roi")),
     "RM": (case_rm, ("plain",)),
     "LD": (case_ld, ("plain",)),
+    "BCKD": (case_bckd, ("plain",)),
     "CrossKD": (case_crosskd, ("retinanet", "fcos", "gfl", "near_constant", "tiny")),
     "GID": (case_gid, ("plain",)),
     "ClassifierKD": (case_classifierkd, ("sigmoid_dense", "softmax_roi")),

@@ -100,3 +100,87 @@ def test_recolor_features_matches_the_official_align_scale():
     ref = ref * tf.std(-1, keepdim=True) + tf.mean(-1, keepdim=True)
     ref = ref.reshape(c, n, h, w).permute(1, 0, 2, 3)
     torch.testing.assert_close(recolor_features(s, t), ref)
+
+
+def _official_bckd(levels, num_classes):
+    """BCKD as the official LDHead computes it (TinyTigerPan/BCKD ``loss_single`` per level, with
+    ``novel_kd_loss`` and mmdet's ``GIoULoss``): each level's terms over the batch, divided by the
+    batch's positives, the box term only on levels with a positive."""
+    num_pos = sum(int(((lab >= 0) & (lab < num_classes)).sum()) for *_, lab in levels)
+    avg = max(float(num_pos), 1.0)
+    cls_total, loc_total = 0.0, 0.0
+    for s_cls, t_cls, s_box, t_box, labels in levels:
+        label_weights = (labels >= 0).double()
+        target = t_cls.sigmoid()
+        kd = F.binary_cross_entropy_with_logits(s_cls, target, reduction="none")
+        kd = (kd * (target - s_cls.sigmoid()).abs()).sum(dim=1)
+        cls_total = cls_total + (kd * label_weights).sum() / avg
+        if ((labels >= 0) & (labels < num_classes)).any():
+            w = (t_cls.sigmoid() - s_cls.detach().sigmoid()).abs().max(dim=1)[0] * label_weights
+            lt = torch.max(s_box[:, :2], t_box[:, :2])
+            rb = torch.min(s_box[:, 2:], t_box[:, 2:])
+            inter = (rb - lt).clamp(min=0).prod(dim=1)
+            area_s = (s_box[:, 2:] - s_box[:, :2]).prod(dim=1)
+            area_t = (t_box[:, 2:] - t_box[:, :2]).prod(dim=1)
+            union = (area_s + area_t - inter).clamp(min=1e-6)
+            enc = torch.max(s_box[:, 2:], t_box[:, 2:]) - torch.min(s_box[:, :2], t_box[:, :2])
+            enc_area = enc.clamp(min=0).prod(dim=1).clamp(min=1e-6)
+            giou = inter / union - (enc_area - union) / enc_area
+            loc_total = loc_total + ((1 - giou) * w).sum() / avg
+    return cls_total * 1.0, loc_total * 4.0
+
+
+def test_bckd_matches_the_official_per_level_computation():
+    from kd2.losses import BCKD
+    from kd2.structures import DenseOutputs, StepRecord
+
+    g = torch.Generator().manual_seed(0)
+    n, k, counts = 2, 3, [6, 4]
+
+    def boxes(r):
+        xy = torch.rand(n, r, 2, generator=g, dtype=torch.float64) * 20
+        return torch.cat(
+            [xy, xy + 2 + torch.rand(n, r, 2, generator=g, dtype=torch.float64) * 10], -1
+        )
+
+    class Identity:  # "deltas" are the boxes themselves
+        def decode(self, deltas, anchors):
+            return deltas
+
+    s_cls = [torch.randn(n, r, k, generator=g, dtype=torch.float64) for r in counts]
+    t_cls = [torch.randn(n, r, k, generator=g, dtype=torch.float64) for r in counts]
+    s_box, t_box = [boxes(r) for r in counts], [boxes(r) for r in counts]
+    # level 0 has positives, level 1 none (its box term is dropped), some locations ignored
+    labels = torch.tensor([[0, 3, -1, 2, 3, 3, 3, 3, -1, 3], [3, 1, 3, 3, 3, -1, 3, 3, 3, 3]])
+
+    def dense(cls, box, student):
+        return DenseOutputs(
+            cls_logits=cls,
+            box_deltas=box,
+            anchors=[torch.zeros(r, 4, dtype=torch.float64) for r in counts],
+            strides=[8, 16],
+            num_anchors_per_loc=1,
+            num_classes=k,
+            grid_sizes=[(2, 3), (2, 2)],
+            labels=labels if student else None,
+            box_coder=Identity(),
+        )
+
+    def record(d):
+        return StepRecord(
+            images=torch.zeros(n, 3, 32, 32), image_sizes=[(32, 32)] * n, gt_boxes=[], gt_labels=[],
+            features={}, num_classes=k, dense=d,
+        )  # fmt: skip
+
+    method = BCKD()
+    method.bind_detector("gfl")
+    got = method(record(dense(s_cls, s_box, True)), record(dense(t_cls, t_box, False)))
+    split = list(torch.split(labels, counts, dim=1))
+    levels = [
+        (s_cls[i].flatten(0, 1), t_cls[i].flatten(0, 1), s_box[i].flatten(0, 1),
+         t_box[i].flatten(0, 1), split[i].flatten())
+        for i in range(2)
+    ]  # fmt: skip
+    cls, loc = _official_bckd(levels, k)
+    torch.testing.assert_close(got["loss_kd_bckd_cls"], cls)
+    torch.testing.assert_close(got["loss_kd_bckd_loc"], loc)
