@@ -3,8 +3,11 @@
 
 Every row is computed from the per-run files that ``benchmarks/gains.py`` writes: the teacher's
 AP, the baseline student's and the distilled student's mean ± std over the seeds both have,
-the paired per-seed gain (mean ± std) and the gap closed = (distilled − student) / (teacher −
-student). Nothing is typed in by hand except the papers' own COCO numbers (labelled as theirs).
+the paired per-seed gain (mean ± std), its 95 % confidence interval (a t-interval on the paired
+per-seed differences, :func:`paired_t_interval`) with the verdict it supports (helps: the interval
+is above 0; hurts: below; not distinguishable: it contains 0), and the gap closed = (distilled −
+student) / (teacher − student). Nothing is typed in by hand except the papers' own COCO numbers
+(labelled as theirs).
 
 Targets, each between its markers: ``docs/benchmarks.md`` (the whole gain table and the
 ``KD.BALANCE`` side-by-side table) and every ``projects/<Project>/README.md`` of ``PROJECTS``
@@ -143,6 +146,30 @@ def load(pair: str) -> list[dict]:
     return out
 
 
+def paired_t_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` t-interval of the mean of paired differences (``n − 1`` degrees of freedom);
+    ``None`` for fewer than two."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / n**0.5
+    return mean - half, mean + half
+
+
+def verdict(interval: tuple[float, float] | None) -> str:
+    """What a gain's confidence interval says: ``helps`` / ``hurts`` / ``not distinguishable``."""
+    if interval is None:
+        return "one seed"
+    if interval[0] > 0:
+        return "helps"
+    if interval[1] < 0:
+        return "hurts"
+    return "not distinguishable"
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -191,6 +218,7 @@ def rows_for(pair: str) -> list[dict]:
                 "distilled": (dm, ds),
                 "gain": (gm, gs),
                 "per_seed": gains,
+                "ci": paired_t_interval(gains),
                 "gap_closed": (dm - sm) / (t_ap - sm) if t_ap > sm else float("nan"),
                 "torch": rs[0]["torch"],
                 "diverged": diverged,
@@ -208,8 +236,8 @@ def table(methods: tuple[str, ...] | None = None) -> str:
     """The gain table; with ``methods``, only the rows that use one of them."""
     lines = [
         "| pair | method (config) | teacher init. | seeds | student AP | distilled AP | gain "
-        "(per seed) | gap closed | paper (COCO, theirs) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(per seed) | 95 % CI (paired t) | gap closed | paper (COCO, theirs) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     versions = set()
     retrained = False
@@ -238,7 +266,7 @@ def table(methods: tuple[str, ...] | None = None) -> str:
                 f"{','.join(str(s) for s in r['seeds'])} | "
                 f"{r['student'][0]:.2f} ± {r['student'][1]:.2f} | "
                 f"{r['distilled'][0]:.2f} ± {r['distilled'][1]:.2f} | "
-                f"{r['gain'][0]:+.2f} ± {r['gain'][1]:.2f} ({per_seed}) | "
+                f"{r['gain'][0]:+.2f} ± {r['gain'][1]:.2f} ({per_seed}) | {_ci_cell(r['ci'])} | "
                 f"{r['gap_closed']:.2f} | {paper} |"
             )
     if not versions:  # a project none of whose methods has a recorded run yet
@@ -249,7 +277,9 @@ def table(methods: tuple[str, ...] | None = None) -> str:
     lines.append("")
     lines.append(
         f"Measured with torch {', '.join(sorted(versions)) or '—'} on a 2-core CPU; every figure "
-        "comes from `benchmarks/results/gains/` (`python benchmarks/gains_table.py`)."
+        "comes from `benchmarks/results/gains/` (`python benchmarks/gains_table.py`). The "
+        "interval is a 95 % t-interval of the mean of the paired per-seed gains (n − 1 degrees "
+        "of freedom): **helps** / **hurts** when it excludes 0."
     )
     if retrained:
         lines.append("")
@@ -258,6 +288,14 @@ def table(methods: tuple[str, ...] | None = None) -> str:
             "beside it): the gap closed is measured against that teacher's AP."
         )
     return "\n".join(lines)
+
+
+def _ci_cell(interval: tuple[float, float] | None) -> str:
+    text = verdict(interval)
+    if interval is None:
+        return text
+    text = f"**{text}**" if text != "not distinguishable" else text
+    return f"[{interval[0]:+.2f}, {interval[1]:+.2f}] {text}"
 
 
 def _gain_cell(r: dict) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from .helpers import REPO
 
 
@@ -87,6 +89,11 @@ def test_rows_pair_seeds_and_compute_gain_and_gap(tmp_path, monkeypatch):
     assert row["gain"][0] == 7.0 / 3.0
     assert row["gap_closed"] == (43.0 / 3.0 - 12.0) / (30.0 - 12.0)
     assert row["own_teacher"] is None and row["pair_teacher"] == 30.0
+    # 95 % paired t-interval: mean 7/3, sd 1.5275, t(0.975, 2) = 4.3027 -> ± 3.7947
+    assert row["ci"] == pytest.approx((7.0 / 3.0 - 3.7947, 7.0 / 3.0 + 3.7947), abs=1e-3)
+    assert table.verdict(row["ci"]) == "not distinguishable"
+    assert table.verdict((0.1, 2.0)) == "helps" and table.verdict((-2.0, -0.1)) == "hurts"
+    assert table.paired_t_interval([1.0]) is None and table.verdict(None) == "one seed"
 
 
 def test_a_run_from_a_retrained_teacher_is_measured_against_that_teacher(tmp_path, monkeypatch):
