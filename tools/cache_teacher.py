@@ -34,6 +34,7 @@ from kd2.engine import setup_cfg
 from kd2.engine.defaults import setup_logger
 from kd2.engine.teacher_cache import build_teacher_cache
 from kd2.modeling.backends import get_backend
+from kd2.utils.checkpoint import write_text_atomic
 from kd2.utils.errors import ConfigError, MissingFileError, run_main
 
 
@@ -169,10 +170,7 @@ def write_pseudo_labels(cfg, args) -> dict:
         with open(args.ground_truth, encoding="utf-8") as f:
             summary["quality"] = pseudo_label_quality(data, json.load(f))
         data["info"]["pseudo_labels"]["quality"] = summary["quality"]
-    tmp = f"{output}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.replace(tmp, output)
+    write_text_atomic(output, json.dumps(data, separators=(",", ":")))
     summary["output"] = output
     summary["use_with"] = f"DATASETS.TRAIN \"('<labelled set>', '{output}:{args.pseudo_labels}')\""
     print(json.dumps(summary, indent=1))

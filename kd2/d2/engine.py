@@ -45,11 +45,12 @@ from kd2.engine.batch_scaling import auto_scale_workers, fit_lr_to_batch, lr_bat
 from kd2.engine.divergence import DivergenceGuard, judge_step, stop_message
 from kd2.engine.launch import broadcast_buffers
 from kd2.engine.preflight import preserved_random_state, run_preflight
+from kd2.engine.teacher_cache import attach_teacher_cache, log_cache_use
 from kd2.modeling.prototypes import build_prototype_refresher
 
 from .data import register_config_datasets
 from .teacher import _WeightsOnlyCheckpointer
-from .teacher_cache import FlipRecordingMapper, teacher_cache_hook
+from .teacher_cache import FlipRecordingMapper, cache_records
 
 __all__ = [
     "create_ddp_model",
@@ -61,6 +62,7 @@ __all__ = [
     "kd_step_hook",
     "prototype_refresh_hook",
     "student_checkpointer",
+    "teacher_cache_hook",
     "train_records",
 ]
 
@@ -94,6 +96,20 @@ def student_checkpointer(model: nn.Module, save_dir: str = "", **kwargs) -> Dete
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def teacher_cache_hook(cfg) -> hooks.HookBase:
+    """Attach ``KD.TEACHER.CACHE`` before training (:mod:`kd2.d2.teacher_cache`); log how many
+    batches it served."""
+
+    def before_train(trainer):
+        model = _unwrap(trainer.model)
+        if hasattr(model, "kd_attach_cache"):
+            attach_teacher_cache(cfg, model, cache_records(cfg.DATASETS.TRAIN))
+
+    return hooks.CallbackHook(
+        before_train=before_train, after_train=lambda trainer: log_cache_use(_unwrap(trainer.model))
+    )
 
 
 def kd_step_hook() -> hooks.HookBase:

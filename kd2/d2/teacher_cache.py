@@ -10,24 +10,22 @@ flip), so:
 * :func:`build_d2_teacher_cache` builds the entries with the same mapper, its ``RandomFlip`` fixed
   to "never" or "always", so each entry is exactly the input training gives that variant — the
   augmentations are Detectron2's own (``detection_utils.build_augmentation``), not a copy;
-* :func:`teacher_cache_hook` attaches the cache before training (stale caches refused, as on
-  kd2's loop) and logs the batches served and run live at the end.
+* :func:`kd2.d2.engine.teacher_cache_hook` attaches the cache before training (stale caches
+  refused, as on kd2's loop) and logs the batches served and run live at the end.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Dict, List
 
 import torch
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data import transforms as T
-from detectron2.engine import hooks
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from kd2.engine.teacher_cache import attach_teacher_cache, build_teacher_cache
+from kd2.engine.teacher_cache import build_teacher_cache
 from kd2.modeling.teacher_cache import CACHE_KEY, cache_key
 
 __all__ = [
@@ -35,10 +33,7 @@ __all__ = [
     "build_d2_teacher_cache",
     "cache_keys_of",
     "cache_records",
-    "teacher_cache_hook",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class FlipRecordingMapper(DatasetMapper):
@@ -99,30 +94,6 @@ def build_d2_teacher_cache(cfg, model: nn.Module, output: str, **kwargs) -> Dict
     mappers = {f: fixed_flip_mapper(cfg, f) for f in (False, True)}
     run_batch = lambda variants: _d2_batch(model, records, mappers, variants)  # noqa: E731
     return build_teacher_cache(cfg, model, output, records=records, run_batch=run_batch, **kwargs)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def teacher_cache_hook(cfg) -> hooks.HookBase:
-    """Attach ``KD.TEACHER.CACHE`` before training; log how many batches it served."""
-
-    def before_train(trainer):
-        model = _unwrap(trainer.model)
-        if hasattr(model, "kd_attach_cache"):
-            attach_teacher_cache(cfg, model, cache_records(cfg.DATASETS.TRAIN))
-
-    def after_train(trainer):
-        cache = getattr(_unwrap(trainer.model), "kd_cache", None)
-        if cache is not None:
-            logger.info(
-                "KD.TEACHER.CACHE: %d batches read from the cache, %d run live (not held exactly)",
-                cache.hits,
-                cache.misses,
-            )
-
-    return hooks.CallbackHook(before_train=before_train, after_train=after_train)
 
 
 def cache_forward_keys(model: nn.Module, batched_inputs, student) -> None:

@@ -25,6 +25,7 @@ from typing import Dict
 
 import numpy as np
 
+from kd2.utils.checkpoint import write_text_atomic
 from kd2.utils.errors import ConfigError
 
 __all__ = ["hide_labels", "labels_hidden", "SPLIT_FILES"]
@@ -44,10 +45,7 @@ def labels_hidden(output_dir: str) -> bool:
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")))
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -74,22 +74,21 @@ def filter_detections(
     return {"boxes": boxes[order], "scores": scores[order], "labels": labels[order]}
 
 
-def teacher_categories(predictor: Predictor, labeled_json: str = "") -> List[Dict]:
-    """The COCO ``categories`` of the teacher's contiguous classes, sorted by id: those of
-    ``labeled_json`` when given (they must be as many), else those of the teacher's first
-    training set when its catalog knows them, else ids ``1..K`` with the teacher's class names.
+def teacher_categories(predictor: Predictor, labeled: Dict | None = None) -> List[Dict]:
+    """The COCO ``categories`` of the teacher's contiguous classes, sorted by id: those of the
+    labelled COCO dict ``labeled`` when given (they must be as many), else those of the teacher's
+    first training set when its catalog knows them, else ids ``1..K`` with the teacher's class
+    names.
 
     Raises:
-        ConfigError: ``labeled_json`` has another number of categories than the teacher has
-            classes.
+        ConfigError: ``labeled`` has another number of categories than the teacher has classes.
     """
     k = len(predictor.class_names)
-    if labeled_json:
-        with open(labeled_json, encoding="utf-8") as f:
-            cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
+    if labeled is not None:
+        cats = sorted(labeled["categories"], key=lambda c: c["id"])
         if len(cats) != k:
             raise ConfigError(
-                f"--labeled {labeled_json} has {len(cats)} categories, the teacher {k} classes",
+                f"--labeled has {len(cats)} categories, the teacher {k} classes",
                 "give the labelled COCO file of the teacher's classes",
             )
         return [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats]
@@ -104,10 +103,14 @@ def teacher_categories(predictor: Predictor, labeled_json: str = "") -> List[Dic
     return [{"id": i + 1, "name": n} for i, n in enumerate(predictor.class_names)]
 
 
-def _first_free_id(labeled_json: str) -> int:
+def _labeled_set(labeled_json: str) -> tuple:
+    """The labelled COCO dict (``None`` without one, read once) and the first image id after
+    its largest (1 without one)."""
+    if not labeled_json:
+        return None, 1
     with open(labeled_json, encoding="utf-8") as f:
-        ids = [int(im["id"]) for im in json.load(f)["images"]]
-    return max(ids, default=0) + 1
+        labeled = json.load(f)
+    return labeled, max((int(im["id"]) for im in labeled["images"]), default=0) + 1
 
 
 def _annotations(det, image_id: int, first_id: int, cat_ids: Sequence[int]) -> List[Dict]:
@@ -183,9 +186,10 @@ def pseudo_label_folder(
 
     _check_options(score_threshold, nms_iou, max_per_image)
     files = image_files(folder, "--pseudo-labels")
-    categories = teacher_categories(predictor, labeled_json)
+    labeled, free_id = _labeled_set(labeled_json)
+    categories = teacher_categories(predictor, labeled)
     cat_ids = [c["id"] for c in categories]
-    next_image = first_image_id or (_first_free_id(labeled_json) if labeled_json else 1)
+    next_image = first_image_id or free_id
     images, annotations, skipped = [], [], []
     t0 = time.perf_counter()
     bar = tqdm(total=len(files), desc="pseudo-labels", unit="img", disable=not progress)

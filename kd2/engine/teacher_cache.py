@@ -47,6 +47,7 @@ from kd2.utils.errors import ConfigError
 __all__ = [
     "attach_teacher_cache",
     "build_teacher_cache",
+    "log_cache_use",
     "teacher_cache_fingerprint",
 ]
 
@@ -158,6 +159,17 @@ def attach_teacher_cache(cfg, model: nn.Module, records: List[Dict]) -> TeacherC
         cache.manifest.get("dtype"),
     )
     return cache
+
+
+def log_cache_use(model: nn.Module) -> None:
+    """Log how many batches the model's attached cache served and how many ran live."""
+    cache = getattr(model, "kd_cache", None)
+    if cache is not None:
+        logger.info(
+            "KD.TEACHER.CACHE: %d batches read from the cache, %d run live (not held exactly)",
+            cache.hits,
+            cache.misses,
+        )
 
 
 def _same_size_batches(variants, records, batch_size: int):

@@ -63,7 +63,7 @@ from kd2.engine.divergence import DivergenceGuard, Stop, judge_step, stop_messag
 from kd2.engine.launch import broadcast_buffers, get_rank, get_world_size, is_main_process
 from kd2.engine.preflight import preserved_random_state, run_preflight
 from kd2.engine.run_dir import lock_output_dir, release_output_dir
-from kd2.engine.teacher_cache import attach_teacher_cache
+from kd2.engine.teacher_cache import attach_teacher_cache, log_cache_use
 from kd2.evaluation import COCOEvaluator, inference_on_dataset
 from kd2.modeling.prototypes import build_prototype_refresher
 from kd2.utils.checkpoint import find_resume_checkpoint, load_checkpoint_state, save_checkpoint
@@ -581,13 +581,7 @@ class Trainer:
 
     def _after_train(self, writer) -> None:
         """The final checkpoint, the replicas' checksums, the final evaluation."""
-        cache = getattr(self.model, "kd_cache", None)
-        if cache is not None:
-            logger.info(
-                "KD.TEACHER.CACHE: %d batches read from the cache, %d run live (not held exactly)",
-                cache.hits,
-                cache.misses,
-            )
+        log_cache_use(self.model)
         self.save("model_final.pth")  # broadcasts rank 0's buffers first
         # Between checkpoints BatchNorm running statistics are per rank (DDP with
         # broadcast_buffers=False, as in Detectron2); save() made them rank 0's everywhere.

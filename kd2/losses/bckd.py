@@ -33,7 +33,7 @@ from torch import Tensor
 from kd2.structures import StepRecord
 
 from .base import KD_METHOD_REGISTRY, KDMethod, MethodCard
-from .crosskd import flatten_levels, quality_focal_kd_loss
+from .crosskd import flatten_levels, locations_per_level, quality_focal_kd_loss
 from .utils import aligned_box_iou, compute_dtype, decode_boxes
 
 __all__ = ["BCKD", "bckd_losses"]
@@ -125,13 +125,7 @@ class BCKD(KDMethod):
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:
         s, t = student.dense, teacher.dense
-        counts = [x.shape[1] for x in s.cls_logits]
-        if counts != [x.shape[1] for x in t.cls_logits]:
-            raise ValueError(
-                f"BCKD compares predictions location by location, but the student has {counts} "
-                f"and the teacher {[x.shape[1] for x in t.cls_logits]} per level (use the same "
-                "anchors per location and the same strides)"
-            )
+        counts = locations_per_level("BCKD", s, t)
         n = s.labels.shape[0]
         s_anchors = torch.cat(s.anchors).repeat(n, 1)
         t_anchors = torch.cat(t.anchors).repeat(n, 1)

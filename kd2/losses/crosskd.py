@@ -57,6 +57,7 @@ __all__ = [
     "CROSSKD_DEFAULTS",
     "CrossKD",
     "flatten_levels",
+    "locations_per_level",
     "quality_focal_kd_loss",
     "recolor_features",
 ]
@@ -131,6 +132,19 @@ def fcos_centerness_targets(points: Tensor, gt_boxes: Tensor) -> Tensor:
         tb.min(dim=1).values / tb.max(dim=1).values.clamp(min=1e-12)
     )
     return ratio.clamp(min=0).sqrt()
+
+
+def locations_per_level(method: str, student: DenseOutputs, teacher: DenseOutputs) -> list[int]:
+    """The predictions per level ``R_l`` both dense heads share; an error naming ``method`` when
+    they differ (methods that compare the two heads location by location)."""
+    counts = [t.shape[1] for t in student.cls_logits]
+    if counts != [t.shape[1] for t in teacher.cls_logits]:
+        raise ValueError(
+            f"{method} compares predictions location by location, but the student has "
+            f"{counts} and the teacher {[t.shape[1] for t in teacher.cls_logits]} per level "
+            "(use the same anchors per location and the same strides)"
+        )
+    return counts
 
 
 def flatten_levels(levels: list[Tensor]) -> Tensor:
@@ -257,13 +271,7 @@ class CrossKD(KDMethod):
 
     def forward(self, student: StepRecord, teacher: StepRecord) -> dict[str, Tensor]:
         s_dense, t_dense = student.dense, teacher.dense
-        counts = [t.shape[1] for t in s_dense.cls_logits]
-        if counts != [t.shape[1] for t in t_dense.cls_logits]:
-            raise ValueError(
-                f"CrossKD compares predictions location by location, but the student has "
-                f"{counts} and the teacher {[t.shape[1] for t in t_dense.cls_logits]} per level "
-                "(use the same anchors per location and the same strides)"
-            )
+        locations_per_level("CrossKD", s_dense, t_dense)
         if (self.family == "gfl") != (t_dense.box_dist is not None):
             raise ValueError(
                 "CrossKD on a GFL student needs a GFL teacher (distribution head), and a GFL "

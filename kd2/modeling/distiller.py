@@ -609,7 +609,7 @@ class DistillerMixin:
         if self.kd_cache is None or keys is None:
             return None
         padded = tuple(student.images.shape[-2:])
-        heads = set(self.kd_teacher_parts.get("", frozenset())) & set(HEAD_PARTS)
+        heads = self._kd_cached_heads()
         templates = self.__dict__["_kd_head_templates"].get(padded)
         if heads and templates is None:
             self.kd_cache.misses += 1
@@ -623,11 +623,16 @@ class DistillerMixin:
             setattr(rec, part, head_from_tensors(templates[part], part, tensors))
         return rec
 
+    def _kd_cached_heads(self) -> set:
+        """The head parts (``dense``, ``rpn``) KD.TEACHER's methods read, which a cache serves
+        with the geometry of a live step."""
+        return set(self.kd_teacher_parts.get("", frozenset())) & set(HEAD_PARTS)
+
     def _kd_remember_heads(self, student: StepRecord, rec: StepRecord) -> None:
         """Keep a live KD.TEACHER record's head geometry for the cached batches of its size."""
         if self.kd_cache is None:
             return
-        heads = set(self.kd_teacher_parts.get("", frozenset())) & set(HEAD_PARTS)
+        heads = self._kd_cached_heads()
         if heads:
             templates = self.__dict__["_kd_head_templates"]
             geometry = {  # the per-image outputs dropped: the cache holds them
